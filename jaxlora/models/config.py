@@ -1,0 +1,174 @@
+"""Architecture description of a Llama-family decoder, parsed from a Hugging Face `config.json`.
+
+One frozen dataclass covers Llama 2/3/3.1+, Qwen2/2.5, Qwen3 and Mistral; the differences between
+them are flags (biases, q/k norms, sliding window, rope scaling). Both spellings of the HF config
+are accepted: transformers <5 (`rope_theta`, `rope_scaling`, `torch_dtype`) and transformers 5
+(`rope_parameters`, `dtype`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxlora.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Rope scaling as a sorted tuple of (key, value) pairs so the config stays hashable.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2; Llama `attention_bias`)
+    o_bias: bool = False  # o_proj carries a bias (Llama `attention_bias` only)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        return dict(self.rope_scaling or ())
+
+    @property
+    def rope_type(self) -> str:
+        r = self.rope
+        return r.get("rope_type", r.get("type", "default"))
+
+    def num_params(self) -> int:
+        """Total parameter count (embedding included; tied head counted once)."""
+        d, f, v, nl = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.vocab_size,
+            self.num_hidden_layers,
+        )
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+        attn += d if self.o_bias else 0
+        attn += 2 * self.head_dim if self.qk_norm else 0
+        mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * d
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + nl * per_layer + d + head
+
+
+def _rope_from_hf(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Return (theta, scaling dict or None) from either config spelling."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise UserError("per-layer-type rope_parameters (Gemma-style) are not supported")
+    scaling = dict(params) if isinstance(params, dict) else None
+    if scaling is None and isinstance(raw.get("rope_scaling"), dict):
+        scaling = dict(raw["rope_scaling"])
+    theta = raw.get("rope_theta")
+    if theta is None and scaling is not None:
+        theta = scaling.get("rope_theta")
+    theta = float(theta if theta is not None else 10000.0)
+    if scaling is not None:
+        scaling.pop("rope_theta", None)
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UserError(
+                f"rope_type {rope_type!r} is not supported; supported: "
+                + ", ".join(SUPPORTED_ROPE_TYPES)
+            )
+        if rope_type == "default":
+            scaling = None
+    return theta, scaling
+
+
+def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from the dict in an HF `config.json`."""
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{source}: model_type {model_type!r} is not supported; supported model types: "
+            + ", ".join(SUPPORTED_MODEL_TYPES)
+        )
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"{source}: hidden_act {act!r} is not supported (only silu / SwiGLU)")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        if key not in raw:
+            raise UserError(f"{source}: missing required field {key!r}")
+    heads = int(raw["num_attention_heads"])
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+    theta, scaling = _rope_from_hf(raw)
+    attention_bias = bool(raw.get("attention_bias", False))
+    qkv_bias = True if model_type == "qwen2" else attention_bias
+    o_bias = attention_bias if model_type == "llama" else False
+    sliding = None
+    if model_type == "mistral":
+        sliding = raw.get("sliding_window")
+    elif model_type in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+        # Qwen applies the window only to layers >= max_window_layers; with that many layers
+        # or more it is a no-op. Anything else would need per-layer masks.
+        if raw.get("max_window_layers", 0) < raw["num_hidden_layers"]:
+            raise UserError(f"{source}: Qwen per-layer sliding window is not supported")
+    eos = raw.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = tuple(eos)
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        intermediate_size=int(raw["intermediate_size"]),
+        num_hidden_layers=int(raw["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=int(head_dim),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
+        qk_norm=model_type == "qwen3",
+        sliding_window=int(sliding) if sliding else None,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=raw.get("pad_token_id"),
+        torch_dtype=str(dtype),
+    )
+
+
+def load_hf_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read `<model_dir>/config.json`; returns the parsed config and the raw dict."""
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise UserError(f"model directory {str(model_dir)!r} does not exist")
+    if not path.is_file():
+        raise UserError(
+            f"{model_dir}: no config.json found — expected a Hugging Face model directory "
+            "(config.json + *.safetensors + tokenizer files)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return config_from_hf(raw, str(path)), raw

@@ -1,0 +1,305 @@
+"""Flax (linen) decoder for the Llama family: Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral.
+
+The families differ only by flags in `ModelConfig` (biases, q/k norms, rope scaling, sliding
+window). Layers run under `nn.scan`, so every per-layer parameter carries a leading layer axis
+and compile time does not grow with depth. Parameter names mirror the Hugging Face module names
+(`layers/self_attn/q_proj/kernel` <-> `model.layers.{i}.self_attn.q_proj.weight`), which keeps
+checkpoint I/O and PEFT export a renaming exercise.
+
+Two variable collections: "params" (the frozen or fully trained base) and the optional "lora"
+(adapter, same paths). Every projection goes through `Linear`, the single place where adapters
+and quantised weights plug in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.linear import AdapterSpec, Linear
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int) -> jax.Array:
+    """Inverse frequencies [head_dim/2] incl. linear / dynamic-NTK / llama3 scaling (as HF)."""
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    rope = cfg.rope
+    if cfg.rope_type == "dynamic":
+        # Dynamic NTK: the base grows once the sequence exceeds the trained context.
+        max_pos = rope.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        factor = rope["factor"]
+        if seq_len > max_pos:
+            base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if cfg.rope_type == "linear":
+        inv = inv / rope["factor"]
+    elif cfg.rope_type == "llama3":
+        factor = rope["factor"]
+        low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+        old_ctx = rope.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, seq_len: int) -> tuple[jax.Array, ...]:
+    """cos, sin of shape [B, T, head_dim] in fp32 (HF layout: the half-frequencies repeated)."""
+    inv = rope_inv_freq(cfg, seq_len)  # [Dh/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, Dh]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, N, Dh]; rotate-half convention of the HF Llama implementation."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    xf = x.astype(jnp.float32)
+    out = xf * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """Boolean [B, 1, T, T]: causal, same segment, key not padding (segment 0), within window."""
+    t = segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
+    causal = k_idx <= q_idx
+    if sliding_window is not None:
+        causal = causal & (q_idx - k_idx < sliding_window)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+    valid = (segment_ids != 0)[:, None, :]
+    return (causal[None] & same & valid)[:, None]
+
+
+def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The [D, V] output projection (the embedding transposed when tied)."""
+    if cfg.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before multiplying by the weight.
+        return (scale.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+    param_dtype: Any
+    adapter: AdapterSpec | None
+    deterministic: bool
+
+    def _linear(self, features: int, bias: bool, axes: tuple[str, str], name: str) -> Linear:
+        return Linear(
+            features,
+            use_bias=bias,
+            kernel_axes=axes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            adapter=self.adapter,
+            deterministic=self.deterministic,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        nh, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = self._linear(nh * hd, cfg.qkv_bias, ("embed", "q_heads"), "q_proj")(x)
+        k = self._linear(kh * hd, cfg.qkv_bias, ("embed", "kv_heads"), "k_proj")(x)
+        v = self._linear(kh * hd, cfg.qkv_bias, ("embed", "kv_heads"), "v_proj")(x)
+        q = q.reshape(b, t, nh, hd)  # [B, T, N, Dh]
+        k = k.reshape(b, t, kh, hd)  # [B, T, K, Dh]
+        v = v.reshape(b, t, kh, hd)
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            q = RMSNorm(**norm, name="q_norm")(q)
+            k = RMSNorm(**norm, name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            # Decode: write this step's keys/values at cache_index, attend over the whole cache.
+            ck, cv = cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_cache = (k, v)
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd**-0.5)  # [B, T, N, Dh]
+        out = out.reshape(b, t, nh * hd)
+        out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+    param_dtype: Any
+    adapter: AdapterSpec | None
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        kw = dict(
+            use_bias=cfg.mlp_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            adapter=self.adapter,
+            deterministic=self.deterministic,
+        )
+        f, d = cfg.intermediate_size, cfg.hidden_size
+        gate = Linear(f, kernel_axes=("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Linear(f, kernel_axes=("embed", "mlp"), name="up_proj", **kw)(x)
+        h = jax.nn.silu(gate) * up  # [B, T, F]
+        return Linear(d, kernel_axes=("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    dtype: Any
+    param_dtype: Any
+    adapter: AdapterSpec | None
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache, cache_index):
+        cfg = self.cfg
+        sub = dict(
+            cfg=cfg,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            adapter=self.adapter,
+            deterministic=self.deterministic,
+        )
+        norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(**norm, name="input_layernorm")(x)
+        h, new_cache = Attention(**sub, name="self_attn")(h, cos, sin, mask, cache, cache_index)
+        x = x + h
+        h = RMSNorm(**norm, name="post_attention_layernorm")(x)
+        x = x + MLP(**sub, name="mlp")(h)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+class Decoder(nn.Module):
+    """Causal LM. Returns fp32 logits [B, T, V], or final normed hidden states [B, T, D]."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.float32
+    adapter: AdapterSpec | None = None
+    deterministic: bool = True
+    remat: str = "none"
+    scan_unroll: int = 1
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        layer = DecoderLayer
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            layer = nn.remat(layer, policy=policy, prevent_cse=False)
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=cfg.num_hidden_layers,
+            unroll=self.scan_unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(
+            cfg=cfg,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            adapter=self.adapter,
+            deterministic=self.deterministic,
+        )
+        self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(
+                cfg.vocab_size,
+                kernel_axes=("embed", "vocab"),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [B, T] int
+        positions: jax.Array | None = None,  # [B, T] int, restart per packed segment
+        segment_ids: jax.Array | None = None,  # [B, T] int, 0 = padding
+        *,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,  # ([L, B, S, K, Dh]) x 2
+        cache_index: jax.Array | None = None,
+        attn_mask: jax.Array | None = None,  # [B, 1, T, S] overrides the segment mask
+        return_hidden: bool = False,
+    ):
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if attn_mask is None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((b, t), jnp.int32)
+            attn_mask = attention_mask(segment_ids, self.cfg.sliding_window)
+        rope_len = t if kv_cache is None else kv_cache[0].shape[2]
+        cos, sin = rope_cos_sin(self.cfg, positions, rope_len)
+        x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x, new_cache = self.layers(x, cos, sin, attn_mask, kv_cache, cache_index)
+        x = self.norm(x)  # [B, T, D]
+        if return_hidden:
+            out = x
+        elif self.cfg.tie_word_embeddings:
+            out = self.embed_tokens.attend(x).astype(jnp.float32)
+        else:
+            out = self.lm_head(x).astype(jnp.float32)  # [B, T, V]
+        if kv_cache is not None:
+            return out, new_cache
+        return out
