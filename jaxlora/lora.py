@@ -4,7 +4,7 @@ The adapter tree mirrors the targeted kernels of the param tree:
 
     params["layers"]["self_attn"]["q_proj"]["kernel"]      [L, in, out]   frozen base
     adapter["layers"]["self_attn"]["q_proj"]["lora_a"]     [L, in, r]     trainable, fp32
-    adapter["layers"]["self_attn"]["q_proj"]["lora_b"]     [L, r, out]    trainable, fp32 (zero init)
+    adapter[...]["q_proj"]["lora_b"]     [L, r, out]    trainable, fp32 (zero init)
     adapter["layers"]["self_attn"]["q_proj"]["magnitude"]  [L, out]       DoRA only
 
 Every function here is pure (pytree in, pytree out); the model reads the adapter from its "lora"
@@ -165,7 +165,7 @@ def merge(params: dict, adapter: Adapter) -> dict:
 
 def iter_modules(adapter_params: dict):
     """Yield (module path, {lora_a, lora_b[, magnitude]}) for every adapted module."""
-    for name, path in LINEAR_MODULES.items():
+    for _name, path in LINEAR_MODULES.items():
         try:
             node = get_path(adapter_params, path)
         except KeyError:
