@@ -1,0 +1,122 @@
+"""Optimiser: HF-identical lr schedules, AdamW on the trainable subtree only, accumulation.
+
+The optimiser is built for, and initialised on, the trainable tree alone (the adapter for LoRA),
+so frozen weights never get Adam moments or a `MultiSteps` accumulator. Schedules count optimiser
+steps (`MultiSteps` only advances the inner count when it applies an update), matching
+`transformers.get_*_schedule_with_warmup` step for step.
+
+Token weighting: each micro-batch's loss is `sum(token NLL) * k / tokens_in_its_group`, where the
+group is the k micro-batches of one optimiser step. `MultiSteps` averages the k gradients, which
+gives exactly the gradient of the group's token-mean loss: k micro-batches == one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlora.errors import UserError
+
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+NO_DECAY_LEAVES = ("bias", "scale", "embedding_norm")
+
+
+def lr_schedule(
+    peak_lr: float, scheduler: str, total_steps: int, warmup_steps: int
+) -> optax.Schedule:
+    """lr as a function of the optimiser step (0-based), as transformers computes it."""
+    if scheduler not in SCHEDULES:
+        raise UserError(f"lr_scheduler_type {scheduler!r} is not supported; use {SCHEDULES}")
+    total = max(int(total_steps), 1)
+    warm = int(warmup_steps)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm_f = step / max(warm, 1)
+        if scheduler == "constant":
+            return jnp.asarray(peak_lr, jnp.float32)
+        if scheduler == "constant_with_warmup":
+            return peak_lr * jnp.where(step < warm, warm_f, 1.0)
+        progress = (step - warm) / max(total - warm, 1)
+        if scheduler == "linear":
+            decay = jnp.maximum(0.0, (total - step) / max(total - warm, 1))
+        else:  # cosine with num_cycles = 0.5
+            decay = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * progress)))
+        return peak_lr * jnp.where(step < warm, warm_f, decay)
+
+    return schedule
+
+
+def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:
+    if warmup_steps:
+        return int(warmup_steps)
+    return int(math.ceil(total_steps * warmup_ratio))
+
+
+def _decay_mask(tree: Any) -> Any:
+    """True where weight decay applies: not on biases or norm scales (HF Trainer's rule)."""
+
+    def leaf(path, _):
+        return not any(getattr(k, "key", None) in NO_DECAY_LEAVES for k in path)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _loraplus_labels(tree: Any) -> Any:
+    def leaf(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        return "lora_b" if "lora_b" in keys else "default"
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def make_optimizer(
+    *,
+    learning_rate: float,
+    scheduler: str,
+    total_steps: int,
+    warmup_steps: int,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    accumulation_steps: int = 1,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    loraplus_lr_ratio: float | None = None,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, schedule). Init the optimizer on the trainable tree only."""
+    sched = lr_schedule(learning_rate, scheduler, total_steps, warmup_steps)
+
+    def adamw(s):
+        return optax.adamw(s, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask)
+
+    if loraplus_lr_ratio:
+        # LoRA+ (Hayou et al. 2024): B matrices learn `ratio` times faster than A.
+        ratio = float(loraplus_lr_ratio)
+        inner = optax.multi_transform(
+            {"default": adamw(sched), "lora_b": adamw(lambda s: sched(s) * ratio)},
+            _loraplus_labels,
+        )
+    else:
+        inner = adamw(sched)
+    if max_grad_norm and max_grad_norm > 0:
+        inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
+    tx = optax.MultiSteps(
+        inner,
+        every_k_schedule=max(int(accumulation_steps), 1),
+        # A micro-batch with a non-finite gradient is dropped instead of poisoning the
+        # accumulator or the weights (counted in the state's skip_state).
+        should_skip_update_fn=optax.skip_not_finite,
+    )
+    return tx, sched
+
+
+def accumulated_grad_norm(opt_state: optax.MultiStepsState, grads: Any) -> jax.Array:
+    """Global norm of the mean gradient the optimiser will apply on this micro-step's group."""
+    m = opt_state.mini_step.astype(jnp.float32)
+    mean = jax.tree_util.tree_map(lambda a, g: (g + m * a) / (m + 1), opt_state.acc_grads, grads)
+    return optax.global_norm(mean)
