@@ -29,6 +29,7 @@ import dataclasses
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -555,6 +556,13 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     args = getattr(hint, "__args__", None)
     optional = bool(args) and type(None) in args
     base = next(a for a in args if a is not type(None)) if args else hint
+    if key == "resume_from_checkpoint" and isinstance(value, bool):
+        if value:
+            raise UserError(
+                f"{where}: `resume_from_checkpoint: true` is not needed: a run resumes from the "
+                "latest checkpoint in output_dir by itself; give a path to resume from elsewhere"
+            )
+        value = None  # HF accepts `false` for "do not resume from a given path"
     if value is None or (optional and isinstance(value, str) and value.strip().lower() == "null"):
         if optional:
             return None
@@ -668,7 +676,7 @@ def _out_of_range(value: float, low: float, low_excl: bool, high: float | None, 
     return f"{'>' if low_excl else '>='} {low:g}{note}"
 
 
-def _validate(cfg: Config, where) -> None:  # where: key -> file or "command line"
+def _validate(cfg: Config, where: Callable[[str], str]) -> None:  # key -> file / command line
     """Ranges and contradictions; all checks run before any model is loaded or compiled."""
 
     def fail(keys: list[str], message: str) -> None:

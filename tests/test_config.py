@@ -247,6 +247,7 @@ def test_grouped_yaml_is_refused_with_a_hint() -> None:
         ({"bf16": "maybe"}, "`bf16` expects true or false, got 'maybe'"),
         ({"model_name_or_path": None}, "`model_name_or_path` must be set (got null)"),
         ({"output_dir": 5}, "`output_dir` expects a string, got 5"),
+        ({"resume_from_checkpoint": True}, "a run resumes from the latest checkpoint"),
     ],
 )
 def test_wrong_types(d: dict, expected: str) -> None:
@@ -266,6 +267,7 @@ def test_lenient_coercions() -> None:
             "dataset": ["a.json", "b.jsonl"],
             "lr_scheduler_type": "Linear",
             "lora_alpha": 32,
+            "resume_from_checkpoint": False,
         }
     )
     assert cfg.train.learning_rate == 1e-4 and cfg.finetune.lora_rank == 16
@@ -275,6 +277,7 @@ def test_lenient_coercions() -> None:
     assert cfg.finetune.lora_target == "q_proj,v_proj" and cfg.data.dataset == "a.json,b.jsonl"
     assert cfg.train.lr_scheduler_type == "linear"
     assert cfg.finetune.lora_alpha == 32.0
+    assert cfg.train.resume_from_checkpoint is None
 
 
 @pytest.mark.parametrize(
