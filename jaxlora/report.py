@@ -91,7 +91,7 @@ class Diagnosis:
     train_slope_per_100_steps, train_tail_change (fraction of initial over the last third),
     eval_slope_per_100_steps, eval_tail_change, final_eval_loss, best_eval_loss, best_eval_step,
     eval_rise_since_best (fraction), eval_turn_step, train_eval_gap, plateau_step, max_train_loss,
-    nan_steps, loss_spikes.
+    peak_lr, nan_steps, loss_spikes.
     """
 
     state: str
@@ -123,15 +123,18 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of `key` in step order; None / non-numbers become NaN."""
-    pairs = []
+    """(steps, values) of `key` in step order; None / non-numbers become NaN.
+
+    A step logged twice (a run resumed from an earlier checkpoint re-logs it) keeps the later
+    value, so the curve is the one that led to the final weights.
+    """
+    by_step = {}
     for r in records:
         if key in r and "step" in r:
             v = r[key]
-            pairs.append((r["step"], float(v) if isinstance(v, int | float) else math.nan))
-    pairs.sort(key=lambda p: p[0])
-    steps = np.array([p[0] for p in pairs], dtype=np.int64)
-    return steps, np.array([p[1] for p in pairs], dtype=np.float64)
+            by_step[int(r["step"])] = float(v) if isinstance(v, int | float) else math.nan
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    return steps, np.array([by_step[s] for s in steps.tolist()], dtype=np.float64)
 
 
 def ema(values: np.ndarray) -> np.ndarray:
@@ -184,6 +187,7 @@ def diagnose(records: list[dict], config: dict) -> Diagnosis:
     ts_all, tl_all = _series(records, "train/loss")
     gs, gn = _series(records, "train/grad_norm")
     es_all, el_all = _series(records, "eval/loss")
+    lr_logged = _series(records, "train/lr")[1]
     nan_steps = sorted(
         {
             int(s)
@@ -197,6 +201,8 @@ def diagnose(records: list[dict], config: dict) -> Diagnosis:
     ev["nan_steps"] = nan_steps
     if len(ts):
         ev["last_step"] = int(ts[-1])
+    if np.isfinite(lr_logged).any():
+        ev["peak_lr"] = float(np.nanmax(lr_logged))  # fallback when the config has no lr
     if nan_steps:
         return _finish(
             "diverged", f"Diverged: non-finite loss or gradient at step {nan_steps[0]}.", ev, config
@@ -206,7 +212,7 @@ def diagnose(records: list[dict], config: dict) -> Diagnosis:
         return _finish("too_short", msg, ev, config)
 
     smooth = ema(tl)
-    init = _initial_level(tl)
+    init = max(_initial_level(tl), 1e-12)  # losses are >= 0; guard the ratios below
     slope, change = _tail_trend(ts, smooth, init)
     final = float(smooth[-1])
     drop = (init - final) / init
@@ -231,7 +237,7 @@ def diagnose(records: list[dict], config: dict) -> Diagnosis:
         ev["train_eval_gap"] = float(el[-1] - np.interp(es[-1], ts, smooth))
     if has_eval:
         ev["eval_slope_per_100_steps"], ev["eval_tail_change"] = _tail_trend(es, el, el[0])
-        ev["eval_rise_since_best"] = float((el[-1] - el.min()) / el.min())
+        ev["eval_rise_since_best"] = float((el[-1] - el.min()) / max(el.min(), 1e-12))
 
     if smooth.max() > EXPLODE_RATIO * init or tl[-1] > EXPLODE_RATIO * init:
         peak = max(float(smooth.max()), float(tl[-1]))
@@ -270,7 +276,8 @@ def _finish(state: str, summary: str, ev: dict, config: dict) -> Diagnosis:
 
 def _advice(state: str, ev: dict, config: dict) -> list[str]:
     """Concrete next settings for `state`, computed from the config values."""
-    lr, epochs = _num(config, "learning_rate"), _num(config, "num_train_epochs")
+    lr = _num(config, "learning_rate") or ev.get("peak_lr")
+    epochs = _num(config, "num_train_epochs")
     max_steps, rank = _num(config, "max_steps") or 0, _num(config, "lora_rank")
     kind = "full" if config.get("finetuning_type") in ("full", "freeze") else "lora"
     lo, hi = LR_RANGE[kind]
@@ -362,6 +369,8 @@ def _advice(state: str, ev: dict, config: dict) -> list[str]:
             if best
             else "no change needed"
         )
+        if ev.get("eval_tail_change") is not None and ev["train_tail_change"] < -FLAT_TOL:
+            out.append("train loss still falls while eval is flat: more epochs only widen the gap")
         plateau = ev.get("plateau_step", last)
         if last and plateau < PLATEAU_EARLY_FRACTION * last:
             out.append(length_to(plateau / last, f"the loss plateaued by step {plateau}"))

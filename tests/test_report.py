@@ -169,8 +169,18 @@ def test_too_short():
 def test_config_values_as_strings_and_missing():
     d = diagnose(_records(2.0 * _noise(0)), {"learning_rate": "2e-4"})
     assert "learning_rate 2e-4 → 5e-5" in " ".join(d.advice)
-    d = diagnose(_records(2.0 * _noise(0)), {})
-    assert d.state == "failed" and "lower learning_rate" in d.advice[0]
+    recs = [{k: v for k, v in r.items() if k != "train/lr"} for r in _records(2.0 * _noise(0))]
+    d = diagnose(recs, {})
+    assert d.state == "failed" and d.advice[0].startswith("lower learning_rate (")
+    # Without a learning_rate in the config, the peak logged lr is the starting point.
+    assert "learning_rate 2e-4 → 5e-5" in diagnose(_records(2.0 * _noise(0)), {}).advice[0]
+
+
+def test_resumed_run_relogged_steps_keep_the_later_value():
+    first = _records(2.0 * _noise(0))[:60]  # a failed first attempt up to step 600 ...
+    second = _records(_decay(150, 0.8) * _noise(3))[40:]  # ... resumed from step 410
+    d = diagnose(first + second, CFG)
+    assert d.state == "converged" and d.evidence["n_train_points"] == 100
 
 
 def test_fmt():
