@@ -23,49 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora.data.templates import CHATML_TEMPLATE, LLAMA3_TEMPLATE
+
 # Bump when the default model's recipe changes; the cache directory name includes it.
 TINY_VERSION = "1"
-
-CHATML_TEMPLATE = (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- 'You can call these tools:\\n' }}"
-    "{%- for tool in tools %}{{- (tool | tojson) + '\\n' }}{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- elif messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (loop.first and message['role'] == 'system') %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-LLAMA3_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if tools %}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- 'You can call these tools:\\n' }}"
-    "{%- for tool in tools %}{{- (tool | tojson) + '\\n' }}{%- endfor %}"
-    "{{- '<|eot_id|>' }}"
-    "{%- elif messages[0]['role'] == 'system' %}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n'"
-    " + messages[0]['content'] + '<|eot_id|>' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (loop.first and message['role'] == 'system') %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-    " + message['content'] + '<|eot_id|>' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-    "{%- endif %}"
-)
 
 # Per template: special tokens (in id order, first ids of the vocab), and which play eos/pad/bos.
 _SPECIALS: dict[str, dict[str, Any]] = {

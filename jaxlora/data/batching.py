@@ -1,0 +1,197 @@
+"""Deterministic, resumable, per-host batches of fixed-shape int32 arrays.
+
+Batch layout (numpy int32, shape [B, T], right padding):
+``input_ids`` (pad id on padding), ``loss_mask`` (1 = the token at this position is a target;
+the loss uses ``logits[:, :-1]`` vs ``input_ids[:, 1:]`` weighted by ``loss_mask[:, 1:]``),
+``segment_ids`` (1..k per sample in the row, 0 = padding) and ``positions`` (restart at 0 in
+every segment; 0 on padding).
+
+DPO batches (unpacked) have the same four arrays twice, prefixed ``chosen_`` and
+``rejected_`` (prompt + completion, loss mask on the completion), all of the SAME shape [B, T]
+so ``concat_preference_batch`` can stack them to [2B, T] (chosen rows first, then rejected)
+for one forward pass. Packed DPO rows use the plain layout (see ``packing.pack_preferences``).
+
+T: packed rows are always ``cutoff_len`` long; unpacked batches are padded to the longest
+sample of the GLOBAL batch rounded up to a multiple of ``bucket_multiple`` (capped at
+``cutoff_len``), so there are only a few distinct shapes and jit does not recompile per step,
+and every host computes the same T.
+
+Order: epoch e visits the samples in ``default_rng([seed, e]).permutation(n)``; step s of
+epoch e is a pure function of (seed, e, s), so resuming at (epoch, step) is exact. The last
+partial batch of an epoch is filled with dummy rows (all padding, no targets) unless
+``drop_last``. With ``process_count`` hosts, host i gets rows ``[i*B/P, (i+1)*B/P)`` of every
+global batch of B rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from jaxlora.data.encode import Example, PreferenceExample
+
+KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
+
+
+def bucket_length(n: int, cutoff_len: int | None, multiple: int = 64) -> int:
+    """Round n up to a multiple of ``multiple``, capped at ``cutoff_len``."""
+    t = max(multiple, -(-n // multiple) * multiple)
+    return min(t, cutoff_len) if cutoff_len else t
+
+
+def _fill(ex: Example | None, t: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One row of length t (None = a dummy row of pure padding)."""
+    row = {
+        "input_ids": np.full(t, pad_id, np.int32),
+        "loss_mask": np.zeros(t, np.int32),
+        "segment_ids": np.zeros(t, np.int32),
+        "positions": np.zeros(t, np.int32),
+    }
+    if ex is None:
+        return row
+    n = len(ex)
+    if n > t:
+        raise ValueError(f"sample of {n} tokens exceeds the batch length {t}")
+    row["input_ids"][:n] = ex.input_ids
+    row["loss_mask"][:n] = ex.loss_mask
+    row["segment_ids"][:n] = ex.segment_ids if ex.segment_ids is not None else 1
+    row["positions"][:n] = ex.positions if ex.positions is not None else np.arange(n)
+    return row
+
+
+def _pref_rows(ex: PreferenceExample) -> tuple[Example, Example]:
+    p = ex.prompt_ids
+    out = []
+    for c in (ex.chosen_ids, ex.rejected_ids):
+        ids = np.concatenate([p, c]).astype(np.int32)
+        mask = np.concatenate([np.zeros(len(p), np.int32), np.ones(len(c), np.int32)])
+        out.append(Example(ids, mask))
+    return out[0], out[1]
+
+
+def collate(
+    samples: list[Example | PreferenceExample | None],
+    *,
+    pad_id: int,
+    length: int,
+) -> dict[str, np.ndarray]:
+    """Stack samples into [B, length] arrays (None = dummy row). Preference pairs give
+    ``chosen_*`` / ``rejected_*`` keys."""
+    pref = any(isinstance(s, PreferenceExample) for s in samples)
+    if not pref:
+        rows = [_fill(s, length, pad_id) for s in samples]
+        return {k: np.stack([r[k] for r in rows]) for k in KEYS}
+    out: dict[str, np.ndarray] = {}
+    pairs = [_pref_rows(s) if s is not None else (None, None) for s in samples]
+    for side, j in (("chosen", 0), ("rejected", 1)):
+        rows = [_fill(p[j], length, pad_id) for p in pairs]
+        out.update({f"{side}_{k}": np.stack([r[k] for r in rows]) for k in KEYS})
+    return out
+
+
+def concat_preference_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """[B, T] chosen_*/rejected_* → [2B, T] plain keys: rows 0..B-1 chosen, B..2B-1 rejected."""
+    return {k: np.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in KEYS}
+
+
+class Batcher:
+    """Batches for (seed, epoch, step); see the module docstring for layout and order."""
+
+    def __init__(
+        self,
+        samples: list[Example] | list[PreferenceExample],
+        *,
+        batch_size: int,
+        pad_id: int,
+        cutoff_len: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        process_index: int = 0,
+        process_count: int = 1,
+        bucket_multiple: int = 64,
+        fixed_length: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size % process_count:
+            raise ValueError(
+                f"global batch size {batch_size} is not divisible by {process_count} processes"
+            )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if not samples:
+            raise ValueError("no samples to batch")
+        self.samples = samples
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.cutoff_len = cutoff_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.process_index = process_index
+        self.process_count = process_count
+        self.bucket_multiple = bucket_multiple
+        # Packed rows all have the same length: use it (no bucketing).
+        packed = isinstance(samples[0], Example) and samples[0].segment_ids is not None
+        self.fixed_length = fixed_length or (len(samples[0]) if packed else None)
+        n = len(samples)
+        self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} samples are fewer than one batch of {batch_size} (drop_last)")
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.process_count
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Sample indices in the order epoch ``epoch`` visits them."""
+        n = len(self.samples)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def global_indices(self, epoch: int, step: int) -> np.ndarray:
+        """[B] sample indices of global batch (epoch, step); -1 marks a dummy row."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
+        idx = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        return np.concatenate([idx, np.full(self.batch_size - len(idx), -1, idx.dtype)])
+
+    def get(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        """This host's slice [B/P, T] of global batch (epoch, step)."""
+        idx = self.global_indices(epoch, step)
+        chosen = [self.samples[i] if i >= 0 else None for i in idx]
+        if self.fixed_length:
+            t = self.fixed_length
+        else:
+            longest = max(len(s) for s in chosen if s is not None)
+            t = bucket_length(longest, self.cutoff_len, self.bucket_multiple)
+            t = max(t, longest)  # a sample may exceed cutoff_len only if the caller allowed it
+        lo = self.process_index * self.local_batch_size
+        return collate(chosen[lo : lo + self.local_batch_size], pad_id=self.pad_id, length=t)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """The batches of one epoch from ``start_step`` on."""
+        for step in range(start_step, self.steps_per_epoch):
+            yield self.get(epoch, step)
+
+    def iterate(
+        self, start_epoch: int = 0, start_step: int = 0, num_epochs: int | None = None
+    ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """Yield (epoch, step_in_epoch, batch) from a resume position, across epochs.
+
+        Stops after epoch ``num_epochs - 1`` (forever when None). Save (epoch, step + 1) after
+        consuming a batch and pass it back here to resume exactly.
+        """
+        epoch, step = start_epoch, start_step
+        if step >= self.steps_per_epoch:  # resumed exactly at an epoch boundary
+            epoch, step = epoch + 1, 0
+        while num_epochs is None or epoch < num_epochs:
+            for s in range(step, self.steps_per_epoch):
+                yield epoch, s, self.get(epoch, s)
+            epoch, step = epoch + 1, 0

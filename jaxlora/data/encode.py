@@ -1,0 +1,276 @@
+"""Tokenisation, loss masks and truncation.
+
+Loss mask ("this token is a target", aligned with input_ids): the assistant's content tokens
+plus the end-of-turn token that closes them (``<|im_end|>``, ``<|eot_id|>`` ...), so the model
+learns to stop. It is found without ``{% generation %}`` markers, which official templates lack:
+for assistant message i we render ``messages[:i]`` with the generation prompt and
+``messages[:i+1]``; both must be prefixes of the full rendering, and the characters between them
+(minus trailing whitespace after the end-of-turn marker) are the answer. The full text is
+tokenised once and every token overlapping an answer span is a target (character offsets from
+the fast tokenizer). The first token of a sample is never a target (nothing precedes it).
+
+Truncation to ``cutoff_len`` never silently drops the answer: the prompt keeps its END (the
+question right before the answer; a leading BOS is kept) and the answer keeps its START; when
+both are long each gets at least half. Truncated and dropped samples are counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jaxlora.data.formats import Conversation, PreferencePair
+from jaxlora.data.templates import ChatTemplate, render
+from jaxlora.errors import UserError
+
+_TOKENIZE_CHUNK = 1000  # texts per batched tokenizer call
+
+
+@dataclass
+class Example:
+    """One training row: int32 arrays of equal length [T]."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray  # 1 = this token is a target (predicted from the tokens before it)
+    segment_ids: np.ndarray | None = None  # set on packed rows only (1..k, 0 = pad)
+    positions: np.ndarray | None = None  # set on packed rows only (restart at 0 per segment)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class PreferenceExample:
+    """A DPO pair: shared prompt ids, and two completions whose tokens are all targets."""
+
+    prompt_ids: np.ndarray
+    chosen_ids: np.ndarray
+    rejected_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class EncodeCounts:
+    """What encoding did to the data, for the run report."""
+
+    n_samples: int = 0
+    n_truncated: int = 0  # longer than cutoff_len, cut
+    n_answer_truncated: int = 0  # ... and the answer itself was cut (its start kept)
+    n_dropped: int = 0  # no target token left (dropped)
+    prompt_lens: list[int] = field(default_factory=list)  # before truncation, for stats
+    answer_lens: list[int] = field(default_factory=list)
+
+
+def _render(tokenizer, template, msgs, tools, where, gen=False) -> str:
+    try:
+        return render(tokenizer, template, msgs, tools, add_generation_prompt=gen)
+    except UserError:
+        raise
+    except Exception as e:  # jinja2 TemplateError / raise_exception() in the template
+        raise UserError(f"{where}: the chat template failed on this sample: {e}") from None
+
+
+def _eot_strings(tokenizer: Any) -> list[str]:
+    cands = [tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"]
+    return [c for c in cands if c]
+
+
+def answer_spans(
+    conv: Conversation, tokenizer: Any, template: ChatTemplate, *, last_turn_only: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``conv``; return the text and the [start, end) character spans of each answer.
+
+    A span covers the assistant content and its end-of-turn marker, not the whitespace after it.
+    """
+    msgs, where = conv.messages, conv.where
+    full = _render(tokenizer, template, msgs, conv.tools, where)
+    idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if last_turn_only:
+        idx = idx[-1:]
+    spans = []
+    for i in idx:
+        before = _render(tokenizer, template, msgs[:i], conv.tools, where, gen=True)
+        after = _render(tokenizer, template, msgs[: i + 1], conv.tools, where)
+        if full.startswith(before) and full.startswith(after):
+            start, end = len(before), len(after.rstrip())
+        else:
+            start, end = _fallback_span(full, msgs, i, tokenizer, template, conv, before, after)
+        if end < start:
+            raise UserError(f"{where}: could not locate assistant turn {i + 1} in the rendering")
+        spans.append((start, end))
+    return full, spans
+
+
+def _fallback_span(full, msgs, i, tokenizer, template, conv, before, after) -> tuple[int, int]:
+    """Templates whose prefixes are not prefixes (e.g. they rewrite earlier turns): find the
+    content after the last common prefix and extend over an end-of-turn marker."""
+    base = _render(tokenizer, template, msgs[:i], conv.tools, conv.where)
+    content = msgs[i]["content"]
+    lo = len(base) if full.startswith(base) else 0
+    start = full.find(content, lo)
+    if not full.startswith(base) or start < 0:
+        raise UserError(
+            f"{conv.where}: the chat template does not render conversations prefix-consistently, "
+            "so answer tokens cannot be located; set `template: chatml` (or llama3) or give "
+            "`chat_template`"
+        )
+    end = start + len(content)
+    for eot in _eot_strings(tokenizer):
+        if full.startswith(eot, end):
+            end += len(eot)
+            break
+    return start, end
+
+
+def _span_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """[T] 0/1: tokens whose character range overlaps any span."""
+    s, e = offsets[:, 0], offsets[:, 1]
+    mask = np.zeros(len(offsets), bool)
+    for a, b in spans:
+        mask |= (s < b) & (e > a)
+        mask |= (s == e) & (s >= a) & (s < b)  # zero-width offsets (trimmed whitespace)
+    return mask
+
+
+def _tokenize(tokenizer: Any, texts: list[str], offsets: bool) -> list[tuple[list[int], Any]]:
+    out = []
+    for i in range(0, len(texts), _TOKENIZE_CHUNK):
+        chunk = texts[i : i + _TOKENIZE_CHUNK]
+        # verbose=False: no "longer than model_max_length" warning; truncation is ours to do.
+        enc = tokenizer(
+            chunk, add_special_tokens=False, return_offsets_mapping=offsets, verbose=False
+        )
+        offs = enc["offset_mapping"] if offsets else [None] * len(chunk)
+        out.extend(zip(enc["input_ids"], offs, strict=True))
+    return out
+
+
+def _split_budget(p: int, a: int, cutoff: int) -> tuple[int, int]:
+    """(prompt tokens kept, answer tokens kept) for lengths p + a > cutoff."""
+    keep_p = min(p, max(cutoff - a, cutoff // 2))
+    return keep_p, cutoff - keep_p
+
+
+def _keep_end(ids: np.ndarray, n: int, bos_id: int | None) -> np.ndarray:
+    """The last n tokens of a prompt, keeping a leading BOS."""
+    if n >= len(ids):
+        return ids
+    if bos_id is not None and len(ids) and ids[0] == bos_id and n > 1:
+        return np.concatenate([ids[:1], ids[len(ids) - n + 1 :]])
+    return ids[len(ids) - n :]
+
+
+def encode_conversations(
+    convs: list[Conversation],
+    tokenizer: Any,
+    template: ChatTemplate,
+    *,
+    cutoff_len: int | None,
+    train_on_prompt: bool = False,
+) -> tuple[list[Example], EncodeCounts]:
+    """Tokenise SFT conversations with loss masks, truncate to ``cutoff_len`` (None = never)."""
+    rendered = [answer_spans(c, tokenizer, template) for c in convs]
+    toks = _tokenize(tokenizer, [text for text, _ in rendered], offsets=True)
+    bos = tokenizer.bos_token_id
+    counts = EncodeCounts(n_samples=len(convs))
+    examples = []
+    for (_, spans), (ids_list, offs) in zip(rendered, toks, strict=True):
+        ids = np.asarray(ids_list, np.int32)
+        answer = _span_mask(np.asarray(offs, np.int64).reshape(-1, 2), spans)
+        # The final answer starts at the first target token of the last span.
+        last = _span_mask(np.asarray(offs, np.int64).reshape(-1, 2), spans[-1:])
+        start = int(np.argmax(last)) if last.any() else len(ids)
+        counts.prompt_lens.append(len(ids) - int(answer.sum()))
+        counts.answer_lens.append(int(answer.sum()))
+        mask = np.ones_like(ids) if train_on_prompt else answer.astype(np.int32)
+        if cutoff_len is not None and len(ids) > cutoff_len:
+            counts.n_truncated += 1
+            keep_p, keep_a = _split_budget(start, len(ids) - start, cutoff_len)
+            counts.n_answer_truncated += keep_a < len(ids) - start
+            head = _keep_end(np.arange(start), keep_p, 0 if ids[0] == bos else None)
+            sel = np.concatenate([head, np.arange(start, start + keep_a)]).astype(np.int64)
+            ids, mask = ids[sel], mask[sel]
+        mask = mask.copy()
+        mask[0] = 0  # the first token has no context to be predicted from
+        if not mask.any():
+            counts.n_dropped += 1
+            continue
+        examples.append(Example(ids, mask.astype(np.int32)))
+    return examples, counts
+
+
+def encode_preferences(
+    pairs: list[PreferencePair],
+    tokenizer: Any,
+    template: ChatTemplate,
+    *,
+    cutoff_len: int | None,
+    max_prompt_length: int | None = None,
+) -> tuple[list[PreferenceExample], EncodeCounts]:
+    """Tokenise DPO pairs: prompt (with generation prompt) and the two completions separately.
+
+    Completions are the text the template adds after the prompt for that answer (content +
+    end-of-turn marker), tokenised on their own as they would be generated at inference.
+    Truncation: prompt to ``max_prompt_length`` (keep end), then prompt + longer completion to
+    ``cutoff_len`` (prompt keeps its end, completions their start).
+    """
+    prompts, completions = [], []
+    for pair in pairs:
+        prompt = _render(tokenizer, template, pair.prompt, pair.tools, pair.where, gen=True)
+        prompts.append(prompt)
+        for answer in (pair.chosen, pair.rejected):
+            conv = Conversation(
+                [*pair.prompt, {"role": "assistant", "content": answer}], pair.tools
+            )
+            conv.where = pair.where
+            full, spans = answer_spans(conv, tokenizer, template, last_turn_only=True)
+            (a, b) = spans[0]
+            if not full.startswith(prompt) or a < len(prompt):
+                a = len(prompt)
+            completions.append(full[a:b])
+    p_toks = _tokenize(tokenizer, prompts, offsets=False)
+    c_toks = _tokenize(tokenizer, completions, offsets=False)
+    bos = tokenizer.bos_token_id
+    counts = EncodeCounts(n_samples=len(pairs))
+    out = []
+    for k, (p_ids, _) in enumerate(p_toks):
+        p = np.asarray(p_ids, np.int32)
+        c = np.asarray(c_toks[2 * k][0], np.int32)
+        r = np.asarray(c_toks[2 * k + 1][0], np.int32)
+        counts.prompt_lens.append(len(p))
+        counts.answer_lens.append(max(len(c), len(r)))
+        cut = False
+        if max_prompt_length is not None and len(p) > max_prompt_length:
+            p, cut = _keep_end(p, max_prompt_length, bos), True
+        longest = max(len(c), len(r))
+        if cutoff_len is not None and len(p) + longest > cutoff_len:
+            keep_p, keep_a = _split_budget(len(p), longest, cutoff_len)
+            p, cut = _keep_end(p, keep_p, bos), True
+            counts.n_answer_truncated += keep_a < longest
+            c, r = c[:keep_a], r[:keep_a]
+        counts.n_truncated += cut
+        if len(c) == 0 or len(r) == 0 or len(p) == 0:
+            counts.n_dropped += 1
+            continue
+        out.append(PreferenceExample(p, c, r))
+    return out, counts
+
+
+def encode_texts(texts: list[str], tokenizer: Any) -> list[Example]:
+    """Pretraining documents: [BOS] + tokens + EOS, every token a target (except the first)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no eos_token; pretraining needs one to end documents")
+    bos = tokenizer.bos_token_id
+    out = []
+    for ids_list, _ in _tokenize(tokenizer, texts, offsets=False):
+        ids = ([bos] if bos is not None else []) + list(ids_list) + [eos]
+        arr = np.asarray(ids, np.int32)
+        mask = np.ones_like(arr)
+        mask[0] = 0
+        out.append(Example(arr, mask))
+    return out

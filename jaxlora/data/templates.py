@@ -1,0 +1,173 @@
+"""Chat templates: which one renders the data, and rendering a conversation to text.
+
+The training template must equal the inference template, so jaxlora renders with the
+tokenizer's own ``chat_template`` by default and saves whatever it used with the adapter.
+When the tokenizer has none (base models), the config names a built-in template
+(``chatml``/``qwen``, ``llama3``) or gives a Jinja string (``chat_template``).
+Rendering always goes through ``tokenizer.apply_chat_template(..., tokenize=False)`` so the
+exact HF Jinja environment (trim_blocks, ``raise_exception``, ``tojson`` ...) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from jaxlora.errors import UserError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- 'You can call these tools:\\n' }}"
+    "{%- for tool in tools %}{{- (tool | tojson) + '\\n' }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if tools %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- 'You can call these tools:\\n' }}"
+    "{%- for tool in tools %}{{- (tool | tojson) + '\\n' }}{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n'"
+    " + messages[0]['content'] + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (loop.first and message['role'] == 'system') %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+
+# name -> (jinja source, default system prompt or None)
+BUILTIN_TEMPLATES: dict[str, tuple[str, str | None]] = {
+    "chatml": (CHATML_TEMPLATE, None),
+    "qwen": (
+        CHATML_TEMPLATE,
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    ),
+    "llama3": (LLAMA3_TEMPLATE, None),
+}
+
+# Values of `template` that mean "use the tokenizer's own chat template".
+_AUTO = (None, "", "auto", "tokenizer")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A resolved template: the Jinja source and the system prompt used when a sample has none."""
+
+    source: str
+    default_system: str | None = None
+    name: str = "tokenizer"
+
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template renders ``tools`` (else tools are described in the system text)."""
+        return "tools" in self.source
+
+
+def resolve_template(
+    tokenizer: Any,
+    template: str | None = None,
+    chat_template: str | None = None,
+    system: str | None = None,
+) -> ChatTemplate:
+    """Pick the template: ``chat_template`` (Jinja) > named ``template`` > the tokenizer's own.
+
+    A LLaMA-Factory template name jaxlora does not ship (``mistral``, ``gemma`` ...) falls back to
+    the tokenizer's own template when it has one (with a log line), so LLaMA-Factory configs run
+    unchanged. ``system`` overrides any default system prompt.
+    """
+    if chat_template:
+        if "{" not in chat_template:
+            raise UserError(
+                "config key `chat_template` must be a Jinja template string "
+                f"(got {chat_template[:40]!r}); to name a built-in template use `template`"
+            )
+        return ChatTemplate(chat_template, system, "custom")
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # some tokenizers ship several named templates
+        own = own.get("default") or next(iter(own.values()), None)
+    if template in _AUTO:
+        if not own:
+            raise UserError(
+                "the tokenizer has no chat template; set `template` to one of "
+                f"{sorted(BUILTIN_TEMPLATES)} or give a Jinja string as `chat_template`"
+            )
+        return ChatTemplate(own, system, "tokenizer")
+    if template in BUILTIN_TEMPLATES:
+        source, default_system = BUILTIN_TEMPLATES[template]
+        _check_special_tokens(tokenizer, source, template)
+        return ChatTemplate(source, system if system is not None else default_system, template)
+    if own:
+        log.info("template %r is not built in; using the tokenizer's own chat template", template)
+        return ChatTemplate(own, system, "tokenizer")
+    raise UserError(
+        f"config key `template`: unknown template {template!r}"
+        f"{did_you_mean(str(template), BUILTIN_TEMPLATES)}; built-in templates are "
+        f"{sorted(BUILTIN_TEMPLATES)} (or give a Jinja string as `chat_template`)"
+    )
+
+
+def _check_special_tokens(tokenizer: Any, source: str, name: str) -> None:
+    """Warn when a built-in template's markers are not single tokens of this tokenizer."""
+    markers = ["<|im_start|>", "<|im_end|>"] if "<|im_start|>" in source else ["<|eot_id|>"]
+    vocab = tokenizer.get_vocab()
+    missing = [m for m in markers if m not in vocab]
+    if missing:
+        log.warning(
+            "template %r uses %s, which this tokenizer splits into several tokens", name, missing
+        )
+
+
+def render(
+    tokenizer: Any,
+    template: ChatTemplate,
+    messages: list[dict[str, str]],
+    tools: list[Any] | None = None,
+    *,
+    add_generation_prompt: bool = False,
+) -> str:
+    """Render messages to text with the template (system default and tools applied)."""
+    msgs = list(messages)
+    if template.default_system is not None and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": template.default_system})
+    kwargs: dict[str, Any] = {}
+    if tools:
+        if template.takes_tools:
+            kwargs["tools"] = tools
+        else:  # template ignores tools: describe them in the system message instead
+            text = "You can call these tools:\n" + "\n".join(json.dumps(t) for t in tools)
+            if msgs and msgs[0]["role"] == "system":
+                msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + text}
+            else:
+                msgs.insert(0, {"role": "system", "content": text})
+    return tokenizer.apply_chat_template(
+        msgs,
+        chat_template=template.source,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **kwargs,
+    )
