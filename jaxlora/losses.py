@@ -37,6 +37,8 @@ def _chunk_logprobs(
     hidden: Array, kernel: Array, targets: Array, logit_softcap: float | None
 ) -> Array:
     """log p(targets) for one block of tokens. hidden [..., D], targets [...] -> [...] fp32."""
+    # Mixed dtypes promote (bf16 hidden x fp32 kernel multiplies in fp32); callers wanting the
+    # fast bf16 path cast the kernel to the compute dtype first.
     dtype = jnp.promote_types(hidden.dtype, kernel.dtype)
     # bf16 x bf16 products accumulate in fp32 and the logits stay fp32 from here on.
     logits = jnp.einsum(
@@ -50,6 +52,22 @@ def _chunk_logprobs(
     lse = jax.nn.logsumexp(logits, axis=-1)  # max-subtracted, stable
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return target_logit - lse
+
+
+def logprobs_from_logits(
+    logits: Array, input_ids: Array, *, logit_softcap: float | None = None
+) -> Array:
+    """[B, T, V] logits (any float dtype) + [B, T] ids -> [B, T-1] fp32 log p(input_ids[:, t+1]).
+
+    For callers that already hold full logits (eval, `Model.logits`); training uses
+    `token_logprobs`, which never builds them.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    targets = input_ids[:, 1:].astype(jnp.int32)
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
 
 
 def token_logprobs(
@@ -71,6 +89,7 @@ def token_logprobs(
     not `[B, T-1, V]`. Chunks run along time (not over flattened B*T tokens) so a batch axis sharded
     over devices stays sharded inside every chunk. Value and gradient equal the unchunked path.
     `logit_softcap` applies Gemma-2 style `c * tanh(logits / c)` before the softmax.
+    `chunk_size` and `logit_softcap` are static Python values (mark them static under `jit`).
     """
     h = hidden[:, :-1]  # [B, T-1, D]: position t predicts token t+1
     targets = input_ids[:, 1:].astype(jnp.int32)  # [B, T-1]
@@ -147,8 +166,9 @@ def reduce_logps(
     """Sum [B, T-1] token log-probs per row ([B]) or, given `num_segments` S, per segment ([B, S]).
 
     Returns (summed log-probs, target-token counts), both fp32 with the same shape. Column k of the
-    [B, S] result is segment id k+1; segments that do not occur get 0 and count 0. Needs
-    `segment_ids` when `num_segments` is given (packed rows).
+    [B, S] result is segment id k+1; segments that do not occur get 0 and count 0; ids above S are
+    dropped, so S must be at least the largest segment id. Needs `segment_ids` when
+    `num_segments` is given (packed rows).
     """
     w = target_weights(loss_mask, segment_ids)  # [B, T-1]
     vals = jnp.where(w > 0, token_logps * w, 0.0)
@@ -217,6 +237,7 @@ def dpo_loss(
     - ipo:    (Δc/|c| - Δr/|r| - 1/(2β))², each log-ratio divided by its completion length
       (clamped to ≥ 1), exactly as TRL 1.16 does; needs `chosen_lengths`/`rejected_lengths`.
     - robust: (-(1-ε)·logσ(βΔ) + ε·logσ(-βΔ)) / (1-2ε), ε in [0, 0.5).
+    `label_smoothing` is used by sigmoid and robust only (hinge and ipo ignore it, as in TRL).
     Rewards are β·(policy - ref) under `stop_gradient`. Returns fp32 arrays of the input shape.
     """
     if loss_type not in DPO_LOSS_TYPES:
@@ -295,7 +316,9 @@ def orpo_loss(
     _check_beta(beta)
     pc = _per_token(chosen_logps, chosen_lengths)
     pr = _per_token(rejected_logps, rejected_lengths)
-    log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
+    # A mean log-prob of exactly 0 (p̄ = 1, reachable in fp32) makes the odds infinite and the
+    # gradient NaN; clamping at -1e-7 (odds 1e7) only touches that degenerate case.
+    log_odds = (pc - pr) - (_log1mexp(jnp.minimum(pc, -1e-7)) - _log1mexp(jnp.minimum(pr, -1e-7)))
     losses = -beta * jax.nn.log_sigmoid(log_odds)
     return losses, jax.lax.stop_gradient(beta * pc), jax.lax.stop_gradient(beta * pr)
 

@@ -47,6 +47,20 @@ def test_token_logprobs_matches_numpy_reference():
     np.testing.assert_allclose(got, _np_logprobs(hidden, kernel, ids), rtol=1e-5, atol=1e-5)
 
 
+def test_logprobs_from_logits_equals_fused_head():
+    hidden, kernel, ids = _inputs(11)
+    logits = jnp.einsum("btd,dv->btv", hidden, kernel).astype(jnp.bfloat16)  # [B, T, V]
+    got = L.logprobs_from_logits(logits, ids, logit_softcap=3.0)
+    want = L.logprobs_from_logits(logits.astype(jnp.float32), ids, logit_softcap=3.0)
+    assert got.shape == (B, T - 1) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(
+        L.logprobs_from_logits(jnp.einsum("btd,dv->btv", hidden, kernel), ids),
+        _tok_logps(hidden, kernel, ids),
+        atol=1e-5,
+    )
+
+
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 12, 64])
 def test_chunked_token_logprobs_equal_unchunked(chunk_size):
     hidden, kernel, ids = _inputs(1)
@@ -340,6 +354,11 @@ def test_orpo_matches_published_formula_and_is_stable():
         lambda a, b: L.orpo_loss(a, b, ones, ones, beta=0.5)[0].sum(), (0, 1)
     )(extreme_c, extreme_r)
     assert bool(jnp.isfinite(val)) and all(bool(jnp.isfinite(g).all()) for g in grads)
+    # p̄ = 1 exactly (mean log-prob 0.0): no NaN leaks into the step.
+    val0, grads0 = jax.value_and_grad(
+        lambda a: L.orpo_loss(a, extreme_r[:2], ones[:2], ones[:2], beta=0.5)[0].sum()
+    )(jnp.zeros(2))
+    assert bool(jnp.isfinite(val0)) and bool(jnp.isfinite(grads0).all())
     np.testing.assert_allclose(
         L.orpo_loss(extreme_c, extreme_r, ones, ones, beta=0.5)[0],
         _np_orpo(extreme_c, extreme_r, ones, ones, 0.5),
