@@ -120,7 +120,13 @@ def test_nf4_values_are_the_paper_table():
     np.testing.assert_array_equal(Q.NF4_VALUES, np.asarray(PAPER_NF4, np.float32))
     assert Q.NF4_VALUES.dtype == np.float32 and len(Q.NF4_VALUES) == 16
     assert np.all(np.diff(Q.NF4_VALUES) > 0)
-    # Thresholds are the kernel's midpoints; exact ties go to the lower code (`x > t`).
+    # Thresholds are the float32 literals of bitsandbytes' dQuantizeNF4 (midpoints of adjacent
+    # codes); exact ties go to the lower code (`x > t`).
+    bnb = [-0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544]
+    bnb += [-0.23460740596055984, -0.13791173323988914, -0.045525018125772476]
+    bnb += [0.03979014977812767, 0.1202552504837513, 0.2035212516784668, 0.2920137718319893]
+    bnb += [0.3893125355243683, 0.5016634166240692, 0.6427869200706482, 0.8614784181118011]
+    np.testing.assert_array_equal(Q.NF4_THRESHOLDS, np.asarray(bnb, np.float32))
     for i, t in enumerate(Q.NF4_THRESHOLDS):
         assert Q._nf4_index(np, np.asarray([t]))[0] == i
         assert Q._nf4_index(np, np.asarray([np.nextafter(t, np.float32(2))]))[0] == i + 1
