@@ -352,3 +352,12 @@ def test_data_stats_on_demo_and_histogram(chatml_tokenizer, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     dpo = data_stats(chatml_tokenizer, dataset="dpo_demo", stage="dpo", cutoff_len=64)
     assert dpo["n_samples"] == len(dpo["lengths"]["total"]) and dpo["prompt"]["min"] > 0
+
+
+def test_fingerprint_tracks_the_encoded_data(chatml_tokenizer):
+    kw = {"dataset": "identity_sft", "max_samples": 20}
+    a = load_sft_dataset(chatml_tokenizer, cutoff_len=128, **kw)[2].fingerprint
+    b = load_sft_dataset(chatml_tokenizer, cutoff_len=128, **kw)[2].fingerprint
+    c = load_sft_dataset(chatml_tokenizer, cutoff_len=128, system="Hi.", **kw)[2].fingerprint
+    d = load_sft_dataset(chatml_tokenizer, cutoff_len=16, **kw)[2].fingerprint
+    assert a == b and len({a, c, d}) == 3

@@ -28,6 +28,7 @@ drop_last=False, process_index=0, process_count=1, bucket_multiple=64) -> Batche
 ``data_stats(tokenizer, *, dataset, stage="sft", cutoff_len=..., ...) -> dict``,
 ``format_stats(stats) -> str``, ``plot_length_histogram(stats, path)``.
 
+``fingerprint(train, eval)`` (hash of encoded samples, also ``DataReport.fingerprint``),
 ``pad_id(tokenizer)``, ``template_for(tokenizer, template, chat_template, system)`` (the
 :class:`ChatTemplate` training uses; ``.source`` is saved with the adapter) and
 ``render(tokenizer, template, messages, tools, add_generation_prompt=...)`` for inference.
@@ -39,6 +40,7 @@ from jaxlora.data.formats import Conversation, PreferencePair
 from jaxlora.data.packing import pack_examples, pack_preferences, pack_stream
 from jaxlora.data.pipeline import (
     DataReport,
+    fingerprint,
     load_preference_dataset,
     load_sft_dataset,
     load_text_dataset,
@@ -91,6 +93,7 @@ __all__ = [
     "collate",
     "concat_preference_batch",
     "data_stats",
+    "fingerprint",
     "format_stats",
     "load_preference_dataset",
     "load_sft_dataset",

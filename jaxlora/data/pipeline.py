@@ -9,6 +9,7 @@ with the adapter so inference renders prompts the same way.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ class DataReport:
     n_eval_rows: int = 0
     n_train_tokens: int = 0  # real (non-pad) tokens in the training rows
     n_target_tokens: int = 0  # tokens with loss_mask = 1 in the training rows
+    fingerprint: str = ""  # hash of the encoded train + eval samples (e.g. cache keys)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,9 +117,18 @@ def _split(items: list, val_size: float, seed: int) -> tuple[list, list]:
 
 
 def _sources(
-    stage, dataset, eval_dataset, dataset_dir, formatting, max_samples, val_size, seed, convert
-):
-    """Read and convert train (and eval) rows, then split; returns (train, eval, report)."""
+    stage: str,
+    convert,
+    *,
+    dataset: str | list[str],
+    eval_dataset: str | list[str] | None = None,
+    dataset_dir: str | None = None,
+    formatting: str | None = "auto",
+    max_samples: int | None = None,
+    val_size: float = 0.0,
+    seed: int = 0,
+) -> tuple[list, list, DataReport]:
+    """Read and ``convert(spec, fmt, where, row)`` train (and eval) rows, then split."""
     train_src = _rows(dataset, dataset_dir, formatting, max_samples)
     report = DataReport(stage=stage, datasets=[s.label for s, _, _ in train_src])
     train = [convert(spec, fmt, where, row) for spec, fmt, rows in train_src for where, row in rows]
@@ -182,14 +193,14 @@ def load_sft_dataset(
     tmpl = resolve_template(tokenizer, template, chat_template, system)
     train_c, eval_c, report = _sources(
         "sft",
-        dataset,
-        eval_dataset,
-        dataset_dir,
-        formatting,
-        max_samples,
-        val_size,
-        seed,
         _sft_convert,
+        dataset=dataset,
+        eval_dataset=eval_dataset,
+        dataset_dir=dataset_dir,
+        formatting=formatting,
+        max_samples=max_samples,
+        val_size=val_size,
+        seed=seed,
     )
     report.template_name, report.chat_template = tmpl.name, tmpl.source
     report.cutoff_len, report.packing = cutoff_len, packing
@@ -211,6 +222,7 @@ def load_sft_dataset(
         evals = pack_examples(evals, cutoff_len, pad) if evals else []
     report.n_eval_rows = len(evals)
     _token_counts(report, train)
+    report.fingerprint = fingerprint(train, evals)
     return train, evals, report
 
 
@@ -247,14 +259,14 @@ def load_preference_dataset(
     tmpl = resolve_template(tokenizer, template, chat_template, system)
     train_p, eval_p, report = _sources(
         "dpo",
-        dataset,
-        eval_dataset,
-        dataset_dir,
-        formatting,
-        max_samples,
-        val_size,
-        seed,
         _pref_convert,
+        dataset=dataset,
+        eval_dataset=eval_dataset,
+        dataset_dir=dataset_dir,
+        formatting=formatting,
+        max_samples=max_samples,
+        val_size=val_size,
+        seed=seed,
     )
     report.template_name, report.chat_template = tmpl.name, tmpl.source
     report.cutoff_len, report.packing = cutoff_len, packing
@@ -278,7 +290,12 @@ def load_preference_dataset(
         train = pack_preferences(train, 2 * cutoff_len, pad)
         evals = pack_preferences(evals, 2 * cutoff_len, pad) if evals else []
         report.n_train_rows, report.n_eval_rows = len(train), len(evals)
+    report.fingerprint = fingerprint(train, evals)
     return train, evals, report
+
+
+def _text_convert(spec: SourceSpec, fmt: str, where: str, row: dict) -> str:
+    return to_text(row, spec, where)
 
 
 def load_text_dataset(
@@ -300,14 +317,14 @@ def load_text_dataset(
         raise UserError("config key `cutoff_len` is required for `stage: pt` (the row length)")
     train_t, eval_t, report = _sources(
         "pt",
-        dataset,
-        eval_dataset,
-        dataset_dir,
-        "auto",
-        max_samples,
-        val_size,
-        seed,
-        lambda spec, fmt, where, row: to_text(row, spec, where),
+        _text_convert,
+        dataset=dataset,
+        eval_dataset=eval_dataset,
+        dataset_dir=dataset_dir,
+        formatting="auto",
+        max_samples=max_samples,
+        val_size=val_size,
+        seed=seed,
     )
     report.template_name = "none (raw text)"
     report.cutoff_len, report.packing = cutoff_len, True
@@ -317,7 +334,25 @@ def load_text_dataset(
     report.n_train, report.n_eval = len(train_t), len(eval_t)
     report.n_eval_rows = len(evals)
     _token_counts(report, train)
+    report.fingerprint = fingerprint(train, evals)
     return train, evals, report
+
+
+def fingerprint(*sample_lists: list) -> str:
+    """Stable 16-hex-digit hash of encoded samples (token ids, masks, segments, positions).
+
+    Equal iff the data the model sees is equal, whatever produced it; e.g. a key for cached
+    reference log-probs (it covers template, cutoff_len and truncation by construction).
+    """
+    h = hashlib.sha256()
+    for samples in sample_lists:
+        h.update(b"[")
+        for ex in samples:
+            for arr in vars(ex).values():
+                if arr is not None:
+                    h.update(np.ascontiguousarray(arr, np.int32).tobytes())
+                h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 def pad_id(tokenizer: Any) -> int:

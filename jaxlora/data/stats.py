@@ -16,9 +16,14 @@ from typing import Any
 import numpy as np
 
 from jaxlora.data.encode import encode_conversations, encode_preferences, encode_texts
-from jaxlora.data.formats import to_text
 from jaxlora.data.packing import pack_lengths
-from jaxlora.data.pipeline import _check_args, _pref_convert, _sft_convert, _sources
+from jaxlora.data.pipeline import (
+    _check_args,
+    _pref_convert,
+    _sft_convert,
+    _sources,
+    _text_convert,
+)
 from jaxlora.data.templates import resolve_template
 
 ROUND_TO = 128
@@ -103,20 +108,18 @@ def data_stats(
     two completions; for pretraining, "prompt" is 0 and "answer" is the whole document.
     """
     _check_args(cutoff_len, formatting, 0.0)
-    src = (dataset, None, dataset_dir, formatting, max_samples, 0.0, 0)
+    src = {"dataset": dataset, "dataset_dir": dataset_dir, "max_samples": max_samples}
     if stage == "pt":
-        texts, _, report = _sources(
-            "pt", *src, lambda spec, fmt, where, row: to_text(row, spec, where)
-        )
+        texts, _, report = _sources("pt", _text_convert, **src)
         lens = [len(e) for e in encode_texts(texts, tokenizer)]
         out = length_stats([0] * len(lens), lens, cutoff_len, stream=True)
     else:
         tmpl = resolve_template(tokenizer, template, chat_template, system)
         if stage == "dpo":
-            pairs, _, report = _sources("dpo", *src, _pref_convert)
+            pairs, _, report = _sources("dpo", _pref_convert, formatting=formatting, **src)
             _, counts = encode_preferences(pairs, tokenizer, tmpl, cutoff_len=None)
         elif stage == "sft":
-            convs, _, report = _sources("sft", *src, _sft_convert)
+            convs, _, report = _sources("sft", _sft_convert, formatting=formatting, **src)
             _, counts = encode_conversations(convs, tokenizer, tmpl, cutoff_len=None)
         else:
             raise ValueError(f"stage must be sft, dpo or pt, got {stage!r}")
