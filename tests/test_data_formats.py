@@ -218,6 +218,12 @@ def test_parquet_csv_saved_dir_and_txt(tmp_path, chatml_tokenizer):
         assert (
             chatml_tokenizer.decode(train[5].input_ids[train[5].loss_mask == 1]) == "a5<|im_end|>"
         )
+    msgs = json.dumps([{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}])
+    (tmp_path / "c.csv").write_text('instruction,input,output\n1+1,,2\n"a, b",,"x\ny"\n')
+    (tmp_path / "m.csv").write_text("messages\n" + '"' + msgs.replace('"', '""') + '"\n')
+    train, _, _ = load_sft_dataset(chatml_tokenizer, dataset=f"{tmp_path}/c.csv,{tmp_path}/m.csv")
+    answers = [chatml_tokenizer.decode(e.input_ids[e.loss_mask == 1]) for e in train]
+    assert answers == ["2<|im_end|>", "x\ny<|im_end|>", "2<|im_end|>"]
     (tmp_path / "t.txt").write_text("first doc\n\nsecond doc\n")
     (row,), _, rep = load_text_dataset(
         chatml_tokenizer, dataset=str(tmp_path / "t.txt"), cutoff_len=64
@@ -360,6 +366,8 @@ def test_file_level_errors(tmp_path, chatml_tokenizer):
     pref = write(tmp_path / "pref.json", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     with pytest.raises(UserError, match="stage: dpo"):
         load_sft_dataset(chatml_tokenizer, dataset=pref)
+    with pytest.raises(UserError, match="`chat_template` must be a Jinja template string"):
+        load_sft_dataset(chatml_tokenizer, dataset=pref, chat_template="chatml")
 
 
 def test_remote_registry_entry_is_explained(tmp_path, chatml_tokenizer):
@@ -382,3 +390,19 @@ def test_demo_data_loads(chatml_tokenizer):
     assert np.mean([len(p.chosen_ids) for p in pairs]) > 0
     for name in ("identity_sft.json", "dpo_demo.json"):
         assert (Path(__file__).parents[1] / "jaxlora" / "demo_data" / name).stat().st_size < 200_000
+
+
+def test_chat_template_from_file(tmp_path, chatml_tokenizer):
+    (tmp_path / "t.jinja").write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    path = write(tmp_path / "d.json", [{"instruction": "hi", "output": "yo"}])
+    (ex,), _, rep = load_sft_dataset(
+        chatml_tokenizer, dataset=path, chat_template=str(tmp_path / "t.jinja")
+    )
+    assert (
+        chatml_tokenizer.decode(ex.input_ids)
+        == "<|im_start|>user\nhi<|im_end|><|im_start|>assistant\nyo<|im_end|>"
+    )
+    assert rep.template_name == "custom" and "m.role" in rep.chat_template

@@ -187,10 +187,21 @@ def _content(msg: dict, key: str, where: str, label: str) -> str:
     raise _bad(where, label, "a string", v)
 
 
+def _maybe_json(v: Any) -> Any:
+    """A list stored as a JSON string (CSV cells) → the list; anything else unchanged."""
+    if isinstance(v, str) and v.lstrip().startswith("["):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
+
+
 def _norm_messages(
     raw: Any, name: str, tags: dict[str, str], where: str, *, allow_empty: bool = False
 ) -> list[dict[str, str]]:
     """Validate and normalise a list of role/content messages."""
+    raw = _maybe_json(raw)
     if not isinstance(raw, list) or (not raw and not allow_empty):
         raise _bad(where, name, "a non-empty list of messages", raw)
     roles = {
@@ -255,8 +266,8 @@ def _alpaca_prompt(row: dict, spec: SourceSpec, where: str) -> list[dict[str, st
     if system:
         msgs.append({"role": "system", "content": system})
     hname = _col(spec, "alpaca", "history")
-    history = row.get(hname)
-    if history not in (None, []):
+    history = _maybe_json(row.get(hname))
+    if history not in (None, [], ""):
         if not isinstance(history, list):
             raise _bad(where, hname, "a list of [question, answer] pairs", history)
         for i, pair in enumerate(history):
@@ -291,7 +302,7 @@ def to_conversation(row: dict, spec: SourceSpec, fmt: str, where: str) -> Conver
         name = _col(spec, fmt, "messages")
         if name not in row:
             raise UserError(f'{where}: missing field "{name}" (fields present: {sorted(row)})')
-        raw = row[name]
+        raw = _maybe_json(row[name])
         tags = _tags_for(spec, fmt, raw[0] if isinstance(raw, list) and raw else None)
         msgs = _with_system(_norm_messages(raw, name, tags, where), row, spec, fmt, where)
         _check_turns(msgs, where, name, need_answer=True)

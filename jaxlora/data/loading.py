@@ -1,14 +1,16 @@
 """Find datasets (paths, comma lists, LLaMA-Factory's dataset_info.json) and read their rows.
 
-JSON and JSON Lines are parsed here with the standard library rather than through
-``datasets.load_dataset("json")``: Arrow schema inference turns a single mistyped row into an
-opaque cast error, and loses line numbers. Parquet, CSV and saved ``datasets`` directories go
-through HF ``datasets``. Every row comes back with a ``where`` label ("data/train.json row 3",
-"data/train.jsonl line 7") that every later error message starts with.
+JSON, JSON Lines and CSV are parsed here with the standard library rather than through
+``datasets.load_dataset``: Arrow schema inference turns a single mistyped row into an opaque
+cast error and loses line numbers, and CSV cells should stay text ("5" is an answer, not an
+int). Parquet, Arrow and saved ``datasets`` directories go through HF ``datasets``. Every row
+comes back with a ``where`` label ("data/train.json row 3", "data/train.jsonl line 7") that
+every later error message starts with.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,7 +158,7 @@ def _hf_rows(path: Path, label: str) -> Iterator[tuple[str, Any]]:
                     raise UserError(f"{label}: saved DatasetDict has no 'train' split ({list(ds)})")
                 ds = ds["train"]
         else:
-            builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}[path.suffix]
+            builder = {".parquet": "parquet", ".arrow": "arrow"}[path.suffix]
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except UserError:
         raise
@@ -164,6 +166,19 @@ def _hf_rows(path: Path, label: str) -> Iterator[tuple[str, Any]]:
         raise UserError(f"{label}: cannot read as {path.suffix or 'datasets dir'}: {e}") from None
     for i, row in enumerate(ds):
         yield f"{label} row {i + 1}", row
+
+
+def _csv_rows(path: Path, label: str) -> Iterator[tuple[str, Any]]:
+    """CSV via the stdlib so every cell stays text ("5" is not turned into an int, empty cells
+    are ""); list-valued fields may hold JSON (parsed by the format converters)."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        try:
+            for i, row in enumerate(csv.DictReader(f)):
+                if None in row:
+                    raise UserError(f"{label} row {i + 1}: more cells than header columns")
+                yield f"{label} row {i + 1}", row
+        except csv.Error as e:
+            raise UserError(f"{label}: malformed CSV ({e})") from None
 
 
 def _text_rows(path: Path, label: str) -> Iterator[tuple[str, Any]]:
@@ -197,7 +212,9 @@ def read_rows(spec: SourceSpec, max_samples: int | None = None) -> list[tuple[st
             reader = _json_rows
         elif f.suffix == ".txt":
             reader = _text_rows
-        elif f.suffix in (".parquet", ".csv", ".arrow"):
+        elif f.suffix == ".csv":
+            reader = _csv_rows
+        elif f.suffix in (".parquet", ".arrow"):
             reader = _hf_rows
         else:
             raise UserError(f"{label}: unsupported file type {f.suffix!r}; use one of {SUFFIXES}")

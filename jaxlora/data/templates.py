@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from jaxlora.errors import UserError, did_you_mean
@@ -94,17 +95,20 @@ def resolve_template(
     chat_template: str | None = None,
     system: str | None = None,
 ) -> ChatTemplate:
-    """Pick the template: ``chat_template`` (Jinja) > named ``template`` > the tokenizer's own.
+    """Pick the template: ``chat_template`` (Jinja text or a .jinja file) > named ``template`` >
+    the tokenizer's own.
 
     A LLaMA-Factory template name jaxlora does not ship (``mistral``, ``gemma`` ...) falls back to
     the tokenizer's own template when it has one (with a log line), so LLaMA-Factory configs run
     unchanged. ``system`` overrides any default system prompt.
     """
+    if chat_template and "{" not in chat_template and Path(chat_template).expanduser().is_file():
+        chat_template = Path(chat_template).expanduser().read_text(encoding="utf-8")
     if chat_template:
         if "{" not in chat_template:
             raise UserError(
-                "config key `chat_template` must be a Jinja template string "
-                f"(got {chat_template[:40]!r}); to name a built-in template use `template`"
+                "config key `chat_template` must be a Jinja template string or a file holding "
+                f"one (got {chat_template[:40]!r}); to name a built-in template use `template`"
             )
         return ChatTemplate(chat_template, system, "custom")
     own = getattr(tokenizer, "chat_template", None)
