@@ -105,6 +105,15 @@ class Model:
         )
 
 
+def resolve_model_path(path: str | Path) -> Path:
+    """`tiny` -> the built-in demo model directory (built locally on first use)."""
+    if str(path) == "tiny":
+        from jaxlora.tiny import default_model_dir
+
+        return default_model_dir()
+    return Path(path)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -116,11 +125,7 @@ def load_model(
 
     `path="tiny"` loads the built-in tiny demo model (built locally on first use).
     """
-    if str(path) == "tiny":
-        from jaxlora.tiny import default_model_dir
-
-        path = default_model_dir()
-    path = Path(path)
+    path = resolve_model_path(path)
     jdtype = resolve_dtype(dtype)
     cfg, raw = load_hf_config(path)
     params = hf.load_params(path, cfg, jdtype, shardings=shardings, host_transform=host_transform)

@@ -67,7 +67,7 @@ def lm_loss_fn(
             batch["segment_ids"],
             chunk_size=chunk_size,
         )
-        return loss_sum * batch["loss_scale"], (loss_sum, n)
+        return loss_sum * batch.get("loss_scale", 1.0), (loss_sum, n)
 
     return loss
 

@@ -1,0 +1,228 @@
+"""Outputs people load elsewhere: PEFT adapters, merged HF checkpoints, end-of-run artefacts.
+
+Every output directory is written atomically (temp dir + rename): a crash or a full disk leaves
+either the previous output or nothing, never a half-written directory. The chat template used in
+training travels with the adapter/model (`chat_template.jinja` and the tokenizer config), so
+inference renders prompts exactly like training did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlora.checkpoints.hf import save_params_hf
+from jaxlora.checkpoints.peft import check_adapter_fits, load_peft_adapter, save_peft_adapter
+from jaxlora.errors import UserError
+from jaxlora.fsutil import atomic_dir
+from jaxlora.lora import Adapter, LoraConfig, merge, parse_targets
+
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _save_tokenizer(tokenizer: Any, out: Path, chat_template: str | None) -> None:
+    if tokenizer is None:
+        return
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(out))
+    if chat_template:
+        (out / TEMPLATE_FILE).write_text(chat_template)
+
+
+def export_adapter(
+    adapter: Adapter,
+    out_dir: str | Path,
+    *,
+    base_model: str | None,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """PEFT adapter dir (+ tokenizer and chat template when given)."""
+    extra = {TEMPLATE_FILE: chat_template} if chat_template else None
+    save_peft_adapter(
+        adapter, out_dir, base_model=base_model, overwrite=overwrite, extra_files=extra
+    )
+    if tokenizer is not None:
+        # Tokenizer files are an addition to a complete adapter dir; the adapter itself
+        # (config + weights) was renamed into place atomically above.
+        _save_tokenizer(tokenizer, Path(out_dir), chat_template)
+    return Path(out_dir)
+
+
+def export_merged(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    adapter: Adapter | None = None,
+    params: dict | None = None,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A full HF checkpoint: base (re-read from disk, never the quantised copy) + adapter,
+    or `params` as given (full fine-tuning)."""
+    from jaxlora.model_api import load_model
+
+    base_dir = Path(base_dir)
+    raw = json.loads((base_dir / "config.json").read_text())
+    out_dtype = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    np_dtype = {"bfloat16": jax.numpy.bfloat16, "float32": np.float32, "float16": np.float16}[
+        out_dtype
+    ]
+    if params is None:
+        model = load_model(base_dir, dtype="float32")
+        params = model.params
+        if adapter is not None:
+            check_adapter_fits(adapter, params, "adapter")
+            params = merge(params, adapter)
+        cfg = model.config
+    else:
+        from jaxlora.models.config import config_from_hf
+
+        cfg = config_from_hf(raw)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_params_hf(params, cfg, tmp, dtype=np_dtype)
+        raw_out = {**raw, "torch_dtype": out_dtype, "dtype": out_dtype}
+        (tmp / "config.json").write_text(json.dumps(raw_out, indent=2))
+        gen = base_dir / "generation_config.json"
+        if gen.is_file():
+            (tmp / gen.name).write_text(gen.read_text())
+        _save_tokenizer(tokenizer, tmp, chat_template)
+    return Path(out_dir)
+
+
+def export_run_outputs(run: Any, trainable: Any) -> None:
+    """End of training: final adapter or model, loss plot and report in the run directory."""
+    from jaxlora import distributed
+
+    if not distributed.is_main_process():
+        return
+    cfg = run.cfg
+    tmpl = run.data.report.chat_template or None
+    base = str(run.model.path)
+    if run.mode == "lora":
+        adapter = Adapter(trainable, run.lora_config)
+        export_adapter(
+            adapter,
+            run.run_dir / "adapter",
+            base_model=base,
+            tokenizer=run.model.tokenizer,
+            chat_template=tmpl,
+            overwrite=True,
+        )
+    else:
+        export_merged(
+            base,
+            run.run_dir / "model",
+            params=trainable,
+            tokenizer=run.model.tokenizer,
+            chat_template=tmpl,
+            overwrite=True,
+        )
+    write_run_report(run.run_dir, cfg)
+
+
+def write_run_report(run_dir: Path, cfg: Any) -> Path | None:
+    from jaxlora.config import config_to_dict
+    from jaxlora.report import read_metrics, write_report
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    if not records:
+        return None
+    flat = config_to_dict(cfg)
+    return write_report(run_dir, records, flat)
+
+
+def _restore_trainable(ckpt_dir: Path) -> tuple[Any, int]:
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "meta"))
+    step = mngr.latest_step()
+    if step is None:
+        raise UserError(f"{ckpt_dir}: no complete checkpoint found")
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    mngr.close()
+    return out["state"]["trainable"], step
+
+
+def export_from_run(
+    run_or_ckpt: str | Path, out_dir: str | Path, *, merged: bool = False, overwrite: bool = False
+) -> Path:
+    """`jaxlora export`: a run directory (final adapter or latest checkpoint) or a PEFT adapter."""
+    from jaxlora.config import load_config
+    from jaxlora.model_api import load_tokenizer, resolve_model_path
+
+    src = Path(run_or_ckpt)
+    if (src / "adapter_config.json").is_file():  # an adapter directory
+        adapter = load_peft_adapter(src)
+        base = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        template = (src / TEMPLATE_FILE).read_text() if (src / TEMPLATE_FILE).is_file() else None
+        tok_dir = src if (src / "tokenizer_config.json").is_file() else base
+    else:
+        if not (src / "config.yaml").is_file():
+            raise UserError(
+                f"{src}: not a jaxlora run directory (no config.yaml) nor a PEFT adapter "
+                "directory (no adapter_config.json)"
+            )
+        cfg = load_config(src / "config.yaml")
+        base = str(resolve_model_path(cfg.model.model_name_or_path))
+        report = src / "data_report.json"
+        template = json.loads(report.read_text()).get("chat_template") if report.is_file() else None
+        tok_dir = base
+        if cfg.finetune.finetuning_type != "lora":
+            if (src / "model").is_dir() and not merged:
+                raise UserError(
+                    f"{src} is a full fine-tuning run; use --merged (or copy {src}/model)"
+                )
+            trainable, _ = _restore_trainable(src / "checkpoints")
+            return export_merged(
+                base,
+                out_dir,
+                params=trainable,
+                tokenizer=load_tokenizer(base),
+                chat_template=template,
+                overwrite=overwrite,
+            )
+        if (src / "adapter" / "adapter_config.json").is_file():
+            adapter = load_peft_adapter(src / "adapter")
+        else:
+            trainable, _ = _restore_trainable(src / "checkpoints")
+            f = cfg.finetune
+            adapter = Adapter(
+                trainable,
+                LoraConfig(
+                    rank=f.lora_rank,
+                    alpha=f.resolved_lora_alpha,
+                    dropout=f.lora_dropout,
+                    targets=parse_targets(f.lora_target),
+                    use_rslora=f.use_rslora,
+                    use_dora=f.use_dora,
+                ),
+            )
+    if base is None:
+        raise UserError(f"{src}: adapter_config.json has no base_model_name_or_path")
+    tokenizer = load_tokenizer(tok_dir) if tok_dir else None
+    if merged:
+        return export_merged(
+            base,
+            out_dir,
+            adapter=adapter,
+            tokenizer=tokenizer,
+            chat_template=template,
+            overwrite=overwrite,
+        )
+    return export_adapter(
+        adapter,
+        out_dir,
+        base_model=base,
+        tokenizer=tokenizer,
+        chat_template=template,
+        overwrite=overwrite,
+    )

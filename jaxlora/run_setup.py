@@ -1,0 +1,360 @@
+"""Everything the training loop needs, built from a `Config` before the first step.
+
+Order matters for user experience: the config and the data are validated first (cheap, and where
+most mistakes are), then the run directory is claimed, then the model is loaded, the adapter
+initialised and the steps compiled. `RunSetup` is plain state plus small closures; the loop in
+`train.py` does not know which stage or fine-tuning method it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora import data as data_lib
+from jaxlora import distributed
+from jaxlora.checkpoints.run_state import RunCheckpoints
+from jaxlora.config import Config, dump_config
+from jaxlora.data.batching import Batcher
+from jaxlora.errors import UserError
+from jaxlora.lora import LoraConfig, init_lora, parse_targets
+from jaxlora.model_api import Model, load_model
+from jaxlora.optim import make_optimizer, warmup_steps_for
+from jaxlora.steps import lm_loss_fn, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: list
+    eval: list
+    report: Any
+    pad_id: int
+
+
+def resolve_dataset(name: str | None) -> str | None:
+    """`demo:<name>` -> the bundled demo file; other values are returned unchanged."""
+    if name is None:
+        return None
+    parts = []
+    for item in str(name).split(","):
+        item = item.strip()
+        if item.startswith("demo:"):
+            path = Path(__file__).parent / "demo_data" / f"{item[5:]}.json"
+            if not path.is_file():
+                avail = sorted(p.stem for p in path.parent.glob("*.json"))
+                raise UserError(
+                    f"unknown demo dataset {item!r}; available: demo:" + ", demo:".join(avail)
+                )
+            item = str(path)
+        parts.append(item)
+    return ",".join(parts)
+
+
+def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
+    d, f = cfg.data, cfg.finetune
+    if d.dataset is None:
+        raise UserError(
+            "config key `dataset` is required for training (a file, a comma list, or demo:<name>)"
+        )
+    common = dict(
+        dataset=resolve_dataset(d.dataset),
+        dataset_dir=d.dataset_dir,
+        cutoff_len=d.cutoff_len,
+        max_samples=d.max_samples,
+        val_size=d.val_size,
+        seed=cfg.train.seed,
+        eval_dataset=resolve_dataset(d.eval_dataset),
+    )
+    if f.stage == "pt":
+        train, evals, report = data_lib.load_text_dataset(
+            tokenizer, formatting=d.formatting, **common
+        )
+    else:
+        if tokenizer is None:
+            raise UserError(
+                f"{cfg.model.model_name_or_path}: the model directory has no tokenizer files"
+            )
+        chat = dict(
+            formatting=d.formatting,
+            packing=bool(cfg.packing_enabled),
+            template=cfg.model.template,
+            chat_template=cfg.model.chat_template,
+            system=d.system,
+        )
+        if f.stage == "dpo":
+            train, evals, report = data_lib.load_preference_dataset(
+                tokenizer, max_prompt_length=d.max_prompt_length, **chat, **common
+            )
+        else:
+            train, evals, report = data_lib.load_sft_dataset(
+                tokenizer, train_on_prompt=d.train_on_prompt, **chat, **common
+            )
+    return DataBundle(train, evals, report, data_lib.pad_id(tokenizer))
+
+
+def _target_counts(samples: list) -> np.ndarray:
+    """Per sample: the number of loss targets (what the token-weighted loss divides by)."""
+    out = []
+    for s in samples:
+        if hasattr(s, "loss_mask"):
+            m = np.asarray(s.loss_mask)
+            seg = getattr(s, "segment_ids", None)
+            if seg is not None:
+                seg = np.asarray(seg)
+                m = m[1:] * ((seg[1:] == seg[:-1]) & (seg[1:] > 0))
+            else:
+                m = m[1:]
+            out.append(int(m.sum()))
+        else:  # preference pair: completion tokens of both sides
+            out.append(len(s.chosen_ids) + len(s.rejected_ids))
+    return np.asarray(out, np.int64)
+
+
+def _claim_run_dir(cfg: Config, log) -> tuple[Path, bool]:
+    """Create/validate the run directory; returns (path, resuming)."""
+    run_dir = Path(cfg.train.output_dir)
+    ckpts = run_dir / "checkpoints"
+    has_ckpt = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+    if cfg.train.overwrite_output_dir and run_dir.exists() and distributed.is_main_process():
+        shutil.rmtree(run_dir)
+        has_ckpt = False
+    elif run_dir.exists() and any(run_dir.iterdir()) and not has_ckpt:
+        raise UserError(
+            f"output_dir {run_dir} exists and holds no checkpoint to resume from; choose another "
+            "output_dir or set overwrite_output_dir: true"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {run_dir} is not writable: {e.strerror}") from None
+    return run_dir, has_ckpt
+
+
+class RunSetup:
+    """Built state for one run; see module docstring."""
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        tcfg, fcfg = cfg.train, cfg.finetune
+        self.mode = fcfg.finetuning_type
+        for key, why in cfg.ignored.items():
+            log(f"note: ignoring `{key}` ({why})")
+        from jaxlora.model_api import load_tokenizer, resolve_model_path
+
+        model_path = resolve_model_path(cfg.model.model_name_or_path)
+        tokenizer = load_tokenizer(model_path)
+        self.data = load_data(cfg, tokenizer)
+        log(self.data.report.summary())
+        self.run_dir, resuming = _claim_run_dir(cfg, log)
+        if distributed.is_main_process():
+            dump_config(cfg, self.run_dir / "config.yaml")
+            report = json.dumps(self.data.report.to_dict(), indent=2, default=str)
+            (self.run_dir / "data_report.json").write_text(report)
+        # Model: frozen base in the compute dtype; trainable weights always fp32.
+        compute = jnp.bfloat16 if tcfg.bf16 else jnp.float32
+        base_dtype = compute if self.mode == "lora" else jnp.float32
+        self.model: Model = load_model(model_path, dtype=base_dtype)
+        self.model.dtype = compute
+        self.model.tokenizer = tokenizer
+        self._build_trainable()
+        self._build_batches()
+        self._build_optimizer()
+        self._build_steps()
+        keep = tcfg.save_total_limit or 1
+        self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", keep=keep)
+        self.keep_best = bool(self.eval_every) and (
+            tcfg.load_best_model_at_end or tcfg.early_stopping_patience is not None
+        )
+        self.resuming = resuming
+
+    # ---------------------------------------------------------------- trainable / frozen split
+    def _build_trainable(self) -> None:
+        cfg, f = self.cfg, self.cfg.finetune
+        key = jax.random.key(cfg.train.seed)
+        if self.mode == "lora":
+            self.lora_config = LoraConfig(
+                rank=f.lora_rank,
+                alpha=f.resolved_lora_alpha,
+                dropout=f.lora_dropout,
+                targets=parse_targets(f.lora_target),
+                use_rslora=f.use_rslora,
+                use_dora=f.use_dora,
+            )
+            if cfg.model.adapter_name_or_path:
+                from jaxlora.checkpoints.peft import check_adapter_fits, load_peft_adapter
+
+                start = load_peft_adapter(cfg.model.adapter_name_or_path)
+                check_adapter_fits(start, self.model.params, cfg.model.adapter_name_or_path)
+                self.lora_config = start.config
+                trainable = start.params
+            else:
+                trainable = init_lora(key, self.model.params, self.lora_config)
+            self.adapter_spec = self.lora_config.spec
+            self.frozen = self.model.params
+        elif self.mode == "full":
+            self.lora_config, self.adapter_spec = None, None
+            trainable = self.model.params
+            self.frozen = {}
+        else:
+            raise UserError(f"finetuning_type {self.mode!r} is not supported yet; use lora or full")
+        self.trainable = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+
+    # ---------------------------------------------------------------- data order
+    def _build_batches(self) -> None:
+        tcfg = self.cfg.train
+        per_device = tcfg.per_device_train_batch_size
+        global_batch = per_device * jax.device_count()
+        self.batcher = Batcher(
+            self.data.train,
+            batch_size=global_batch,
+            pad_id=self.data.pad_id,
+            cutoff_len=self.cfg.data.cutoff_len,
+            seed=tcfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        self.targets = _target_counts(self.data.train)
+        self.steps_per_epoch = len(self.batcher)
+        k = tcfg.gradient_accumulation_steps
+        if tcfg.max_steps > 0:
+            self.total_steps = tcfg.max_steps
+        else:
+            per_epoch = max(self.steps_per_epoch // k, 1)
+            self.total_steps = max(int(math.ceil(tcfg.num_train_epochs * per_epoch)), 1)
+        self.eval_every = 0
+        if self.cfg.eval_enabled and self.data.eval:
+            self.eval_every = tcfg.resolved_eval_steps
+            eval_bs = (tcfg.resolved_eval_batch_size) * jax.device_count()
+            self.eval_batcher = Batcher(
+                self.data.eval,
+                batch_size=eval_bs,
+                pad_id=self.data.pad_id,
+                cutoff_len=self.cfg.data.cutoff_len,
+                shuffle=False,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+
+    def _position(self, m: int) -> tuple[int, int]:
+        return divmod(m, self.steps_per_epoch)
+
+    def batch_tokens(self, m: int) -> int:
+        """Real (non-pad) tokens of global micro-batch m, for tokens/s."""
+        e, s = self._position(m)
+        idx = self.batcher.global_indices(e, s)
+        return int(sum(len(self.data.train[i]) for i in idx if i >= 0))
+
+    def _group_targets(self, m: int) -> int:
+        k = self.cfg.train.gradient_accumulation_steps
+        g0 = (m // k) * k
+        total = 0
+        for mm in range(g0, g0 + k):
+            idx = self.batcher.global_indices(*self._position(mm))
+            total += int(self.targets[idx[idx >= 0]].sum())
+        return max(total, 1)
+
+    def batch(self, m: int) -> dict:
+        host = self.batcher.get(*self._position(m))
+        k = self.cfg.train.gradient_accumulation_steps
+        host["loss_scale"] = np.float32(k / self._group_targets(m))
+        return self.put_batch(host)
+
+    def put_batch(self, host: dict) -> dict:
+        return {k: jnp.asarray(v) for k, v in host.items()}
+
+    # ---------------------------------------------------------------- optimiser and steps
+    def _build_optimizer(self) -> None:
+        t, f = self.cfg.train, self.cfg.finetune
+        warm = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
+        self.tx, self.schedule = make_optimizer(
+            learning_rate=t.learning_rate,
+            scheduler=t.lr_scheduler_type,
+            total_steps=self.total_steps,
+            warmup_steps=warm,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            accumulation_steps=t.gradient_accumulation_steps,
+            b1=t.adam_beta1,
+            b2=t.adam_beta2,
+            eps=t.adam_epsilon,
+            loraplus_lr_ratio=f.loraplus_lr_ratio if self.mode == "lora" else None,
+        )
+        self.state = {
+            "trainable": self.trainable,
+            "opt_state": self.tx.init(self.trainable),
+            "rng": jax.random.key(self.cfg.train.seed + 1),
+        }
+        del self.trainable
+
+    def _build_steps(self) -> None:
+        cfg = self.cfg
+        # Chunk the LM head + cross-entropy when whole-batch fp32 logits would exceed ~256 MiB.
+        v = self.model.config.vocab_size
+        per_batch = cfg.train.per_device_train_batch_size * cfg.data.cutoff_len * v * 4
+        chunk = 2048 if per_batch > 2**28 else None
+        train_module = self.model.module(
+            self.adapter_spec,
+            deterministic=not (self.adapter_spec and self.adapter_spec.dropout > 0),
+            remat=cfg.model.remat,
+            scan_unroll=1 if cfg.model.scan_layers else self.model.config.num_hidden_layers,
+        )
+        eval_module = self.model.module(self.adapter_spec)
+        if cfg.finetune.stage == "dpo":
+            from jaxlora.dpo import dpo_loss_fn
+
+            train_loss = dpo_loss_fn(train_module, self.model.config, self.mode, cfg, chunk)
+            eval_loss = dpo_loss_fn(eval_module, self.model.config, self.mode, cfg, chunk)
+        else:
+            train_loss = lm_loss_fn(train_module, self.model.config, self.mode, chunk)
+            eval_loss = lm_loss_fn(eval_module, self.model.config, self.mode, chunk)
+        self.train_step = make_train_step(train_loss, self.tx)
+        self.eval_step = make_eval_step(eval_loss)
+
+    def evaluate(self, state: dict) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for batch in self.eval_batcher.epoch(0):
+            out = self.eval_step(state["trainable"], self.frozen, self.put_batch(batch))
+            for k, v in jax.device_get(out).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
+        result = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+        n_rows = max(sums.get("pref/count", 0.0), 1.0)
+        for k, v in sums.items():
+            if k.startswith("pref/") and k != "pref/count":
+                result["eval/" + k[5:]] = v / n_rows
+        return result
+
+    # ---------------------------------------------------------------- outputs
+    def progress_bar(self, total: int, initial: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
+        )
+
+    def finish(self, state: dict, *, best_available: bool) -> None:
+        from jaxlora.export import export_run_outputs
+
+        trainable = state["trainable"]
+        if best_available and self.cfg.train.load_best_model_at_end:
+            trainable, meta = self.checkpoints.restore_best(trainable)
+        export_run_outputs(self, trainable)
+
+    def close(self) -> None:
+        self.checkpoints.close()
+
+
+def build_run(cfg: Config, log: Callable[[str], None] = print) -> RunSetup:
+    return RunSetup(cfg, log)
