@@ -169,6 +169,14 @@ class RunSetup:
         self.model.dtype = compute
         self.model.tokenizer = tokenizer
         self._build_trainable()
+        # Stage hook: DPO adjusts the frozen tree (reference weights), the per-sample target
+        # counts (pairs, not tokens), adds cached reference log-probs to batches, and builds
+        # its loss. None for SFT / pretraining.
+        self.dpo = None
+        if cfg.finetune.stage == "dpo":
+            from jaxlora.dpo import DPOSetup
+
+            self.dpo = DPOSetup(self)
         self._build_batches()
         self._build_optimizer()
         self._build_steps()
@@ -225,7 +233,9 @@ class RunSetup:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        self.targets = _target_counts(self.data.train)
+        self.targets = (
+            self.dpo.target_counts(self.data.train) if self.dpo else _target_counts(self.data.train)
+        )
         self.steps_per_epoch = len(self.batcher)
         k = tcfg.gradient_accumulation_steps
         if tcfg.max_steps > 0:
@@ -266,7 +276,10 @@ class RunSetup:
         return max(total, 1)
 
     def batch(self, m: int) -> dict:
-        host = self.batcher.get(*self._position(m))
+        position = self._position(m)
+        host = self.batcher.get(*position)
+        if self.dpo:
+            host = self.dpo.add_to_batch(host, self.batcher, position)
         k = self.cfg.train.gradient_accumulation_steps
         host["loss_scale"] = np.float32(k / self._group_targets(m))
         return self.put_batch(host)
@@ -311,11 +324,9 @@ class RunSetup:
             scan_unroll=1 if cfg.model.scan_layers else self.model.config.num_hidden_layers,
         )
         eval_module = self.model.module(self.adapter_spec)
-        if cfg.finetune.stage == "dpo":
-            from jaxlora.dpo import dpo_loss_fn
-
-            train_loss = dpo_loss_fn(train_module, self.model.config, self.mode, cfg, chunk)
-            eval_loss = dpo_loss_fn(eval_module, self.model.config, self.mode, cfg, chunk)
+        if self.dpo:
+            train_loss = self.dpo.loss_fn(train_module, chunk)
+            eval_loss = self.dpo.loss_fn(eval_module, chunk)
         else:
             train_loss = lm_loss_fn(train_module, self.model.config, self.mode, chunk)
             eval_loss = lm_loss_fn(eval_module, self.model.config, self.mode, chunk)
@@ -324,7 +335,9 @@ class RunSetup:
 
     def evaluate(self, state: dict) -> dict[str, float]:
         sums: dict[str, float] = {}
-        for batch in self.eval_batcher.epoch(0):
+        for step, batch in enumerate(self.eval_batcher.epoch(0)):
+            if self.dpo:
+                batch = self.dpo.add_to_batch(batch, self.eval_batcher, (0, step), split="eval")
             out = self.eval_step(state["trainable"], self.frozen, self.put_batch(batch))
             for k, v in jax.device_get(out).items():
                 sums[k] = sums.get(k, 0.0) + float(v)

@@ -145,9 +145,11 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
                     "train/tokens_per_s": tok_window / max(dt, 1e-9),
                     "train/epoch": m / run.steps_per_epoch,
                 }
+                # Preference metrics arrive as sums over pairs plus "pref/count".
+                n_pairs = max(s.get("sum/pref/count", 0.0), 1.0)
                 for x, v in s.items():
-                    if x.startswith("sum/pref/"):
-                        scalars["train/" + x[len("sum/pref/") :]] = v / max(s["n"], 1e-9)
+                    if x.startswith("sum/pref/") and x != "sum/pref/count":
+                        scalars["train/" + x[len("sum/pref/") :]] = v / n_pairs
                 metrics.log(step, scalars)
                 bar.set_postfix(
                     loss=f"{scalars['train/loss']:.4f}",
