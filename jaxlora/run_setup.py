@@ -26,7 +26,6 @@ from jaxlora.checkpoints.run_state import RunCheckpoints
 from jaxlora.config import Config, dump_config
 from jaxlora.data.batching import Batcher
 from jaxlora.errors import UserError
-from jaxlora.lora import LoraConfig, init_lora, parse_targets
 from jaxlora.model_api import Model, load_model
 from jaxlora.optim import make_optimizer, warmup_steps_for
 from jaxlora.steps import lm_loss_fn, make_eval_step, make_train_step
@@ -189,35 +188,12 @@ class RunSetup:
 
     # ---------------------------------------------------------------- trainable / frozen split
     def _build_trainable(self) -> None:
-        cfg, f = self.cfg, self.cfg.finetune
-        key = jax.random.key(cfg.train.seed)
-        if self.mode == "lora":
-            self.lora_config = LoraConfig(
-                rank=f.lora_rank,
-                alpha=f.resolved_lora_alpha,
-                dropout=f.lora_dropout,
-                targets=parse_targets(f.lora_target),
-                use_rslora=f.use_rslora,
-                use_dora=f.use_dora,
-            )
-            if cfg.model.adapter_name_or_path:
-                from jaxlora.checkpoints.peft import check_adapter_fits, load_peft_adapter
+        from jaxlora.methods import split_trainable
 
-                start = load_peft_adapter(cfg.model.adapter_name_or_path)
-                check_adapter_fits(start, self.model.params, cfg.model.adapter_name_or_path)
-                self.lora_config = start.config
-                trainable = start.params
-            else:
-                trainable = init_lora(key, self.model.params, self.lora_config)
-            self.adapter_spec = self.lora_config.spec
-            self.frozen = self.model.params
-        elif self.mode == "full":
-            self.lora_config, self.adapter_spec = None, None
-            trainable = self.model.params
-            self.frozen = {}
-        else:
-            raise UserError(f"finetuning_type {self.mode!r} is not supported yet; use lora or full")
-        self.trainable = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+        split = split_trainable(self.cfg, self.model.params)
+        self.mode = split.mode
+        self.trainable, self.frozen = split.trainable, split.frozen
+        self.lora_config, self.adapter_spec = split.lora_config, split.adapter_spec
 
     # ---------------------------------------------------------------- data order
     def _build_batches(self) -> None:
