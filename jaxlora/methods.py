@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxlora.config import Config
 from jaxlora.errors import UserError
 from jaxlora.lora import LoraConfig, init_lora, parse_targets
+from jaxlora.model_api import Model, load_model
 from jaxlora.models.linear import AdapterSpec
 
 
@@ -31,6 +32,11 @@ class Split:
     @property
     def adapter_spec(self) -> AdapterSpec | None:
         return self.lora_config.spec if self.lora_config else None
+
+
+def load_base_model(cfg: Config, model_path: Any, dtype: Any) -> Model:
+    """The base model as training needs it (frozen dtype; quantised when configured)."""
+    return load_model(model_path, dtype=dtype)
 
 
 def lora_config_from(cfg: Config) -> LoraConfig:

@@ -26,7 +26,7 @@ from jaxlora.checkpoints.run_state import RunCheckpoints
 from jaxlora.config import Config, dump_config
 from jaxlora.data.batching import Batcher
 from jaxlora.errors import UserError
-from jaxlora.model_api import Model, load_model
+from jaxlora.model_api import Model
 from jaxlora.optim import make_optimizer, warmup_steps_for
 from jaxlora.steps import lm_loss_fn, make_eval_step, make_train_step
 
@@ -164,7 +164,9 @@ class RunSetup:
         # Model: frozen base in the compute dtype; trainable weights always fp32.
         compute = jnp.bfloat16 if tcfg.bf16 else jnp.float32
         base_dtype = compute if self.mode == "lora" else jnp.float32
-        self.model: Model = load_model(model_path, dtype=base_dtype)
+        from jaxlora.methods import load_base_model
+
+        self.model: Model = load_base_model(self.cfg, model_path, base_dtype)
         self.model.dtype = compute
         self.model.tokenizer = tokenizer
         self._build_trainable()
