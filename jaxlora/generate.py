@@ -26,6 +26,10 @@ Sampling follows Hugging Face `generate` semantics and order: repetition penalty
 logits of every token already in the sequence (prompt + generated; left padding excluded), then
 temperature, top-k, top-p (nucleus). Greedy decoding takes the argmax of the penalised logits.
 
+Known difference: with `rope_type: dynamic` (dynamic NTK) the decoder scales RoPE by the cache
+length S (a bucket), where HF uses the current sequence length; the other RoPE types do not depend
+on length, so this affects dynamic-NTK models only, and only past their trained context.
+
 Returned sequences hold the NEW tokens only. Generation of a row stops at the first stop token;
 that token is dropped from the result unless `include_stop_token=True`.
 """
