@@ -36,10 +36,8 @@ def cmd_train(args) -> int:
 
 def _print_samples(cfg, run_dir: Path) -> None:
     """A few answers from the trained adapter, so the user sees what was learned."""
-    try:
-        from jaxlora.inference import sample_answers
-    except ImportError:
-        return
+    from jaxlora.inference_cli import sample_answers
+
     if cfg.finetune.stage == "pt" or not (run_dir / "adapter").is_dir():
         return
     for prompt, answer in sample_answers(cfg, run_dir, n=3):
@@ -73,13 +71,33 @@ def cmd_report(args) -> int:
 
 
 def cmd_data_stats(args) -> int:
-    from jaxlora.data.stats import format_stats
-    from jaxlora.data_stats_cli import run_data_stats
+    from jaxlora.data.stats import data_stats, format_stats, plot_length_histogram
+    from jaxlora.model_api import load_tokenizer, resolve_model_path
+    from jaxlora.run_setup import resolve_dataset
 
-    stats, png = run_data_stats(_load_cfg(args), args.out)
+    cfg = _load_cfg(args)
+    if cfg.data.dataset is None:
+        from jaxlora.errors import UserError
+
+        raise UserError("config key `dataset` is required for `jaxlora data stats`")
+    tok = load_tokenizer(resolve_model_path(cfg.model.model_name_or_path))
+    stats = data_stats(
+        tok,
+        dataset=resolve_dataset(cfg.data.dataset),
+        stage=cfg.finetune.stage,
+        dataset_dir=cfg.data.dataset_dir,
+        formatting=cfg.data.formatting,
+        cutoff_len=cfg.data.cutoff_len,
+        max_samples=cfg.data.max_samples,
+        template=cfg.model.template,
+        chat_template=cfg.model.chat_template,
+        system=cfg.data.system,
+        train_on_prompt=cfg.data.train_on_prompt,
+    )
     print(format_stats(stats))
-    if png:
-        print(f"histogram: {png}")
+    out = Path(args.out or cfg.train.output_dir)
+    png = plot_length_histogram(stats, out / "token_lengths.png")
+    print(f"histogram: {png}")
     return 0
 
 
