@@ -189,7 +189,9 @@ def encode_conversations(
             counts.n_truncated += 1
             keep_p, keep_a = _split_budget(start, len(ids) - start, cutoff_len)
             counts.n_answer_truncated += keep_a < len(ids) - start
-            head = _keep_end(np.arange(start), keep_p, 0 if ids[0] == bos else None)
+            # Select prompt positions (index 0 plays "BOS" when the sample starts with BOS).
+            keep_bos = bos is not None and ids[0] == bos
+            head = _keep_end(np.arange(start), keep_p, 0 if keep_bos else None)
             sel = np.concatenate([head, np.arange(start, start + keep_a)]).astype(np.int64)
             ids, mask = ids[sel], mask[sel]
         mask = mask.copy()
