@@ -177,17 +177,25 @@ def _family_config(family: str, base: dict[str, Any], head_dim: int) -> dict[str
     raise ValueError(f"unknown family {family!r}; expected llama, mistral, qwen2 or qwen3")
 
 
-def _random_weights(cfg: dict[str, Any], seed: int, dtype: str) -> dict[str, np.ndarray]:
-    """HF-named random weights: linear [out, in] ~ N(0, 0.02²), norms = 1, biases small."""
+def _random_weights(
+    cfg: dict[str, Any], seed: int, dtype: str, embed_std: float = 0.02
+) -> dict[str, np.ndarray]:
+    """HF-named random weights: linear [out, in] ~ N(0, 0.02²), norms = 1, biases small.
+
+    `embed_std` sets the scale of the embedding and LM head. With 0.02 the final logits of a
+    random model can never get confident (the best logit margin is about |h|·|w_row| ≈ 5 for
+    d=256, so loss stays above ~2 whatever a frozen-base LoRA learns); pretrained heads have
+    much larger rows, and the demo model uses 0.1 so LoRA can learn the demo data.
+    """
     rng = np.random.default_rng(seed)
     d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     h, kv, dh = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim_"]
     family = cfg["model_type"]
 
-    def normal(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+    def normal(*shape: int, std: float = 0.02) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
 
-    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal(v, d)}
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal(v, d, std=embed_std)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = np.ones(d, np.float32)
@@ -208,7 +216,7 @@ def _random_weights(cfg: dict[str, Any], seed: int, dtype: str) -> dict[str, np.
         w[p + "mlp.down_proj.weight"] = normal(d, f)
     w["model.norm.weight"] = np.ones(d, np.float32)
     if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = normal(v, d)
+        w["lm_head.weight"] = normal(v, d, std=embed_std)
     if dtype == "bfloat16":
         import ml_dtypes
 
@@ -234,6 +242,7 @@ def make_tiny_model(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     dtype: str = "float32",
+    embed_std: float = 0.02,
     template: str = "chatml",
     rope_theta: float = 10000.0,
     max_position_embeddings: int = 2048,
@@ -280,7 +289,7 @@ def make_tiny_model(
         "transformers_version": "5.0.0",
     }
     cfg = {**_family_config(family, base, dh), **base}
-    weights = _random_weights({**cfg, "head_dim_": dh}, seed, dtype)
+    weights = _random_weights({**cfg, "head_dim_": dh}, seed, dtype, embed_std)
     from safetensors.numpy import save_file
 
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -303,6 +312,7 @@ DEFAULT_MODEL_KWARGS: dict[str, Any] = {
     "tie_word_embeddings": False,
     "seed": 0,
     "dtype": "float32",
+    "embed_std": 0.1,
     "template": "chatml",
 }
 
