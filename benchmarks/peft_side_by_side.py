@@ -1,0 +1,224 @@
+"""HF PEFT (PyTorch) and jaxlora on the same tiny Llama LoRA step, in one run, with the ratio.
+
+Why this script exists: "faster than PEFT" only means something on the same machine, the same
+model, the same LoRA targets, the same batch and the same optimiser, measured back to back. The
+model is the CPU peer-baseline shape (shared/research/peer-baseline.md): Llama, 8 layers, d=512,
+8 heads / 4 KV heads, ffn 1408, vocab 32000, untied head, random init; LoRA r=16, alpha 32 on
+q,k,v,o,gate,up,down; batch 4 x 512 random ids; AdamW lr 1e-4, betas (0.9, 0.999), eps 1e-8, no
+weight decay, no clipping; loss = mean next-token cross-entropy over B x (S-1) positions.
+
+    PEFT   torch 2.13 CPU, `torch.set_num_threads(2)`, sdpa attention, fp32 weights; modes
+           `bf16` (torch.autocast("cpu", bfloat16): its fastest CPU mode) and `fp32`.
+           Step = forward + loss + backward + AdamW.step + zero_grad + loss.item().
+    jaxlora `jaxlora bench configs/bench-tiny-cpu.yaml` (the training code's jitted step, bf16
+           compute, frozen bf16 base, fp32 adapters and AdamW state).
+
+Interpreters: torch is installed for Python 3.11 only and the fast JAX (0.12) for Python 3.12 on
+this machine, so each half runs as a subprocess: `--peft-python` (default `python3`) and
+`--jax-python` (default `PYENV_VERSION=3.12.1 python3`; leading VAR=value words set environment
+variables). The halves alternate in rounds (`--rounds`), so a load spike on the shared machine
+hits all of them; each configuration reports the median over rounds of its per-run median step.
+
+    python3 benchmarks/peft_side_by_side.py --rounds 3 --steps 10 --warmup 2
+
+Prints one table and, last, a JSON line with every run and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------- PEFT worker
+
+
+def peft_worker(args: argparse.Namespace) -> None:
+    """Runs inside the torch interpreter; prints one JSON line."""
+    import resource
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).float()
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    model = get_peft_model(model, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    n = args.warmup + args.steps
+    batches = [torch.randint(8, 32000, (args.batch, args.seq), generator=gen) for _ in range(n)]
+    use_bf16 = args.mode == "bf16"
+
+    def step(x: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    times, loss = [], float("nan")
+    for i, x in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = step(x)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    out = {
+        "impl": f"peft_{args.mode}",
+        "step_s": step_s,
+        "tokens_per_s": args.batch * args.seq / step_s,
+        "step_times": times,
+        "final_loss": loss,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    print(json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _command(spec: str) -> tuple[list[str], dict[str, str]]:
+    """'VAR=x VAR2=y python3' -> (['python3'], env with VAR, VAR2 set)."""
+    words = shlex.split(spec)
+    env = dict(os.environ)
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        k, v = words.pop(0).split("=", 1)
+        env[k] = v
+    return words, env
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError("no JSON line in output:\n" + text[-2000:])
+
+
+def run_child(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return _last_json(proc.stdout)
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--peft-python", default="python3")
+    ap.add_argument("--jax-python", default="PYENV_VERSION=3.12.1 python3")
+    ap.add_argument("--config", default="configs/bench-tiny-cpu.yaml")
+    ap.add_argument("--overrides", nargs="*", default=[], help="jaxlora key=value overrides")
+    ap.add_argument("--modes", default="peft_bf16,peft_fp32,jaxlora")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--peft-worker", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.peft_worker:
+        args.mode = args.peft_worker
+        peft_worker(args)
+        return 0
+
+    peft_cmd, peft_env = _command(args.peft_python)
+    jax_cmd, jax_env = _command(args.jax_python)
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    commands = {}
+    for mode in ("bf16", "fp32"):
+        worker = [*peft_cmd, str(Path(__file__).resolve()), "--peft-worker", mode, *common]
+        worker += ["--threads", str(args.threads), "--batch", str(args.batch)]
+        commands[f"peft_{mode}"] = (worker + ["--seq", str(args.seq)], peft_env)
+    bench = [*jax_cmd, "-m", "jaxlora.cli", "bench", args.config, *common]
+    sizes = [f"per_device_train_batch_size={args.batch}", f"cutoff_len={args.seq}"]
+    commands["jaxlora"] = (bench + sizes + list(args.overrides), jax_env)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(args.rounds):
+        for mode in modes:
+            cmd, env = commands[mode]
+            load_before = load_average()
+            result = run_child(cmd, env, args.timeout)
+            result["load_avg_1m_before"] = load_before
+            result["load_avg_1m_after"] = load_average()
+            runs[mode].append(result)
+            print(
+                f"round {r + 1} {mode:10s} {result['tokens_per_s']:8.0f} tok/s  "
+                f"step {result['step_s']:.3f} s  load {load_before:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    summary = {}
+    for mode, rs in runs.items():
+        step = statistics.median(x["step_s"] for x in rs)
+        summary[mode] = {
+            "step_s": step,
+            "tokens_per_s": args.batch * args.seq / step,
+            "runs": len(rs),
+            "load_avg_1m": [round(x["load_avg_1m_before"], 2) for x in rs],
+        }
+    ratios = {}
+    if "jaxlora" in summary:
+        for mode in summary:
+            if mode.startswith("peft"):
+                ratios[f"jaxlora/{mode}"] = (
+                    summary["jaxlora"]["tokens_per_s"] / summary[mode]["tokens_per_s"]
+                )
+    print(f"{'impl':12s} {'tokens/s':>9s} {'step s':>8s}  load (1-min) per round")
+    for mode, s in summary.items():
+        print(f"{mode:12s} {s['tokens_per_s']:9.0f} {s['step_s']:8.3f}  {s['load_avg_1m']}")
+    if "jaxlora" in runs:
+        j = runs["jaxlora"][-1]
+        print(
+            f"jaxlora MFU {100 * (j['mfu'] or 0):.1f}% of the measured JAX bf16 matmul peak "
+            f"({j['matmul_peak_flops'] / 1e12:.3f} TFLOP/s), last round"
+        )
+    for k, v in ratios.items():
+        print(f"ratio {k}: {v:.2f}x")
+    print(json.dumps({"summary": summary, "ratios": ratios, "runs": runs}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
