@@ -66,12 +66,46 @@ def _decay_mask(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
+# LoRA+ "B group": PEFT's `create_loraplus_optimizer` and LLaMA-Factory give lr x ratio to every
+# lora_B matrix and every 1-D adapter parameter, i.e. DoRA's magnitude vectors too. Their
+# `loraplus_lr_embedding` group only exists for adapters on embedding layers, which jaxlora
+# does not create (adapters target linear projections only), so that setting has no effect.
+LORAPLUS_FAST = ("lora_b", "magnitude")
+
+
 def _loraplus_labels(tree: Any) -> Any:
     def leaf(path, _):
         keys = [getattr(k, "key", None) for k in path]
-        return "lora_b" if "lora_b" in keys else "default"
+        return "lora_b" if any(k in LORAPLUS_FAST for k in keys) else "default"
 
     return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _to_f32(tree: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def fp32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` with fp32 optimiser state and fp32 updates whatever the parameter dtype.
+
+    optax's Adam keeps `nu` (and MultiSteps casts its accumulator back) in the parameter dtype,
+    so bf16 weights (`full_precision_master: false`) would get bf16 moments. Here `tx` sees
+    fp32 params and gradients; `optax.apply_updates` rounds `param + update` to the param dtype
+    once. A no-op for fp32 params. The wrapper is stateless: the state is `tx`'s own.
+    Limitation: with bf16 weights and no fp32 master copy, an update smaller than half a bf16
+    ulp of its weight (~0.4% relative) is lost, as in LLaMA-Factory's `pure_bf16`.
+    """
+
+    def init(params):
+        return tx.init(_to_f32(params))
+
+    def update(updates, state, params=None):
+        params = None if params is None else _to_f32(params)
+        return tx.update(_to_f32(updates), state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(
@@ -95,7 +129,7 @@ def make_optimizer(
         return optax.adamw(s, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask)
 
     if loraplus_lr_ratio:
-        # LoRA+ (Hayou et al. 2024): B matrices learn `ratio` times faster than A.
+        # LoRA+ (Hayou et al. 2024): B matrices (and DoRA magnitudes) learn `ratio` x faster.
         ratio = float(loraplus_lr_ratio)
         inner = optax.multi_transform(
             {"default": adamw(sched), "lora_b": adamw(lambda s: sched(s) * ratio)},
@@ -112,7 +146,8 @@ def make_optimizer(
         # accumulator or the weights (counted in the state's skip_state).
         should_skip_update_fn=optax.skip_not_finite,
     )
-    return tx, sched
+    # The state stays a MultiStepsState (fp32_state is stateless), as the step expects.
+    return fp32_state(tx), sched
 
 
 def accumulated_grad_norm(opt_state: optax.MultiStepsState, grads: Any) -> jax.Array:

@@ -6,6 +6,12 @@ and adapters made by PEFT load here. Key layout (PEFT strips the adapter name wh
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight      [r, in]
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight      [out, r]
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector   [out]  (DoRA)
+
+rsLoRA and DoRA are plain config flags (`use_rslora`, `use_dora`). PiSSA adapters are exported
+already converted to a LoRA on the original base (`jaxlora.lora.pissa_to_lora`), so their config
+says `init_lora_weights: true`. PEFT adapters saved WITHOUT that conversion (init "pissa", "olora",
+"corda", "loftq", "lora_ga") only make sense on a base PEFT rewrites when loading them; they are
+refused with a message saying how to convert them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from jaxlora.fsutil import atomic_dir
 from jaxlora.lora import LINEAR_MODULES, Adapter, LoraConfig, iter_modules, set_path
 
 PREFIX = "base_model.model.model.layers"
+# PEFT inits that replace the base weights (the adapter is relative to the rewritten base).
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
     r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
@@ -106,6 +114,14 @@ def load_peft_adapter(path: str | Path) -> Adapter:
     for key in ("rank_pattern", "alpha_pattern"):
         if raw.get(key):
             raise UserError(f"{cfg_path}: per-module {key} is not supported")
+    init = str(raw.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_REWRITING_INITS):
+        raise UserError(
+            f"{cfg_path}: init_lora_weights {raw['init_lora_weights']!r} means this adapter is "
+            "relative to a base PEFT rewrites when loading it; re-save it from PEFT with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<initial adapter dir>) "
+            "to get a plain LoRA for the original model"
+        )
     weights = d / "adapter_model.safetensors"
     if not weights.is_file():
         if (d / "adapter_model.bin").is_file():

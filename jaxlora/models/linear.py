@@ -7,6 +7,14 @@
 separate "lora" collection with the same module path, so the frozen base and the trainable
 adapter are two pytrees: gradients, optimiser state and checkpoints only ever see the adapter.
 DoRA adds a "magnitude" vector to the same collection.
+
+DoRA follows PEFT's `DoraLinearLayer.forward` exactly (bias and dropout included):
+
+    y = x @ W + b + (m / n - 1) * (x' @ W) + (m / n) * scale * x' @ A @ B,
+    n = ||W + scale * A @ B|| per output column, detached (no gradient through the norm),
+
+where x' = dropout(x) while training with dropout and x' = x otherwise (then x' @ W is the base
+output without its bias, as PEFT's `base_result - bias`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxlora import quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +52,30 @@ def dora_column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> 
     return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w32 * w32, axis=-2)))
 
 
+def adapter_output(
+    x: jax.Array,
+    xd: jax.Array,
+    xw: jax.Array,
+    w: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    magnitude: jax.Array | None = None,
+) -> jax.Array:
+    """What the adapter adds to the base output `x @ W + bias`.
+
+    x: input [.., in]; xd: dropout(x) (x itself when dropout is off); xw = x @ W without bias;
+    w: dense kernel [in, out] in the compute dtype; magnitude: DoRA's [out] or None (LoRA).
+    """
+    delta = lora_delta(xd, a, b, scale)  # [.., out]
+    if magnitude is None:
+        return delta
+    norm = dora_column_norm(w, a, b, scale)  # [out] fp32, no gradient
+    mag_scale = (magnitude.astype(jnp.float32) / norm).astype(x.dtype)
+    base = xw if xd is x else xd @ w  # PEFT recomputes the base on the dropped-out input
+    return (mag_scale - 1) * base + mag_scale * delta
+
+
 class Linear(nn.Module):
     features: int
     use_bias: bool = False
@@ -61,14 +95,11 @@ class Linear(nn.Module):
             # get_variable, not param: a quantised kernel is a dict whose shapes differ from
             # the [in, out] that `param` would validate against.
             kernel = self.get_variable("params", "kernel")
-        if isinstance(kernel, dict):  # quantised frozen weight (QLoRA)
-            from jaxlora import quant
-
-            w = quant.dequantize(kernel, self.dtype)  # [in, out]
-        else:
-            w = kernel.astype(self.dtype)  # [in, out]
+        # A quantised frozen weight (QLoRA) is dequantised here, inside the jitted forward.
+        w = quant.dequantize(kernel, self.dtype)  # [in, out]
         x = x.astype(self.dtype)
-        y = x @ w
+        xw = x @ w  # [.., out]
+        y = xw
         if self.use_bias:
             init = nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],))
             y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(self.dtype)
@@ -79,13 +110,7 @@ class Linear(nn.Module):
         xd = x
         if self.adapter.dropout > 0.0 and not self.deterministic:
             xd = nn.Dropout(self.adapter.dropout)(x, deterministic=False)
-        delta = lora_delta(xd, a, b, self.adapter.scale)
+        magnitude = None
         if self.adapter.use_dora and self.has_variable("lora", "magnitude"):
             magnitude = self.get_variable("lora", "magnitude")  # [out]
-            norm = dora_column_norm(w, a, b, self.adapter.scale)
-            mag_scale = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)
-            base = y if xd is x else xd @ w
-            if self.use_bias and xd is x:
-                base = x @ w
-            return y + (mag_scale - 1) * base + mag_scale * delta
-        return y + delta
+        return y + adapter_output(x, xd, xw, w, a, b, self.adapter.scale, magnitude)
