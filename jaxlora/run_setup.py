@@ -262,6 +262,20 @@ class RunSetup:
         host["loss_scale"] = np.float32(k / self._group_targets(m))
         return self.put_batch(host)
 
+    def preflight_batch(self, m: int) -> dict:
+        """Batch m padded to the longest shape the run can produce (for the memory check)."""
+        host = self.batcher.get(*self._position(m))
+        if self.dpo:
+            host = self.dpo.add_to_batch(host, self.batcher, self._position(m))
+        t_max = self.batcher.fixed_length or self.cfg.data.cutoff_len
+        out = {}
+        for k, v in host.items():
+            if getattr(v, "ndim", 0) == 2 and v.shape[1] < t_max:
+                v = np.pad(v, ((0, 0), (0, t_max - v.shape[1])))
+            out[k] = v
+        out["loss_scale"] = np.float32(1.0)
+        return self.put_batch(out)
+
     def put_batch(self, host: dict) -> dict:
         return {k: jnp.asarray(v) for k, v in host.items()}
 
@@ -326,6 +340,41 @@ class RunSetup:
             if k.startswith("pref/") and k != "pref/count":
                 result["eval/" + k[5:]] = v / n_rows
         return result
+
+    def sample_generations(self, state: dict, n: int, max_new_tokens: int = 64) -> str | None:
+        """Greedy answers for the first n eval prompts, as markdown (TensorBoard text)."""
+        from jaxlora.generate import default_stop_ids, generate
+        from jaxlora.lora import Adapter
+
+        pool = [e for e in (self.data.eval or self.data.train) if hasattr(e, "loss_mask")]
+        pool = [e for e in pool if getattr(e, "segment_ids", None) is None][:n]
+        tok = self.model.tokenizer
+        if not pool or tok is None:
+            return None
+        prompts, refs = [], []
+        for ex in pool:
+            first = int(np.argmax(ex.loss_mask))
+            prompts.append([int(t) for t in ex.input_ids[:first]])
+            refs.append(ex.input_ids[first:][ex.loss_mask[first:] > 0])
+        trainable = state["trainable"]
+        if self.mode == "lora":
+            model, adapter = self.model, Adapter(trainable, self.lora_config)
+        else:
+            model, adapter = dataclasses.replace(self.model, params=trainable), None
+        stops = sorted(
+            {*default_stop_ids(model), *([tok.eos_token_id] if tok.eos_token_id else [])}
+        )
+        outs = generate(
+            model, prompts, adapter=adapter, max_new_tokens=max_new_tokens, stop_token_ids=stops
+        )
+        parts = []
+        for p, r, o in zip(prompts, refs, outs, strict=True):
+            parts.append(
+                f"**prompt**\n\n```\n{tok.decode(p)}\n```\n\n**reference:** "
+                f"{tok.decode(r, skip_special_tokens=True)}\n\n**generated:** "
+                f"{tok.decode(o, skip_special_tokens=True)}\n"
+            )
+        return "\n---\n".join(parts)
 
     # ---------------------------------------------------------------- outputs
     def progress_bar(self, total: int, initial: int, enabled: bool):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jax
 
-from jaxlora import distributed
+from jaxlora import distributed, preflight
 from jaxlora.config import Config, config_to_dict
 from jaxlora.errors import UserError
 from jaxlora.preemption import PreemptionGuard
@@ -85,6 +85,12 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
         start_micro = int(meta["micro_step"])
         log(f"resuming from checkpoint at step {resume_step} ({ckpt.directory})")
     main = distributed.is_main_process()
+    if start_micro < total_micro:
+        est = preflight.estimate(
+            run.train_step, state, run.frozen, run.preflight_batch(start_micro)
+        )
+        log(est.summary())
+        preflight.check(cfg, est)
     metrics = MetricsLog(run.run_dir, resume_step=resume_step, enabled=main)
     if resume_step is None and main:
         metrics.text("config", "```\n" + json.dumps(config_to_dict(cfg), indent=2) + "\n```", 0)
@@ -161,6 +167,11 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
             if is_eval:
                 ev = run.evaluate(state)
                 metrics.log(step, ev)
+                n_gen = tcfg.generation_eval_samples
+                if n_gen and main and cfg.finetune.stage == "sft":
+                    text = run.sample_generations(state, n_gen)
+                    if text:
+                        metrics.text("eval/generations", text, step)
                 loss = ev["eval/loss"]
                 improved = best is None or loss < best - tcfg.early_stopping_threshold
                 if improved:

@@ -65,12 +65,24 @@ def test_train_outputs_learning_and_export(tiny_model_dir, tmp_path):
     assert evals[-1] < evals[0] - 0.3, evals  # it learns
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(trains[0])
     tb = _tb_scalars(out)
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss",
-                "eval/perplexity"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "eval/loss",
+        "eval/perplexity",
+    ):
         assert tag in tb, tag
     np.testing.assert_allclose(tb["eval/loss"], evals, rtol=1e-6)
-    for f in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-              "adapter/chat_template.jinja", "loss.png", "report.md", "config.yaml"):
+    for f in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/chat_template.jinja",
+        "loss.png",
+        "report.md",
+        "config.yaml",
+    ):
         assert (out / f).is_file(), f
     model = jaxlora.load_model(tiny_model_dir, dtype="float32")
     ad = jaxlora.load_adapter(out / "adapter")
@@ -125,3 +137,20 @@ def test_cli_bad_config_key_is_one_line_error(tmp_path, capsys):
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "lora_rnak" in err and "did you mean `lora_rank`" in err and "Traceback" not in err
+
+
+def test_preflight_refuses_config_that_cannot_fit(tiny_model_dir, tmp_path):
+    from jaxlora.errors import UserError
+
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path / "huge",
+        per_device_train_batch_size=8192,
+        cutoff_len=2048,
+        val_size=0,
+        eval_steps=None,
+        max_samples=None,
+    )
+    with pytest.raises(UserError, match="will not fit in device memory.*gradient_accumulation"):
+        train(cfg, progress=False, log=lambda s: None)
+    assert not (tmp_path / "huge" / "checkpoints" / "1").exists()
