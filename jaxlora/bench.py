@@ -129,21 +129,31 @@ def random_shape_config(spec: str, source: str = "") -> dict[str, Any]:
     )
 
 
-def random_model(raw: dict[str, Any], dtype: Any, seed: int = 0) -> Model:
-    """A `Model` with random normal(0.02) weights made on device (no host copy)."""
+def random_model(raw: dict[str, Any], dtype: Any, seed: int = 0, mesh: Any = None) -> Model:
+    """A `Model` with random normal(0.02) weights made on device (no host copy).
+
+    With a multi-device `mesh`, every leaf is created directly in its training sharding
+    (`sharding.param_shardings`), so no device ever holds the whole model.
+    """
     cfg = config_from_hf(raw, "random model config")
     module = Decoder(cfg, dtype=dtype, param_dtype=dtype)
     ids = jnp.zeros((1, 8), jnp.int32)
 
-    @jax.jit
     def init(key):
         return nn.unbox(module.init(key, ids)["params"])
 
-    params = init(jax.random.key(seed))
+    out_shardings = None
+    if mesh is not None and mesh.size > 1:
+        from jaxlora import sharding
+        from jaxlora.checkpoints.hf import abstract_params
+
+        shapes, logical = abstract_params(cfg, dtype)
+        out_shardings = sharding.param_shardings(mesh, logical, shapes)
+    params = jax.jit(init, out_shardings=out_shardings)(jax.random.key(seed))
     return Model(config=cfg, params=params, dtype=dtype, raw_config=raw)
 
 
-def load_bench_model(cfg: Config, dtype: Any) -> Model:
+def load_bench_model(cfg: Config, dtype: Any, mesh: Any = None) -> Model:
     """The base model in `dtype`: random weights for `random:` specs, else as training loads it."""
     spec = str(cfg.model.model_name_or_path)
     if spec.startswith(RANDOM_PREFIX):
@@ -152,7 +162,8 @@ def load_bench_model(cfg: Config, dtype: Any) -> Model:
                 "quantization_bit needs checkpoint weights; benchmark QLoRA with a model "
                 "directory (e.g. one written by jaxlora.tiny.make_tiny_model)"
             )
-        return random_model(random_shape_config(spec, cfg.source), dtype, cfg.train.seed)
+        raw = random_shape_config(spec, cfg.source)
+        return random_model(raw, dtype, cfg.train.seed, mesh)
     from jaxlora.methods import load_base_model
     from jaxlora.model_api import resolve_model_path
 
@@ -162,19 +173,64 @@ def load_bench_model(cfg: Config, dtype: Any) -> Model:
 # ----------------------------------------------------------------------------- step
 
 
-class _BenchRun(RunSetup):
-    """A `RunSetup` without data, run directory or checkpoints: the same split, optimiser and
-    jitted train step as `jaxlora train` builds for this config (its `_build_*` methods)."""
+def bench_mesh(cfg: Config) -> Any:
+    """The device mesh training would use for this config (`mesh: {data, fsdp, tensor}`)."""
+    from jaxlora import sharding
 
-    def __init__(self, cfg: Config, model: Model, total_steps: int):
+    m = cfg.mesh
+    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+
+
+class _RandomBatches:
+    """Stands in for the data `Batcher`: `get(epoch, step)` is a host batch of random full rows."""
+
+    def __init__(self, rows: int, seq_len: int, vocab: int, seed: int):
+        self.rows, self.seq_len, self.vocab, self.seed = rows, seq_len, vocab, seed
+
+    def get(self, epoch: int, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, epoch, step])
+        return random_batch(rng, self.rows, self.seq_len, self.vocab)
+
+
+class _BenchRun(RunSetup):
+    """A `RunSetup` without data, run directory or checkpoints: the same mesh, param placement,
+    trainable/frozen split, optimiser and jitted train step as `jaxlora train` builds for this
+    config (its `_shard_frozen_params` / `_build_*` methods), fed by `_RandomBatches`."""
+
+    def __init__(self, cfg: Config, model: Model, total_steps: int, mesh: Any):
+        from jaxlora import sharding
+
         self.cfg = cfg
         self.mode = cfg.finetune.finetuning_type
+        self.mesh = mesh
         self.model = model
+        self._shard_frozen_params()
         self._build_trainable()
         self.dpo = None
         self.total_steps = total_steps
+        self.rows = cfg.train.per_device_train_batch_size * sharding.batch_shards(self.mesh)
+        vocab = model.config.vocab_size
+        self.batcher = _RandomBatches(self.rows, cfg.data.cutoff_len, vocab, cfg.train.seed)
         self._build_optimizer()
         self._build_steps()
+
+    def compile_step(self, batch: dict) -> Any:
+        """AOT-compiled train step (traced under the mesh context, as the loop's first call)."""
+        from jaxlora import sharding
+
+        with sharding.mesh_context(self.mesh):
+            return self.train_step.lower(self.state, self.frozen, batch).compile()
+
+
+def build_bench_run(cfg: Config, total_steps: int = 100) -> _BenchRun:
+    """Mesh, model (frozen base in the compute dtype for LoRA, fp32 otherwise, as training) and
+    the training step builders for `cfg`."""
+    compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
+    base_dtype = compute if cfg.finetune.finetuning_type == "lora" else jnp.float32
+    mesh = bench_mesh(cfg)
+    model = load_bench_model(cfg, base_dtype, mesh)
+    model.dtype = compute
+    return _BenchRun(cfg, model, total_steps, mesh)
 
 
 def random_batch(rng: np.random.Generator, rows: int, seq_len: int, vocab: int) -> dict:
@@ -275,32 +331,28 @@ def run_bench(
             "benchmarks/dpo_vs_sft.py"
         )
     tcfg = cfg.train
-    compute = jnp.bfloat16 if tcfg.bf16 else jnp.float32
-    base_dtype = compute if cfg.finetune.finetuning_type == "lora" else jnp.float32
     t0 = time.perf_counter()
-    model = load_bench_model(cfg, base_dtype)
-    model.dtype = compute
-    run = _BenchRun(cfg, model, total_steps=max(steps + warmup, 1))
+    run = build_bench_run(cfg, max(steps + warmup, 1))
+    model = run.model
     load_s = time.perf_counter() - t0
 
     n_dev = jax.device_count()
-    rows, seq = tcfg.per_device_train_batch_size * n_dev, cfg.data.cutoff_len
-    rng = np.random.default_rng(tcfg.seed)
-    vocab = model.config.vocab_size
-    batches = [run.put_batch(random_batch(rng, rows, seq, vocab)) for _ in range(2)]
+    rows, seq = run.rows, cfg.data.cutoff_len
+    batches = [run.put_batch(run.batcher.get(0, i)) for i in range(2)]
     state = run.state
 
     t0 = time.perf_counter()
-    compiled = run.train_step.lower(state, run.frozen, batches[0]).compile()
+    compiled = run.compile_step(batches[0])
     compile_s = time.perf_counter() - t0
 
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, run.frozen, batches[i % 2])
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     loss = float(metrics["loss_sum"]) / max(float(metrics["tokens"]), 1.0)
 
     targets = ()
@@ -333,6 +385,9 @@ def run_bench(
         "mem_source": mem_source,
         "step_s_mean": statistics.fmean(times),
         "step_s_min": min(times),
+        # Process CPU seconds per step (all threads): on a shared machine a steadier basis
+        # for comparing variants than wall time (thread-pool spinning is included).
+        "cpu_s_per_step": statistics.median(cpu_times),
         "tokens_per_step": tokens,
         "achieved_flops": achieved,
         "peak_flops": peak,
@@ -370,6 +425,7 @@ def format_table(r: dict[str, Any]) -> str:
             f"{r['step_s']:.4f} s  (mean {r['step_s_mean']:.4f}, min {r['step_s_min']:.4f})",
         ),
         ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+        ("process CPU time", f"{r['cpu_s_per_step']:.3f} s/step"),
         ("model FLOPs/token", f"{r['flops_per_token'] / 1e9:.4f} GFLOP ({r['flop_formula']})"),
         ("achieved", f"{r['achieved_flops'] / 1e12:.3f} TFLOP/s"),
         (

@@ -1,0 +1,143 @@
+"""Where the time of one `jaxlora bench` train step goes: an XLA-thunk profile of the real step.
+
+Why this script exists: tuning needs evidence. It builds the exact step `jaxlora bench` times
+(same config, same random full rows), runs `--warmup` steps, traces `--steps` more with
+`jax.profiler`, and reads the trace back with `jax.profiler.ProfileData` (no TensorBoard needed).
+On CPU every HLO thunk (a fusion, a YNNPACK/XNNPACK dot fusion, a copy, a while loop) is one
+event on an executor thread; the script sums them per thunk name, maps each name to its HLO
+instruction (so a fusion shows its root op and whether it holds a dot) and prints:
+
+  * wall time per step and the share spent in dot-holding thunks vs everything else,
+  * the top thunks by total time with their HLO category and per-step milliseconds.
+
+    PYENV_VERSION=3.12.1 python3 benchmarks/profile_step.py configs/bench-tiny-cpu.yaml
+    PYENV_VERSION=3.12.1 python3 benchmarks/profile_step.py configs/bench-tiny-cpu.yaml remat=full
+    PYENV_VERSION=3.12.1 python3 benchmarks/profile_step.py configs/bench-tiny-cpu.yaml \
+        --patch fused_ce      # with a proposed change (benchmarks/variants.py)
+
+Event durations on different threads overlap (2 cores), so shares are of summed thunk time.
+Nested events (a while loop containing its body's thunks) are counted at the innermost level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from jaxlora import bench
+from jaxlora.config import load_config
+
+SKIP = ("ThreadpoolListener", "end: ", "ThunkExecutor", "SlinkyThreadPool", "Await")
+CONTAINERS = ("while", "call", "conditional")  # their time is the time of the thunks inside
+
+
+def hlo_categories(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> short category ("dot", "fusion[reduce]", "copy", ...)."""
+    # Computation bodies: name -> text, to see what a fusion holds.
+    bodies: dict[str, str] = {}
+    for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo_text, re.S | re.M):
+        bodies[m.group(1)] = m.group(2)
+    cats: dict[str, str] = {}
+    pattern = r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? ([a-z\-]+)\((.*)$"
+    for m in re.finditer(pattern, hlo_text, re.M):
+        name, op, rest = m.group(1), m.group(2), m.group(3)
+        if op == "fusion":
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            body = bodies.get(called.group(1), "") if called else ""
+            has_dot = " dot(" in body or " convolution(" in body
+            roots = re.findall(r"ROOT %?[\w.\-]+ = [^=]*? ([a-z\-]+)\(", body)
+            root = roots[0] if roots else "?"
+            cats[name] = f"dot-fusion[{root}]" if has_dot else f"fusion[{root}]"
+        else:
+            cats[name] = op
+    return cats
+
+
+def build(cfg_path: str, overrides: list[str]):
+    cfg = load_config(cfg_path, overrides)
+    run = bench.build_bench_run(cfg)
+    batch = run.put_batch(run.batcher.get(0, 0))
+    compiled = run.compile_step(batch)
+    return compiled, run, batch, run.rows * cfg.data.cutoff_len
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--hlo-out", default=None, help="write the optimised HLO text here")
+    ap.add_argument("--patch", default="", help="benchmarks/variants.py patches to apply first")
+    args = ap.parse_args(argv)
+    if args.patch:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import variants
+
+        for name in args.patch.split(","):
+            variants.PATCHES[name.strip()]()
+
+    compiled, run, batch, tokens = build(args.config, args.overrides)
+    hlo = compiled.as_text()
+    if args.hlo_out:
+        with open(args.hlo_out, "w") as f:
+            f.write(hlo)
+    cats = hlo_categories(hlo)
+    state = run.state
+    for _ in range(args.warmup):
+        state, m = compiled(state, run.frozen, batch)
+        jax.block_until_ready(m)
+    trace_dir = tempfile.mkdtemp(prefix="jaxlora-prof-")
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        for _ in range(args.steps):
+            state, m = compiled(state, run.frozen, batch)
+            jax.block_until_ready(m)
+    wall = (time.perf_counter() - t0) / args.steps
+    path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+
+    per_name: dict[str, float] = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAExecute" not in line.name and "XLAEigen" not in line.name:
+                continue
+            for ev in line.events:
+                name = ev.name
+                if any(name.startswith(s) for s in SKIP):
+                    continue
+                if cats.get(name, "") in CONTAINERS:
+                    continue
+                per_name[name] += ev.duration_ns / 1e6 / args.steps  # ms per step
+    total = sum(per_name.values())
+    per_cat: dict[str, float] = collections.Counter()
+    for name, ms in per_name.items():
+        cat = cats.get(name, "?")
+        per_cat["dot" if cat.startswith(("dot", "convolution")) else "other"] += ms
+    print(f"wall {1e3 * wall:.1f} ms/step ({tokens / wall:,.0f} tokens/s under the profiler)")
+    print(f"summed thunk time {total:.1f} ms/step over executor threads")
+    for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:6s} {v:8.1f} ms  {100 * v / max(total, 1e-9):5.1f}%")
+    by_cat: dict[str, float] = collections.Counter()
+    for name, ms in per_name.items():
+        by_cat[cats.get(name, "?")] += ms
+    print("by HLO category:")
+    for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"  {k:40s} {v:8.1f} ms  {100 * v / max(total, 1e-9):5.1f}%")
+    print(f"top {args.top} thunks (ms per step):")
+    for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"  {name:45s} {cats.get(name, '?'):32s} {ms:8.2f}  {100 * ms / total:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Measure proposed changes to model/loss code before they are made: `jaxlora bench` + patches.
+
+Why this script exists: the benchmark owner may not edit `jaxlora/losses.py` or
+`jaxlora/models/*.py`, but a proposal to their owners should come with a measured gain. Each
+`--patch` below swaps one function/class of the training code for the proposed version in this
+process only, then runs the unchanged `jaxlora.bench.run_bench` (the training step builders) and
+prints its JSON line (with the patch list added). Run one process per variant so compile caches
+and XLA_FLAGS stay separate:
+
+    export PYENV_VERSION=3.12.1
+    python3 benchmarks/variants.py configs/bench-tiny-cpu.yaml --patch head_bf16_grad
+    python3 benchmarks/variants.py configs/bench-tiny-cpu.yaml --patch fused_ce,attn_bias
+
+Patches (each is the exact code proposed for the named file; see benchmarks/RESULTS.md):
+  head_bf16_grad  losses._chunk_logprobs: the LM-head matmul gets a custom VJP whose backward
+                  runs bf16 x bf16 (fp32 accumulate) like the forward; by default JAX's transpose
+                  of a bf16 x bf16 -> fp32 dot promotes the frozen [D, V] kernel to fp32 and runs
+                  the dX matmul in fp32.
+  fused_ce        steps.masked_lm_loss -> fused linear cross-entropy: the loss and its gradient
+                  w.r.t. the hidden states (and the head, only when it is trained) are computed
+                  chunk by chunk in the forward pass, so [tokens, V] logits are never stored and
+                  never recomputed; the backward only scales the saved gradient.
+  attn_bias       llama: attention through an additive [B, 1, 1, T, S] bias built once per step
+                  (0 / -1e30) instead of jax.nn.dot_product_attention's boolean `where`, whose
+                  linearisation inside the layer scan materialises [L, ..., T, S] constants.
+  fused_proj      llama: q/k/v kernels (and gate/up) concatenated inside the step so each group
+                  is one wider matmul (and one LoRA-A matmul) instead of three (two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------- head_bf16_grad
+
+
+@jax.custom_vjp
+def head_logits(h: jax.Array, w: jax.Array) -> jax.Array:
+    """fp32 logits of a bf16 [.., D] x [D, V] product; backward also bf16 x bf16."""
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def _head_fwd(h, w):
+    return head_logits(h, w), (h, w)
+
+
+def _head_bwd(res, g):
+    h, w = res
+    gc = g.astype(w.dtype)  # [.., V] cotangent in the compute dtype (as autocast does)
+    dh = jnp.einsum("...v,dv->...d", gc, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("...d,...v->dv", h, gc, preferred_element_type=jnp.float32)
+    # dw is dead code (removed by XLA) when the head is frozen.
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+head_logits.defvjp(_head_fwd, _head_bwd)
+
+
+def patch_head_bf16_grad() -> None:
+    from jaxlora import losses
+
+    def _chunk_logprobs(hidden, kernel, targets, logit_softcap):
+        dtype = jnp.promote_types(hidden.dtype, kernel.dtype)
+        logits = head_logits(hidden.astype(dtype), kernel.astype(dtype))  # [..., V] fp32
+        if logit_softcap is not None:
+            logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return target_logit - lse
+
+    losses._chunk_logprobs = _chunk_logprobs
+
+
+# ----------------------------------------------------------------------------- fused_ce
+
+FUSED_CHUNK = 256  # tokens per chunk: [256, V] fp32 logits = 32 MiB at V = 32000
+
+
+def _ce_chunks(h, w, targets, weights, chunk: int, need_dw: bool):
+    """Forward loss sum + d(loss)/dh (+ d(loss)/dW) over token chunks. h [N, D], w [D, V]."""
+    n, d = h.shape
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
+    targets = jnp.pad(targets, (0, pad)).reshape(n_chunks, chunk)
+    weights = jnp.pad(weights, (0, pad)).reshape(n_chunks, chunk)  # padding weighs 0
+
+    def body(dw_acc, xs):
+        h_c, t_c, w_c = xs
+        logits = jnp.einsum("cd,dv->cv", h_c, w, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [c]
+        tgt = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        loss = jnp.sum(jnp.where(w_c > 0, (lse - tgt) * w_c, 0.0))
+        # d(sum_t w_t * (lse_t - logit_t[y_t])) / d logits = w_t * (softmax_t - onehot(y_t))
+        p = jnp.exp(logits - lse[:, None])
+        onehot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)
+        dlogits = ((p - onehot) * w_c[:, None]).astype(w.dtype)  # [c, V] bf16
+        dh = jnp.einsum("cv,dv->cd", dlogits, w, preferred_element_type=jnp.float32)
+        if need_dw:
+            dw_acc = dw_acc + jnp.einsum(
+                "cd,cv->dv", h_c, dlogits, preferred_element_type=jnp.float32
+            )
+        return dw_acc, (loss, dh.astype(h.dtype))
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else jnp.zeros((), jnp.float32)
+    dw, (losses_, dh) = jax.lax.scan(body, dw0, (h, targets, weights))
+    return jnp.sum(losses_), dh.reshape(n_chunks * chunk, d)[:n], dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_ce_sum(h, w, targets, weights, chunk):
+    loss, _, _ = _ce_chunks(h, w, targets, weights, chunk, need_dw=False)
+    return loss
+
+
+def _fused_fwd(h, w, targets, weights, chunk):
+    need_dw = bool(w.perturbed)
+    loss, dh, dw = _ce_chunks(h.value, w.value, targets.value, weights.value, chunk, need_dw)
+    return loss, (dh, dw if need_dw else None, targets.value, weights.value, w.value)
+
+
+def _fused_bwd(chunk, res, g):
+    dh, dw, targets, weights, w = res
+    g = jnp.asarray(g, jnp.float32)
+    dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)
+    dw = jnp.zeros_like(w) if dw is None else (dw * g).astype(w.dtype)
+    t0 = np.zeros(targets.shape, dtype=jax.dtypes.float0)
+    return dh, dw, t0, jnp.zeros_like(weights)
+
+
+fused_ce_sum.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def patch_fused_ce() -> None:
+    from jaxlora import steps
+    from jaxlora.losses import target_weights
+
+    def masked_lm_loss(
+        hidden, lm_head_kernel, input_ids, loss_mask, segment_ids=None, *, chunk_size=None,
+        logit_softcap=None,
+    ):  # fmt: skip
+        if logit_softcap is not None:
+            raise NotImplementedError("fused_ce patch: no logit softcap")
+        b, t, d = hidden.shape
+        w = target_weights(loss_mask, segment_ids)  # [B, T-1]
+        dtype = jnp.promote_types(hidden.dtype, lm_head_kernel.dtype)
+        h = hidden[:, :-1].reshape(b * (t - 1), d).astype(dtype)
+        targets = input_ids[:, 1:].reshape(-1).astype(jnp.int32)
+        loss_sum = fused_ce_sum(
+            h, lm_head_kernel.astype(dtype), targets, w.reshape(-1), FUSED_CHUNK
+        )
+        return loss_sum, jnp.sum(w)
+
+    steps.masked_lm_loss = masked_lm_loss
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def bias_attention(q, k, v, bias, scale):
+    """q [B,T,N,Dh], k/v [B,S,K,Dh], bias [B,1,1,T,S] fp32 additive -> [B,T,N,Dh]."""
+    b, t, n, dh = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, n // kh, dh)  # GQA: G = N / K query heads per KV head
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = s * scale + bias  # [B, K, G, T, S] fp32
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    return o.astype(q.dtype).reshape(b, t, n, dh)
+
+
+def patch_attn_bias() -> None:
+    from jaxlora.models import llama
+
+    def dpa(query, key, value, bias=None, mask=None, *, scale=None, **kw):
+        if kw.get("implementation") not in (None, "xla") or bias is not None:
+            raise NotImplementedError("attn_bias patch: mask-only XLA attention")
+        # The boolean mask is [B, 1, T, S], computed once per step outside the layer scan; the
+        # additive bias derived from it is loop-invariant too.
+        add = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)[:, :, None]  # [B, 1, 1, T, S]
+        return bias_attention(query, key, value, add, scale)
+
+    llama.jax = _JaxProxy(dpa)
+
+
+class _JaxProxy:
+    """`jax` as seen by models/llama.py with `jax.nn.dot_product_attention` replaced."""
+
+    def __init__(self, dpa):
+        self._nn = type("nn", (), {})()
+        for name in dir(jax.nn):
+            if not name.startswith("__"):
+                setattr(self._nn, name, getattr(jax.nn, name))
+        self._nn.dot_product_attention = dpa
+
+    @property
+    def nn(self):
+        return self._nn
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+
+# ----------------------------------------------------------------------------- fused_proj
+
+
+def fused_linear(x, names, variables, scale, dtype):
+    """x @ [W_1 | .. | W_n | A_1 | .. | A_n] as ONE matmul, then the rank-r B products.
+
+    names: sibling projections reading the same input x; variables: the attention/MLP module's
+    variables ({"params": {name: {"kernel"}}, "lora": {name: {"lora_a", "lora_b"}}}).
+    Returns one [.., out_i] output per name. The backward is one dX matmul for the group.
+    """
+    params, lora = variables["params"], variables.get("lora", {})
+    kernels = [params[n]["kernel"].astype(dtype) for n in names]  # [in, out_i]
+    adapters = [lora.get(n) for n in names]
+    a_parts = [ab["lora_a"].astype(dtype) for ab in adapters if ab is not None]  # [in, r]
+    w = jnp.concatenate(kernels + a_parts, axis=-1)  # [in, sum(out) + k * r]
+    y = x.astype(dtype) @ w
+    sizes = [k.shape[-1] for k in kernels] + [a.shape[-1] for a in a_parts]
+    pieces = jnp.split(y, np.cumsum(sizes)[:-1], axis=-1)
+    outs, j = [], len(kernels)
+    for i, ab in enumerate(adapters):
+        out = pieces[i]
+        if ab is not None:
+            out = out + (pieces[j] @ ab["lora_b"].astype(dtype)) * jnp.asarray(scale, dtype)
+            j += 1
+        outs.append(out)
+    return outs
+
+
+def patch_fused_proj() -> None:
+    import flax.linen as nn
+
+    from jaxlora.models import llama
+
+    def check(cfg, adapter):
+        if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias or cfg.qk_norm:
+            raise NotImplementedError("fused_proj patch: no biases / q-k norms")
+        if adapter is not None and (adapter.dropout > 0 or adapter.use_dora):
+            raise NotImplementedError("fused_proj patch: plain LoRA only")
+
+    class FusedAttention(llama.Attention):
+        @nn.compact
+        def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+            cfg = self.cfg
+            check(cfg, self.adapter)
+            scale = self.adapter.scale if self.adapter else 1.0
+            b, t, _ = x.shape
+            nh, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            v_ = self.variables
+            q, k, v = fused_linear(x, ("q_proj", "k_proj", "v_proj"), v_, scale, self.dtype)
+            q = llama.apply_rope(q.reshape(b, t, nh, hd), cos, sin)
+            k = llama.apply_rope(k.reshape(b, t, kh, hd), cos, sin)
+            v = v.reshape(b, t, kh, hd)
+            out = llama.jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd**-0.5)
+            (out,) = fused_linear(out.reshape(b, t, nh * hd), ("o_proj",), v_, scale, self.dtype)
+            return out, None
+
+    class FusedMLP(llama.MLP):
+        @nn.compact
+        def __call__(self, x):
+            check(self.cfg, self.adapter)
+            scale = self.adapter.scale if self.adapter else 1.0
+            v_ = self.variables
+            gate, up = fused_linear(x, ("gate_proj", "up_proj"), v_, scale, self.dtype)
+            h = jax.nn.silu(gate) * up  # [B, T, F]
+            (out,) = fused_linear(h, ("down_proj",), v_, scale, self.dtype)
+            return out
+
+    # Parameter init (random weights, checkpoint shapes) runs the original modules: the fused
+    # ones only read existing params.
+    originals = (llama.Attention, llama.MLP)
+    fused = (FusedAttention, FusedMLP)
+
+    def with_originals(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            llama.Attention, llama.MLP = originals
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                llama.Attention, llama.MLP = fused
+
+        return wrapper
+
+    from jaxlora import bench
+    from jaxlora.checkpoints import hf
+
+    bench.random_model = with_originals(bench.random_model)
+    hf.abstract_params = with_originals(hf.abstract_params)
+    llama.Attention, llama.MLP = fused
+
+
+PATCHES = {
+    "head_bf16_grad": patch_head_bf16_grad,
+    "fused_ce": patch_fused_ce,
+    "attn_bias": patch_attn_bias,
+    "fused_proj": patch_fused_proj,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--patch", default="", help="comma list of: " + ", ".join(PATCHES))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--fused-chunk", type=int, default=256)
+    ap.add_argument("--no-peak", action="store_true", help="skip the matmul-peak measurement")
+    args = ap.parse_args(argv)
+    global FUSED_CHUNK
+    FUSED_CHUNK = args.fused_chunk
+    names = [p.strip() for p in args.patch.split(",") if p.strip()]
+    for name in names:
+        PATCHES[name]()
+    from jaxlora import bench
+    from jaxlora.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sizes = (256,) if args.no_peak else (2048, 4096)
+    result = bench.run_bench(cfg, steps=args.steps, warmup=args.warmup, matmul_sizes=sizes)
+    result["patches"] = names
+    result["overrides"] = args.overrides
+    print(bench.format_table(result), file=sys.stderr)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
