@@ -164,9 +164,13 @@ class RunSetup:
         # Model: frozen base in the compute dtype; trainable weights always fp32.
         compute = jnp.bfloat16 if tcfg.bf16 else jnp.float32
         base_dtype = compute if self.mode == "lora" else jnp.float32
+        from jaxlora import sharding
         from jaxlora.methods import load_base_model
 
+        m = cfg.mesh
+        self.mesh = sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
         self.model: Model = load_base_model(self.cfg, model_path, base_dtype)
+        self._shard_frozen_params()
         self.model.dtype = compute
         self.model.tokenizer = tokenizer
         self._build_trainable()
@@ -197,11 +201,26 @@ class RunSetup:
         self.trainable, self.frozen = split.trainable, split.frozen
         self.lora_config, self.adapter_spec = split.lora_config, split.adapter_spec
 
+    def _shard_frozen_params(self) -> None:
+        """Place the base params in their mesh shardings (no-op on one device)."""
+        from jaxlora import sharding
+        from jaxlora.checkpoints.hf import abstract_params
+
+        shapes, logical = abstract_params(self.model.config)
+        self.param_logical = logical
+        if self.mesh.size == 1:
+            return
+        target = sharding.param_shardings(self.mesh, logical, self.model.params)
+        self.model.params = jax.device_put(self.model.params, target)
+
     # ---------------------------------------------------------------- data order
     def _build_batches(self) -> None:
         tcfg = self.cfg.train
+        from jaxlora import sharding
+
         per_device = tcfg.per_device_train_batch_size
-        global_batch = per_device * jax.device_count()
+        shards = sharding.batch_shards(self.mesh)  # data x fsdp; tensor replicas share rows
+        global_batch = per_device * shards
         self.batcher = Batcher(
             self.data.train,
             batch_size=global_batch,
@@ -224,7 +243,7 @@ class RunSetup:
         self.eval_every = 0
         if self.cfg.eval_enabled and self.data.eval:
             self.eval_every = tcfg.resolved_eval_steps
-            eval_bs = (tcfg.resolved_eval_batch_size) * jax.device_count()
+            eval_bs = tcfg.resolved_eval_batch_size * shards
             self.eval_batcher = Batcher(
                 self.data.eval,
                 batch_size=eval_bs,
@@ -277,7 +296,11 @@ class RunSetup:
         return self.put_batch(out)
 
     def put_batch(self, host: dict) -> dict:
-        return {k: jnp.asarray(v) for k, v in host.items()}
+        from jaxlora import sharding
+
+        if self.mesh.size == 1:
+            return {k: jnp.asarray(v) for k, v in host.items()}
+        return sharding.put_batch(self.mesh, host)
 
     # ---------------------------------------------------------------- optimiser and steps
     def _build_optimizer(self) -> None:
@@ -296,11 +319,15 @@ class RunSetup:
             eps=t.adam_epsilon,
             loraplus_lr_ratio=f.loraplus_lr_ratio if self.mode == "lora" else None,
         )
-        self.state = {
-            "trainable": self.trainable,
-            "opt_state": self.tx.init(self.trainable),
-            "rng": jax.random.key(self.cfg.train.seed + 1),
-        }
+        from jaxlora import sharding
+
+        if self.mode == "lora":
+            trainable_sh = sharding.adapter_shardings(self.mesh, self.trainable, self.param_logical)
+        else:
+            trainable_sh = sharding.param_shardings(self.mesh, self.param_logical, self.trainable)
+        self.state, self.state_shardings = sharding.init_train_state(
+            self.mesh, self.tx, self.trainable, trainable_sh, self.cfg.train.seed + 1
+        )
         del self.trainable
 
     def _build_steps(self) -> None:
@@ -308,7 +335,11 @@ class RunSetup:
         # Chunk the LM head + cross-entropy when whole-batch fp32 logits would exceed ~256 MiB.
         v = self.model.config.vocab_size
         per_batch = cfg.train.per_device_train_batch_size * cfg.data.cutoff_len * v * 4
-        chunk = 2048 if per_batch > 2**28 else None
+        # chunk_size counts sequence positions: each chunk builds [B, chunk, V] fp32 logits.
+        chunk = None
+        if per_batch > 2**28:
+            rows = cfg.train.per_device_train_batch_size * v * 4
+            chunk = max(16, 1 << max((2**28 // rows).bit_length() - 1, 0))
         train_module = self.model.module(
             self.adapter_spec,
             deterministic=not (self.adapter_spec and self.adapter_spec.dropout > 0),
@@ -322,8 +353,38 @@ class RunSetup:
         else:
             train_loss = lm_loss_fn(train_module, self.model.config, self.mode, chunk)
             eval_loss = lm_loss_fn(eval_module, self.model.config, self.mode, chunk)
-        self.train_step = make_train_step(train_loss, self.tx)
-        self.eval_step = make_eval_step(eval_loss)
+        from jaxlora import sharding
+
+        frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, self.frozen)
+        example = self.batcher.get(0, 0)
+        if self.dpo:
+            example = self.dpo.add_to_batch(example, self.batcher, (0, 0))
+        example["loss_scale"] = np.float32(1.0)
+        batch_sh = sharding.batch_shardings(self.mesh, example)
+        train_kw = sharding.train_step_jit_kwargs(self.state_shardings, frozen_sh, batch_sh)
+        eval_batch_sh = {k: v for k, v in batch_sh.items() if k != "loss_scale"}
+        eval_kw = sharding.eval_step_jit_kwargs(
+            self.state_shardings["trainable"], frozen_sh, eval_batch_sh
+        )
+        step = make_train_step(train_loss, self.tx, **train_kw)
+        evaluate = make_eval_step(eval_loss, **eval_kw)
+        mesh = self.mesh
+
+        # The model's activation sharding constraints apply only under the mesh context.
+        def train_step(state, frozen, batch):
+            with sharding.mesh_context(mesh):
+                return step(state, frozen, batch)
+
+        def eval_step(trainable, frozen, batch):
+            with sharding.mesh_context(mesh):
+                return evaluate(trainable, frozen, batch)
+
+        def lower(*args):  # the pre-flight memory check compiles ahead of time
+            with sharding.mesh_context(mesh):
+                return step.lower(*args)
+
+        train_step.lower = lower
+        self.train_step, self.eval_step = train_step, eval_step
 
     def evaluate(self, state: dict) -> dict[str, float]:
         sums: dict[str, float] = {}

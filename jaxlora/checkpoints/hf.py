@@ -121,11 +121,13 @@ def load_params(
             f"config needs, e.g. {', '.join(missing[:4])}"
         )
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    flat_shardings = (
-        dict((_key_path(kp), s) for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0])
-        if shardings is not None
-        else {}
-    )
+    flat_shardings = {}
+    if shardings is not None:
+        from jaxlora import quant
+
+        # A quantised kernel's sharding is a dict of shardings (one per codes/scales leaf).
+        flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=quant.is_quantized)[0]
+        flat_shardings = {_key_path(kp): s for kp, s in flat}
     out = {}
     with _open_all(index.values()) as handles:
         for kp, leaf in flat:
