@@ -119,21 +119,32 @@ def _target_counts(samples: list) -> np.ndarray:
 
 
 def _claim_run_dir(cfg: Config, log) -> tuple[Path, bool]:
-    """Create/validate the run directory; returns (path, resuming)."""
+    """Create/validate the run directory; returns (path, resuming).
+
+    A directory with a complete checkpoint is resumed. One that holds only the files of a
+    jaxlora run that died before its first checkpoint is restarted. Anything else non-empty
+    is refused unless `overwrite_output_dir`, so a typo never clobbers someone's files.
+    """
     run_dir = Path(cfg.train.output_dir)
     ckpts = run_dir / "checkpoints"
     has_ckpt = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
-    if cfg.train.overwrite_output_dir and run_dir.exists() and distributed.is_main_process():
+    main = distributed.is_main_process()
+    if cfg.train.overwrite_output_dir and run_dir.exists() and main:
         shutil.rmtree(run_dir)
         has_ckpt = False
     elif run_dir.exists() and any(run_dir.iterdir()) and not has_ckpt:
-        raise UserError(
-            f"output_dir {run_dir} exists and holds no checkpoint to resume from; choose another "
-            "output_dir or set overwrite_output_dir: true"
-        )
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(
+                f"output_dir {run_dir} exists and is not a jaxlora run directory; choose "
+                "another output_dir or set overwrite_output_dir: true"
+            )
+        log(f"{run_dir}: previous run has no checkpoint yet; starting from step 0")
+        if main:
+            shutil.rmtree(run_dir)
+    distributed.sync("claim_run_dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test-{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -156,11 +167,8 @@ class RunSetup:
         tokenizer = load_tokenizer(model_path)
         self.data = load_data(cfg, tokenizer)
         log(self.data.report.summary())
-        self.run_dir, resuming = _claim_run_dir(cfg, log)
-        if distributed.is_main_process():
-            dump_config(cfg, self.run_dir / "config.yaml")
-            report = json.dumps(self.data.report.to_dict(), indent=2, default=str)
-            (self.run_dir / "data_report.json").write_text(report)
+        # Known now, created only once everything that can fail on bad input has been built.
+        self.run_dir = Path(cfg.train.output_dir)
         # Model: frozen base in the compute dtype; trainable weights always fp32.
         compute = jnp.bfloat16 if tcfg.bf16 else jnp.float32
         base_dtype = compute if self.mode == "lora" else jnp.float32
@@ -185,6 +193,11 @@ class RunSetup:
         self._build_batches()
         self._build_optimizer()
         self._build_steps()
+        self.run_dir, resuming = _claim_run_dir(cfg, log)
+        if distributed.is_main_process():
+            dump_config(cfg, self.run_dir / "config.yaml")
+            report = json.dumps(self.data.report.to_dict(), indent=2, default=str)
+            (self.run_dir / "data_report.json").write_text(report)
         keep = tcfg.save_total_limit or 1
         self.checkpoints = RunCheckpoints(self.run_dir / "checkpoints", keep=keep)
         self.keep_best = bool(self.eval_every) and (

@@ -105,7 +105,8 @@ def test_shipped_configs_load_without_warnings(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.ignored == {}
     assert cfg.source == str(path)
-    assert cfg.eval_enabled
+    # Training configs hold out an eval set; benchmark configs train on random tokens.
+    assert cfg.eval_enabled or path.name.startswith("bench-")
 
 
 def test_shipped_config_set_is_complete() -> None:
