@@ -28,6 +28,7 @@ keyed `pref/...`, plus `pref/count`; the loop divides by the summed count.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -82,8 +83,11 @@ def _pairs_in_row(sample: Any) -> int:
 
 
 def chunk_for(rows: int, length: int, vocab: int) -> int | None:
-    """LM-head chunking rule of `RunSetup` (chunk when fp32 logits would exceed 256 MiB)."""
-    return 2048 if rows * length * vocab * 4 > 2**28 else None
+    """`RunSetup`'s LM-head chunking rule for `rows` sequences per device: chunk the sequence
+    axis when fp32 logits would exceed 256 MiB, into the largest power of two that fits."""
+    if rows * length * vocab * 4 <= 2**28:
+        return None
+    return max(16, 1 << max((2**28 // (rows * vocab * 4)).bit_length() - 1, 0))
 
 
 def _stack_rows(batch: dict) -> tuple[jax.Array, ...]:
@@ -109,6 +113,29 @@ def _reference_copy(tree: Any, mode: str, dtype: Any, tied: bool) -> Any:
         return jnp.array(x, dtype=x.dtype if keep else dtype, copy=True)
 
     return jax.tree_util.tree_map_with_path(copy, tree)
+
+
+def _place_like_policy(run: Any, tree: Any) -> Any:
+    """Shard the reference copy on the run's mesh exactly as the policy's trainable tree."""
+    mesh = getattr(run, "mesh", None)
+    if mesh is None or mesh.size == 1:
+        return tree
+    from jaxlora import sharding
+
+    if run.mode == "lora":
+        target = sharding.adapter_shardings(mesh, tree, run.param_logical)
+    else:
+        target = sharding.param_shardings(mesh, run.param_logical, tree)
+    return jax.device_put(tree, target)
+
+
+def _mesh_context(run: Any):
+    mesh = getattr(run, "mesh", None)
+    if mesh is None:
+        return contextlib.nullcontext()
+    from jaxlora import sharding
+
+    return sharding.mesh_context(mesh)
 
 
 def _adapter_nonzero(adapter: Any) -> bool:
@@ -184,7 +211,9 @@ class DPOSetup:
         )
         if self.use_reference and (run.mode != "lora" or start_nonzero):
             tied = run.model.config.tie_word_embeddings
-            ref_trainable = _reference_copy(run.trainable, run.mode, run.model.dtype, tied)
+            ref_trainable = _place_like_policy(
+                run, _reference_copy(run.trainable, run.mode, run.model.dtype, tied)
+            )
         frozen = {"base": base}
         if ref_trainable is not None:
             frozen["ref_trainable"] = ref_trainable
@@ -334,6 +363,9 @@ class DPOSetup:
     def loss_fn(self, module, chunk_size: int | None) -> Callable:
         """loss(trainable, frozen, batch, rng) -> (loss_sum * loss_scale, (loss_sum, n_pairs,
         metrics)); loss_sum is the sum of per-pair losses over real pairs."""
+        if chunk_size is not None and not self.packed:
+            # The run sized chunks for B rows; chosen + rejected stack to 2B rows.
+            chunk_size = max(16, chunk_size // 2)
         ref = self.reference_fn(module, chunk_size) if self.use_reference else None
 
         def loss(trainable, frozen, batch, rng):
@@ -438,13 +470,18 @@ class DPOSetup:
     def _precompute(self, run: Any, frozen: dict) -> dict[str, np.ndarray]:
         """Reference log-probs of every train/eval sample: [N, pairs_per_row, 2] (chosen,
         rejected), batched and jitted like the eval step."""
-        t = run.cfg.train
-        batch_size = t.resolved_eval_batch_size * jax.device_count()
+        per_device = run.cfg.train.resolved_eval_batch_size
+        mesh = getattr(run, "mesh", None)
+        if mesh is not None:
+            from jaxlora import sharding
+
+            batch_size = per_device * sharding.batch_shards(mesh)
+        else:
+            batch_size = per_device * jax.device_count()
         module = run.model.module(run.adapter_spec)
-        vocab = run.model.config.vocab_size
-        rows_per_sample = 1 if self.packed else 2
+        rows = per_device * (1 if self.packed else 2)
         length = run.cfg.data.cutoff_len * (2 if self.packed else 1)
-        chunk = chunk_for(batch_size * rows_per_sample, length, vocab)
+        chunk = chunk_for(rows, length, run.model.config.vocab_size)
         fn = jax.jit(self.reference_fn(module, chunk))
         tables = {}
         for split, samples in (("train", run.data.train), ("eval", run.data.eval)):
@@ -462,7 +499,9 @@ class DPOSetup:
             table = np.zeros((len(samples), self.pairs_per_row, 2), np.float32)
             for step in range(len(batcher)):
                 idx = batcher.global_indices(0, step)
-                rc, rr = fn(frozen, run.put_batch(batcher.get(0, step)))
+                batch = run.put_batch(batcher.get(0, step))
+                with _mesh_context(run):  # activation sharding constraints, as in the steps
+                    rc, rr = fn(frozen, batch)
                 keep = idx >= 0
                 table[idx[keep], :, 0] = _gather_rows(rc)[keep]
                 table[idx[keep], :, 1] = _gather_rows(rr)[keep]
