@@ -130,7 +130,8 @@ def test_reference_adapters_off_equals_separate_base_exactly(lora_run, base_mode
 
 def test_step0_loss_is_log2_and_rewards_zero(lora_run):
     run = lora_run
-    out = jax.device_get(run.eval_step(run.state["trainable"], run.frozen, run.batch(0)))
+    batch = {k: v for k, v in run.batch(0).items() if k != "loss_scale"}
+    out = jax.device_get(run.eval_step(run.state["trainable"], run.frozen, batch))
     n = out["pref/count"]
     assert n == run.cfg.train.per_device_train_batch_size
     np.testing.assert_allclose(out["loss_sum"] / out["tokens"], math.log(2), rtol=1e-6)
