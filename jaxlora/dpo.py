@@ -203,43 +203,53 @@ class DPOSetup:
         self._check_loss_settings()
 
         base = run.frozen
-        ref_trainable = None
         start_nonzero = run.mode == "lora" and (
             bool(cfg.model.adapter_name_or_path)
             or bool(getattr(f, "pissa_init", False))
             or _adapter_nonzero(run.trainable)
         )
-        if self.use_reference and (run.mode != "lora" or start_nonzero):
-            tied = run.model.config.tie_word_embeddings
-            ref_trainable = _place_like_policy(
-                run, _reference_copy(run.trainable, run.mode, run.model.dtype, tied)
-            )
+        # The reference needs the initial trainable tree unless it is the adapters-off base.
+        needs_initial = self.use_reference and (run.mode != "lora" or start_nonzero)
         frozen = {"base": base}
-        if ref_trainable is not None:
-            frozen["ref_trainable"] = ref_trainable
         if self.use_reference and f.precompute_ref_logps:
-            key = self._fingerprint(run, ref_trainable)
-            self.cache_path = cache_root() / "ref_logps" / f"{key[:32]}.npz"
-            tables = self._load_cache(key, run)
-            # A hit must be unanimous, or the hosts would run different programs.
-            self.cache_hit = not distributed.agree_on_flag(tables is None)
-            if self.cache_hit:
-                log(f"reference log-probs: read from cache {self.cache_path}")
-            else:
-                t0 = time.perf_counter()
-                tables = self._precompute(run, frozen)
-                self._save_cache(key, tables)
+            # Before the first step `run.trainable` IS the initial model: no copy needed.
+            initial = run.trainable if needs_initial else None
+            self._tables = self._cached_tables(run, base, initial, log)
+        else:
+            if f.precompute_ref_logps:
                 log(
-                    f"reference log-probs: computed for {len(run.data.train)} train / "
-                    f"{len(run.data.eval)} eval samples in {time.perf_counter() - t0:.1f}s, "
-                    f"cached at {self.cache_path}"
+                    f"note: precompute_ref_logps ignored: pref_loss {self.loss_type} "
+                    "has no reference"
                 )
-            self._tables = tables
-            frozen.pop("ref_trainable", None)  # the step never runs the reference now
-        elif f.precompute_ref_logps:
-            log(f"note: precompute_ref_logps ignored: pref_loss {self.loss_type} has no reference")
+            if needs_initial:
+                tied = run.model.config.tie_word_embeddings
+                copy = _reference_copy(run.trainable, run.mode, run.model.dtype, tied)
+                frozen["ref_trainable"] = _place_like_policy(run, copy)
         run.frozen = frozen
         self.frozen_keys = tuple(frozen)
+
+    def _cached_tables(self, run: Any, base: Any, initial: Any, log) -> dict[str, np.ndarray]:
+        """Reference log-prob tables from the on-disk cache, computed and saved on a miss."""
+        key = self._fingerprint(run, initial)
+        self.cache_path = cache_root() / "ref_logps" / f"{key[:32]}.npz"
+        tables = self._load_cache(key, run)
+        # A hit must be unanimous, or the hosts would run different programs.
+        self.cache_hit = not distributed.agree_on_flag(tables is None)
+        if self.cache_hit:
+            log(f"reference log-probs: read from cache {self.cache_path}")
+            return tables
+        t0 = time.perf_counter()
+        frozen = {"base": base}
+        if initial is not None:
+            frozen["ref_trainable"] = initial
+        tables = self._precompute(run, frozen)
+        self._save_cache(key, tables)
+        log(
+            f"reference log-probs: computed for {len(run.data.train)} train / "
+            f"{len(run.data.eval)} eval samples in {time.perf_counter() - t0:.1f}s, "
+            f"cached at {self.cache_path}"
+        )
+        return tables
 
     # ------------------------------------------------------------------------- batches
     def target_counts(self, samples: list) -> np.ndarray:
@@ -401,7 +411,7 @@ class DPOSetup:
         return loss
 
     # ------------------------------------------------------------------------- cache
-    def _fingerprint(self, run: Any, ref_trainable: Any) -> str:
+    def _fingerprint(self, run: Any, initial: Any) -> str:
         cfg, report = run.cfg, run.data.report
         model_dir = Path(run.model.path) if run.model.path else None
         files = {}
@@ -421,10 +431,8 @@ class DPOSetup:
             ],
             "attention": cfg.model.attention,
             # LoRA reference = base + initial adapter; full/freeze copies come from the files.
-            "ref_adapter": _tree_digest(ref_trainable)
-            if run.mode == "lora" and ref_trainable
-            else None,
-            "adapter_spec": repr(run.adapter_spec) if ref_trainable is not None else None,
+            "ref_adapter": _tree_digest(initial) if run.mode == "lora" and initial else None,
+            "adapter_spec": repr(run.adapter_spec) if initial is not None else None,
             "data": data_fingerprint(run.data.train, run.data.eval),
             "n": [len(run.data.train), len(run.data.eval)],
             "template": [report.template_name, report.chat_template],

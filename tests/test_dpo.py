@@ -344,6 +344,15 @@ def test_nonzero_initial_adapter_reference_is_initial_model(tiny_model_dir, base
     state, out = run.train_step(state, run.frozen, batch)
     np.testing.assert_array_equal(_np(ref(run.frozen, batch)[0]), _np(rc))
     assert abs(float(jax.device_get(out)["pref/rewards/margins"])) > 1e-6
+    # Cached: the precomputed reference is the initial model too (same data order, same rows).
+    cached = _setup(
+        tiny_model_dir,
+        tmp_path / "cached",
+        adapter_name_or_path=str(tmp_path / "start"),
+        precompute_ref_logps=True,
+    )
+    assert set(cached.frozen) == {"base"}
+    np.testing.assert_allclose(_np(cached.batch(0)["ref_chosen_logps"])[:, 0], pc, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -360,6 +369,12 @@ def test_full_finetuning_reference_is_a_frozen_copy(tiny_model_dir, tmp_path):
     state, out = run.train_step(state, run.frozen, batch)
     np.testing.assert_array_equal(_np(ref(run.frozen, batch)[0]), _np(rc0))  # not donated
     assert abs(float(jax.device_get(out)["pref/rewards/margins"])) > 1e-6
+    # Cached: computed from the initial params before any step, and no copy is kept.
+    cached = _setup(
+        tiny_model_dir, tmp_path / "cached", finetuning_type="full", precompute_ref_logps=True
+    )
+    assert cached.frozen == {"base": {}}
+    np.testing.assert_allclose(_np(cached.batch(0)["ref_chosen_logps"]), _np(rc0), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- cache
