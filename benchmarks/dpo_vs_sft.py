@@ -15,8 +15,9 @@ trainable/frozen split, optimiser and jitted step builders; `jaxlora.dpo.DPOSetu
     DPO cached   the same, with `ref_chosen_logps` / `ref_rejected_logps` in the batch (what
                  `add_to_batch` supplies from the cache), so no reference forward is traced
 
-Timing: one compile call, `--warmup` untimed steps, `--steps` timed steps each closed with
-`block_until_ready`; medians of wall time and of process CPU time (steadier on a shared machine).
+Timing: XLA's cost analysis of the compiled step (FLOPs, noise-free), one untimed first call,
+`--warmup` untimed steps, then `--steps` timed steps each closed with `block_until_ready`;
+medians of wall time and of process CPU time (steadier on a shared machine).
 Prints ONE JSON line.
 
     python3 benchmarks/dpo_vs_sft.py                                  # built-in tiny model
@@ -130,12 +131,24 @@ def _dpo_batch(run: _StepRun, n_pairs: int) -> dict:
     return run.put_batch(host)
 
 
+def _xla_flops(run: _StepRun, batch: dict) -> float | None:
+    """FLOPs of the compiled step by XLA's cost analysis (noise-free, unlike wall time)."""
+    try:
+        cost = run.train_step.lower(run.state, run.frozen, batch).compile().cost_analysis()
+    except Exception:  # cost analysis is optional per backend
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0)) or None
+
+
 def _time(run: _StepRun, batch: dict, steps: int, warmup: int) -> dict[str, float]:
+    flops = _xla_flops(run, batch)
     state = run.state
     t0 = time.perf_counter()
     state, out = run.train_step(state, run.frozen, batch)  # trace + compile + one step
     jax.block_until_ready(out)
-    compile_s = time.perf_counter() - t0
+    first_call_s = time.perf_counter() - t0
     walls, cpus = [], []
     for i in range(warmup + steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -147,9 +160,14 @@ def _time(run: _StepRun, batch: dict, steps: int, warmup: int) -> dict[str, floa
     return {
         "step_s": statistics.median(walls),
         "cpu_s": statistics.median(cpus),
-        "compile_s": compile_s,
+        "first_call_s": first_call_s,
         "loss": float(out["loss_sum"]) / max(float(out["tokens"]), 1.0),
+        "flops": flops,
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_dpo_cached_vs_sft": cached["step_s"] / sft["step_s"],
         "cpu_ratio_dpo_vs_sft": live["cpu_s"] / sft["cpu_s"],
         "cpu_ratio_dpo_cached_vs_sft": cached["cpu_s"] / sft["cpu_s"],
-        "compile_s": {
-            "sft": sft["compile_s"],
-            "dpo": live["compile_s"],
-            "cached": cached["compile_s"],
+        "xla_flops_ratio_dpo_vs_sft": _ratio(live["flops"], sft["flops"]),
+        "xla_flops_ratio_dpo_cached_vs_sft": _ratio(cached["flops"], sft["flops"]),
+        "first_call_s": {
+            "sft": sft["first_call_s"],
+            "dpo": live["first_call_s"],
+            "cached": cached["first_call_s"],
         },
         "load_average": os.getloadavg()[0],
         "jax": jax.__version__,
