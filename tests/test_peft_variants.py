@@ -201,7 +201,15 @@ def test_peft_made_adapter_loads(base, model, tmp_path, variant):
     ad = jaxlora.load_adapter(tmp_path / "p")
     assert ad.config.use_dora is (variant == "dora")
     assert ad.config.use_rslora is (variant == "rslora")
-    assert np.abs(np.asarray(model.logits(IDS, ad)) - _logits(pm)).max() <= 1e-4
+    ref = _logits(pm)
+    assert np.abs(np.asarray(model.logits(IDS, ad)) - ref).max() <= 1e-4
+    # Continuing training from it (`adapter_name_or_path`): step 0 is PEFT's model.
+    cfg = config_from_dict(
+        dict(model_name_or_path=str(base), adapter_name_or_path=str(tmp_path / "p"))
+    )
+    split = split_trainable(cfg, model.params)
+    start = model.logits(IDS, Adapter(split.trainable, split.lora_config))
+    assert np.abs(np.asarray(start) - ref).max() <= 1e-4
 
 
 # ----------------------------------------------------------------------------- PiSSA
