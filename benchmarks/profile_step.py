@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--hlo-out", default=None, help="write the optimised HLO text here")
     ap.add_argument("--patch", default="", help="benchmarks/variants.py patches to apply first")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.patch:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import variants

@@ -23,6 +23,8 @@ Patches (each is the exact code proposed for the named file; see benchmarks/RESU
   attn_bias       llama: attention through an additive [B, 1, 1, T, S] bias built once per step
                   (0 / -1e30) instead of jax.nn.dot_product_attention's boolean `where`, whose
                   linearisation inside the layer scan materialises [L, ..., T, S] constants.
+  attn_remat      attn_bias with the attention core under jax.checkpoint (recompute the
+                  probabilities in the backward instead of saving [L, B, N, T, S] of them).
   fused_proj      llama: q/k/v kernels (and gate/up) concatenated inside the step so each group
                   is one wider matmul (and one LoRA-A matmul) instead of three (two).
 """
@@ -190,6 +192,23 @@ def patch_attn_bias() -> None:
     llama.jax = _JaxProxy(dpa)
 
 
+def patch_attn_remat() -> None:
+    """attn_bias, with the attention core under `jax.checkpoint`: the backward recomputes the
+    [B, K, G, T, S] scores/probabilities from q, k, v instead of saving them (fp32 and bf16
+    copies stacked over layers by the scan). Costs one extra QK^T + softmax + PV forward."""
+    from jaxlora.models import llama
+
+    core = jax.checkpoint(bias_attention, static_argnums=(4,))
+
+    def dpa(query, key, value, bias=None, mask=None, *, scale=None, **kw):
+        if kw.get("implementation") not in (None, "xla") or bias is not None:
+            raise NotImplementedError("attn_remat patch: mask-only XLA attention")
+        add = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)[:, :, None]  # [B, 1, 1, T, S]
+        return core(query, key, value, add, scale)
+
+    llama.jax = _JaxProxy(dpa)
+
+
 class _JaxProxy:
     """`jax` as seen by models/llama.py with `jax.nn.dot_product_attention` replaced."""
 
@@ -304,7 +323,104 @@ PATCHES = {
     "fused_ce": patch_fused_ce,
     "attn_bias": patch_attn_bias,
     "fused_proj": patch_fused_proj,
+    "attn_remat": patch_attn_remat,
 }
+
+
+# Everything a patch may replace, so variants can be built one after another in one process.
+def _patch_targets() -> list[tuple[object, str]]:
+    from jaxlora import bench, losses, steps
+    from jaxlora.checkpoints import hf
+    from jaxlora.models import llama
+
+    return [
+        (losses, "_chunk_logprobs"),
+        (steps, "masked_lm_loss"),
+        (llama, "jax"),
+        (llama, "Attention"),
+        (llama, "MLP"),
+        (bench, "random_model"),
+        (hf, "abstract_params"),
+    ]
+
+
+def apply_patches(names: list[str], originals: dict) -> None:
+    """Restore every patch target, then apply `names`."""
+    for (mod, attr), value in originals.items():
+        setattr(mod, attr, value)
+    for name in names:
+        PATCHES[name]()
+
+
+def ab_compare(args, specs: list[str]) -> dict:
+    """Build every variant's compiled step, then time them interleaved (shuffled per round) so
+    a load spike on a shared machine hits all variants alike; report median and min."""
+    import random
+    import time
+
+    from jaxlora import bench
+    from jaxlora.config import load_config
+
+    originals = {(m, a): getattr(m, a) for m, a in _patch_targets()}
+    variants: dict[str, dict] = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        patches, _, overrides = rest.partition("|")
+        names = [p.strip() for p in patches.split(",") if p.strip()]
+        extra = [o for o in overrides.split() if o]
+        apply_patches(names, originals)
+        cfg = load_config(args.config, [*args.overrides, *extra])
+        run = bench.build_bench_run(cfg)
+        batch = run.put_batch(run.batcher.get(0, 0))
+        t0 = time.perf_counter()
+        compiled = run.compile_step(batch)
+        compile_s = time.perf_counter() - t0
+        state = run.state
+        for _ in range(args.warmup):
+            state, m = compiled(state, run.frozen, batch)
+            jax.block_until_ready(m)
+        tokens = run.rows * cfg.data.cutoff_len
+        variants[name] = dict(compiled=compiled, run=run, batch=batch, state=state, wall=[], cpu=[])
+        variants[name].update(compile_s=compile_s, patches=names, overrides=extra, tokens=tokens)
+        print(f"built {name}: compile {compile_s:.1f} s", file=sys.stderr, flush=True)
+    apply_patches([], originals)
+    rng = random.Random(0)
+    order = list(variants)
+    for _ in range(args.steps):
+        rng.shuffle(order)
+        for name in order:
+            v = variants[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            v["state"], m = v["compiled"](v["state"], v["run"].frozen, v["batch"])
+            jax.block_until_ready(m)
+            v["wall"].append(time.perf_counter() - t0)
+            v["cpu"].append(time.process_time() - c0)
+            v["loss"] = float(m["loss_sum"]) / float(m["tokens"])
+    out = {}
+    base = None
+    for name, v in variants.items():
+        med, best = float(np.median(v["wall"])), min(v["wall"])
+        base = base or (med, best)
+        out[name] = {
+            "step_s_median": med,
+            "step_s_min": best,
+            "cpu_s_median": float(np.median(v["cpu"])),
+            "tokens_per_s_median": v["tokens"] / med,
+            "tokens_per_s_best": v["tokens"] / best,
+            "speedup_median": base[0] / med,
+            "speedup_min": base[1] / best,
+            **{k: v[k] for k in ("loss", "compile_s", "patches", "overrides")},
+        }
+    head = f"{'variant':14s} {'med s':>7s} {'min s':>7s} {'cpu s':>7s} {'tok/s med':>9s}"
+    print(f"{head} {'x med':>6s} {'x min':>6s}  loss", file=sys.stderr)
+    for name, r in out.items():
+        print(
+            f"{name:14s} {r['step_s_median']:7.3f} {r['step_s_min']:7.3f} {r['cpu_s_median']:7.3f}"
+            f" {r['tokens_per_s_median']:9.0f} {r['speedup_median']:6.2f} {r['speedup_min']:6.2f}"
+            f"  {r['loss']:.4f}",
+            file=sys.stderr,
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,9 +432,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--fused-chunk", type=int, default=256)
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul-peak measurement")
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--ab",
+        action="append",
+        default=[],
+        help="interleaved comparison: NAME=PATCHES[|key=value ...], repeatable; the first is the "
+        "baseline, e.g. --ab base= --ab fused=fused_ce --ab unroll='|scan_layers=false'",
+    )
+    args = ap.parse_intermixed_args(argv)
     global FUSED_CHUNK
     FUSED_CHUNK = args.fused_chunk
+    if args.ab:
+        result = ab_compare(args, args.ab)
+        print(json.dumps({"ab": result, "load_avg_1m": __import__("os").getloadavg()[0]}))
+        return 0
     names = [p.strip() for p in args.patch.split(",") if p.strip()]
     for name in names:
         PATCHES[name]()

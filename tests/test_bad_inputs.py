@@ -512,7 +512,9 @@ def registry_dir(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
-def test_dataset_info_file_name_cannot_escape_dataset_dir(kind, registry_dir, tmp_path, capsys):
+def test_dataset_info_file_name_cannot_escape_dataset_dir(
+    kind, registry_dir, model_dir, tmp_path, capsys
+):
     secret = tmp_path / "outside" / "secret.json"
     file_name = {
         "dotdot": "../outside/secret.json",
@@ -534,7 +536,7 @@ def test_dataset_info_file_name_cannot_escape_dataset_dir(kind, registry_dir, tm
     assert "evil" in str(exc.value) and "outside" in str(exc.value).lower()
 
     # Same through the CLI (`data stats` reads the data and nothing else).
-    cfg = _cfg(tmp_path, "tiny", dataset="evil", dataset_dir=str(registry_dir))
+    cfg = _cfg(tmp_path, model_dir, dataset="evil", dataset_dir=str(registry_dir))
     rc, out, err = _cli(["data", "stats", cfg, "--out", tmp_path / "stats"], capsys)
     _assert_refused(rc, out, err, "evil", no_dir=tmp_path / "out")
     assert "SECRET" not in out + err

@@ -126,8 +126,8 @@ def load_params(
         from jaxlora import quant
 
         # A quantised kernel's sharding is a dict of shardings (one per codes/scales leaf).
-        flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=quant.is_quantized)[0]
-        flat_shardings = {_key_path(kp): s for kp, s in flat}
+        leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=quant.is_quantized)[0]
+        flat_shardings = {_key_path(kp): s for kp, s in leaves}
     out = {}
     with _open_all(index.values()) as handles:
         for kp, leaf in flat:
