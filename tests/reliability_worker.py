@@ -74,7 +74,9 @@ def _preload() -> None:
     import optax  # noqa: F401
     import orbax.checkpoint  # noqa: F401
     import tensorboardX  # noqa: F401
+    import transformers.activations  # noqa: F401  (AutoConfig of llama imports it lazily)
     import transformers.models.auto.tokenization_auto  # noqa: F401
+    import transformers.models.llama.configuration_llama  # noqa: F401
 
     import jaxlora.checkpoints.run_state  # noqa: F401
     import jaxlora.cli  # noqa: F401
