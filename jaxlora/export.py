@@ -19,7 +19,7 @@ from jaxlora.checkpoints.hf import save_params_hf
 from jaxlora.checkpoints.peft import check_adapter_fits, load_peft_adapter, save_peft_adapter
 from jaxlora.errors import UserError
 from jaxlora.fsutil import atomic_dir
-from jaxlora.lora import Adapter, LoraConfig, merge, parse_targets
+from jaxlora.lora import Adapter, merge
 
 TEMPLATE_FILE = "chat_template.jinja"
 
@@ -107,8 +107,10 @@ def export_run_outputs(run: Any, trainable: Any) -> None:
     cfg = run.cfg
     tmpl = run.data.report.chat_template or None
     base = str(run.model.path)
+    from jaxlora.methods import adapter_for_export, params_for_export
+
     if run.mode == "lora":
-        adapter = Adapter(trainable, run.lora_config)
+        adapter = adapter_for_export(run.split, trainable)
         export_adapter(
             adapter,
             run.run_dir / "adapter",
@@ -121,7 +123,7 @@ def export_run_outputs(run: Any, trainable: Any) -> None:
         export_merged(
             base,
             run.run_dir / "model",
-            params=trainable,
+            params=params_for_export(run.split, trainable),
             tokenizer=run.model.tokenizer,
             chat_template=tmpl,
             overwrite=True,
@@ -140,7 +142,7 @@ def write_run_report(run_dir: Path, cfg: Any) -> Path | None:
     return write_report(run_dir, records, flat)
 
 
-def _restore_trainable(ckpt_dir: Path) -> tuple[Any, int]:
+def _restore_trainable(ckpt_dir: Path, like: Any = None) -> tuple[Any, int]:
     import orbax.checkpoint as ocp
 
     mngr = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "meta"))
@@ -149,7 +151,11 @@ def _restore_trainable(ckpt_dir: Path) -> tuple[Any, int]:
         raise UserError(f"{ckpt_dir}: no complete checkpoint found")
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     mngr.close()
-    return out["state"]["trainable"], step
+    trainable = out["state"]["trainable"]
+    if like is not None:  # freeze: LayerSlice nodes come back as {"value": ...} dicts
+        leaves = jax.tree_util.tree_leaves(trainable)
+        trainable = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+    return trainable, step
 
 
 def export_from_run(
@@ -181,7 +187,11 @@ def export_from_run(
                 raise UserError(
                     f"{src} is a full fine-tuning run; use --merged (or copy {src}/model)"
                 )
-            trainable, _ = _restore_trainable(src / "checkpoints")
+            from jaxlora.methods import params_for_export, rebuild_split
+
+            split = rebuild_split(cfg, base)
+            trainable, _ = _restore_trainable(src / "checkpoints", like=split.trainable)
+            trainable = params_for_export(split, trainable)
             return export_merged(
                 base,
                 out_dir,
@@ -193,19 +203,13 @@ def export_from_run(
         if (src / "adapter" / "adapter_config.json").is_file():
             adapter = load_peft_adapter(src / "adapter")
         else:
+            from jaxlora.methods import adapter_for_export, lora_config_for, rebuild_split
+
             trainable, _ = _restore_trainable(src / "checkpoints")
-            f = cfg.finetune
-            adapter = Adapter(
-                trainable,
-                LoraConfig(
-                    rank=f.lora_rank,
-                    alpha=f.resolved_lora_alpha,
-                    dropout=f.lora_dropout,
-                    targets=parse_targets(f.lora_target),
-                    use_rslora=f.use_rslora,
-                    use_dora=f.use_dora,
-                ),
-            )
+            if cfg.finetune.pissa_init:  # convert relative to the original base
+                adapter = adapter_for_export(rebuild_split(cfg, base), trainable)
+            else:
+                adapter = Adapter(trainable, lora_config_for(cfg))
     if base is None:
         raise UserError(f"{src}: adapter_config.json has no base_model_name_or_path")
     tokenizer = load_tokenizer(tok_dir) if tok_dir else None

@@ -213,6 +213,9 @@ class RunSetup:
         self.mode = split.mode
         self.trainable, self.frozen = split.trainable, split.frozen
         self.lora_config, self.adapter_spec = split.lora_config, split.adapter_spec
+        self.split = split  # export: PiSSA conversion, freeze slices (DPO rewrites .frozen)
+        if self.mode == "lora":
+            self.model.params = split.frozen  # PiSSA: the residual; frees the original base
 
     def _shard_frozen_params(self) -> None:
         """Place the base params in their mesh shardings (no-op on one device)."""
@@ -337,7 +340,10 @@ class RunSetup:
         if self.mode == "lora":
             trainable_sh = sharding.adapter_shardings(self.mesh, self.trainable, self.param_logical)
         else:
-            trainable_sh = sharding.param_shardings(self.mesh, self.param_logical, self.trainable)
+            from jaxlora.methods import trainable_logical
+
+            logical = trainable_logical(self.param_logical, self.trainable)
+            trainable_sh = sharding.param_shardings(self.mesh, logical, self.trainable)
         self.state, self.state_shardings = sharding.init_train_state(
             self.mesh, self.tx, self.trainable, trainable_sh, self.cfg.train.seed + 1
         )
@@ -434,7 +440,10 @@ class RunSetup:
         if self.mode == "lora":
             model, adapter = self.model, Adapter(trainable, self.lora_config)
         else:
-            model, adapter = dataclasses.replace(self.model, params=trainable), None
+            from jaxlora.methods import params_for_export
+
+            params = params_for_export(self.split, trainable)
+            model, adapter = dataclasses.replace(self.model, params=params), None
         stops = sorted(
             {*default_stop_ids(model), *([tok.eos_token_id] if tok.eos_token_id else [])}
         )

@@ -31,7 +31,9 @@ def variables_for(mode: str, trainable: Any, frozen: Any) -> dict:
     if mode == "lora":
         return {"params": frozen, "lora": trainable}
     if mode == "freeze":
-        return {"params": merge_trees(frozen, trainable)}
+        from jaxlora.methods import freeze_params
+
+        return {"params": freeze_params(frozen, trainable)}
     return {"params": trainable}
 
 
