@@ -38,7 +38,7 @@ def _print_samples(cfg, run_dir: Path) -> None:
     """A few answers from the trained adapter, so the user sees what was learned."""
     from jaxlora.inference_cli import sample_answers
 
-    if cfg.finetune.stage == "pt" or not (run_dir / "adapter").is_dir():
+    if cfg.finetune.stage in ("pt", "dpo") or not (run_dir / "adapter").is_dir():
         return
     for prompt, answer in sample_answers(cfg, run_dir, n=3):
         print(f"\n> {prompt}\n{answer}")

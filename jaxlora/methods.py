@@ -313,11 +313,15 @@ def quantizing_transform(bits: int, *, double_quant: bool = True, block_size: in
     return transform
 
 
-def load_base_model(cfg: Config, model_path: str | Path, dtype: Any) -> Model:
+def load_base_model(
+    cfg: Config, model_path: str | Path, dtype: Any, shardings: Any = None
+) -> Model:
     """The base model as training needs it: `dtype` weights, or (quantization_bit 4 / 8) NF4 /
-    int8 projection kernels quantised while loading, so no bf16 copy is ever on device."""
+    int8 projection kernels quantised while loading, so no bf16 copy is ever on device.
+
+    `shardings` (unquantised loads): each device reads only its slice of every tensor."""
     bits = cfg.model.quantization_bit
     if not bits:
-        return load_model(model_path, dtype=dtype)
+        return load_model(model_path, dtype=dtype, shardings=shardings)
     transform = quantizing_transform(int(bits), double_quant=cfg.model.double_quantization)
     return load_model(model_path, dtype=dtype, host_transform=transform)

@@ -104,18 +104,20 @@ def _target_counts(samples: list) -> np.ndarray:
     """Per sample: the number of loss targets (what the token-weighted loss divides by)."""
     out = []
     for s in samples:
-        if hasattr(s, "loss_mask"):
-            m = np.asarray(s.loss_mask)
-            seg = getattr(s, "segment_ids", None)
-            if seg is not None:
-                seg = np.asarray(seg)
-                m = m[1:] * ((seg[1:] == seg[:-1]) & (seg[1:] > 0))
-            else:
-                m = m[1:]
-            out.append(int(m.sum()))
-        else:  # preference pair: completion tokens of both sides
-            out.append(len(s.chosen_ids) + len(s.rejected_ids))
+        m = np.asarray(s.loss_mask)[1:]
+        seg = getattr(s, "segment_ids", None)
+        if seg is not None:  # packed: no target across a segment boundary
+            seg = np.asarray(seg)
+            m = m * ((seg[1:] == seg[:-1]) & (seg[1:] > 0))
+        out.append(int(m.sum()))
     return np.asarray(out, np.int64)
+
+
+def _forward_tokens(sample) -> int:
+    """Tokens a sample puts through the forward pass (a DPO pair: prompt twice + both answers)."""
+    if hasattr(sample, "chosen_ids"):
+        return 2 * len(sample.prompt_ids) + len(sample.chosen_ids) + len(sample.rejected_ids)
+    return len(sample)
 
 
 def _claim_run_dir(cfg: Config, log) -> tuple[Path, bool]:
@@ -177,7 +179,9 @@ class RunSetup:
 
         m = cfg.mesh
         self.mesh = sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
-        self.model: Model = load_base_model(self.cfg, model_path, base_dtype)
+        self.model: Model = load_base_model(
+            self.cfg, model_path, base_dtype, shardings=self._load_shardings(model_path)
+        )
         self._shard_frozen_params()
         self.model.dtype = compute
         self.model.tokenizer = tokenizer
@@ -189,7 +193,7 @@ class RunSetup:
         if cfg.finetune.stage == "dpo":
             from jaxlora.dpo import DPOSetup
 
-            self.dpo = DPOSetup(self)
+            self.dpo = DPOSetup(self, log=log)
         self._build_batches()
         self._build_optimizer()
         self._build_steps()
@@ -217,16 +221,24 @@ class RunSetup:
         if self.mode == "lora":
             self.model.params = split.frozen  # PiSSA: the residual; frees the original base
 
-    def _shard_frozen_params(self) -> None:
-        """Place the base params in their mesh shardings (no-op on one device)."""
+    def _load_shardings(self, model_path: Path) -> Any:
+        """Target shardings for loading the (unquantised) base straight onto the mesh."""
         from jaxlora import sharding
         from jaxlora.checkpoints.hf import abstract_params
+        from jaxlora.models.config import load_hf_config
 
-        shapes, logical = abstract_params(self.model.config)
-        self.param_logical = logical
-        if self.mesh.size == 1:
+        shapes, self.param_logical = abstract_params(load_hf_config(model_path)[0])
+        if self.mesh.size == 1 or self.cfg.model.quantization_bit:
+            return None
+        return sharding.param_shardings(self.mesh, self.param_logical, shapes)
+
+    def _shard_frozen_params(self) -> None:
+        """Quantised bases are built leaf by leaf on one device; place them on the mesh."""
+        from jaxlora import sharding
+
+        if self.mesh.size == 1 or not self.cfg.model.quantization_bit:
             return
-        target = sharding.param_shardings(self.mesh, logical, self.model.params)
+        target = sharding.param_shardings(self.mesh, self.param_logical, self.model.params)
         self.model.params = jax.device_put(self.model.params, target)
 
     # ---------------------------------------------------------------- data order
@@ -277,7 +289,7 @@ class RunSetup:
         """Real (non-pad) tokens of global micro-batch m, for tokens/s."""
         e, s = self._position(m)
         idx = self.batcher.global_indices(e, s)
-        return int(sum(len(self.data.train[i]) for i in idx if i >= 0))
+        return int(sum(_forward_tokens(self.data.train[i]) for i in idx if i >= 0))
 
     def _group_targets(self, m: int) -> int:
         k = self.cfg.train.gradient_accumulation_steps
@@ -414,7 +426,9 @@ class RunSetup:
             for k, v in jax.device_get(out).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
-        result = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+        result = {"eval/loss": loss}
+        if not self.dpo:  # a preference loss has no perplexity
+            result["eval/perplexity"] = math.exp(min(loss, 50.0))
         n_rows = max(sums.get("pref/count", 0.0), 1.0)
         for k, v in sums.items():
             if k.startswith("pref/") and k != "pref/count":
