@@ -231,27 +231,32 @@ class _JaxProxy:
 
 
 def fused_linear(x, names, variables, scale, dtype):
-    """x @ [W_1 | .. | W_n | A_1 | .. | A_n] as ONE matmul, then the rank-r B products.
+    """Sibling projections of the same input as one base matmul x @ [W_1 | .. | W_n] plus one
+    adapter matmul x @ [A_1 | .. | A_n], then the rank-r B products.
 
-    names: sibling projections reading the same input x; variables: the attention/MLP module's
-    variables ({"params": {name: {"kernel"}}, "lora": {name: {"lora_a", "lora_b"}}}).
-    Returns one [.., out_i] output per name. The backward is one dX matmul for the group.
+    The frozen kernels and the trainable A's are concatenated separately: a single x @ [W | A]
+    would make autodiff form the cotangent of the whole concatenation, i.e. a full dW matmul.
+    names: projections reading x; variables: the attention/MLP module's variables
+    ({"params": {name: {"kernel"}}, "lora": {name: {"lora_a", "lora_b"}}}).
+    Returns one [.., out_i] output per name. The backward is one dX matmul per concatenation.
     """
     params, lora = variables["params"], variables.get("lora", {})
+    x = x.astype(dtype)
     kernels = [params[n]["kernel"].astype(dtype) for n in names]  # [in, out_i]
+    w = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=-1)
+    y = x @ w  # [.., sum(out_i)]
+    outs = jnp.split(y, np.cumsum([k.shape[-1] for k in kernels])[:-1], axis=-1)
     adapters = [lora.get(n) for n in names]
     a_parts = [ab["lora_a"].astype(dtype) for ab in adapters if ab is not None]  # [in, r]
-    w = jnp.concatenate(kernels + a_parts, axis=-1)  # [in, sum(out) + k * r]
-    y = x.astype(dtype) @ w
-    sizes = [k.shape[-1] for k in kernels] + [a.shape[-1] for a in a_parts]
-    pieces = jnp.split(y, np.cumsum(sizes)[:-1], axis=-1)
-    outs, j = [], len(kernels)
+    if not a_parts:
+        return outs
+    xa = x @ (a_parts[0] if len(a_parts) == 1 else jnp.concatenate(a_parts, axis=-1))
+    xa = jnp.split(xa, np.cumsum([a.shape[-1] for a in a_parts])[:-1], axis=-1)
+    j = 0
     for i, ab in enumerate(adapters):
-        out = pieces[i]
         if ab is not None:
-            out = out + (pieces[j] @ ab["lora_b"].astype(dtype)) * jnp.asarray(scale, dtype)
+            outs[i] = outs[i] + (xa[j] @ ab["lora_b"].astype(dtype)) * jnp.asarray(scale, dtype)
             j += 1
-        outs.append(out)
     return outs
 
 

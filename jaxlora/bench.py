@@ -153,32 +153,7 @@ def random_model(raw: dict[str, Any], dtype: Any, seed: int = 0, mesh: Any = Non
     return Model(config=cfg, params=params, dtype=dtype, raw_config=raw)
 
 
-def load_bench_model(cfg: Config, dtype: Any, mesh: Any = None) -> Model:
-    """The base model in `dtype`: random weights for `random:` specs, else as training loads it."""
-    spec = str(cfg.model.model_name_or_path)
-    if spec.startswith(RANDOM_PREFIX):
-        if cfg.model.quantization_bit:
-            raise UserError(
-                "quantization_bit needs checkpoint weights; benchmark QLoRA with a model "
-                "directory (e.g. one written by jaxlora.tiny.make_tiny_model)"
-            )
-        raw = random_shape_config(spec, cfg.source)
-        return random_model(raw, dtype, cfg.train.seed, mesh)
-    from jaxlora.methods import load_base_model
-    from jaxlora.model_api import resolve_model_path
-
-    return load_base_model(cfg, resolve_model_path(spec), dtype)
-
-
 # ----------------------------------------------------------------------------- step
-
-
-def bench_mesh(cfg: Config) -> Any:
-    """The device mesh training would use for this config (`mesh: {data, fsdp, tensor}`)."""
-    from jaxlora import sharding
-
-    m = cfg.mesh
-    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
 
 
 class _RandomBatches:
@@ -193,26 +168,54 @@ class _RandomBatches:
 
 
 class _BenchRun(RunSetup):
-    """A `RunSetup` without data, run directory or checkpoints: the same mesh, param placement,
-    trainable/frozen split, optimiser and jitted train step as `jaxlora train` builds for this
-    config (its `_shard_frozen_params` / `_build_*` methods), fed by `_RandomBatches`."""
+    """A `RunSetup` without data, run directory or checkpoints: the same mesh, base-model
+    placement, trainable/frozen split, optimiser and jitted train step as `jaxlora train` builds
+    for this config (its `_load_shardings` / `_build_*` methods), fed by `_RandomBatches`."""
 
-    def __init__(self, cfg: Config, model: Model, total_steps: int, mesh: Any):
+    def __init__(self, cfg: Config, total_steps: int):
         from jaxlora import sharding
 
         self.cfg = cfg
         self.mode = cfg.finetune.finetuning_type
-        self.mesh = mesh
-        self.model = model
-        self._shard_frozen_params()
+        # Frozen base in the compute dtype for LoRA, fp32 otherwise (as RunSetup).
+        compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
+        base_dtype = compute if self.mode == "lora" else jnp.float32
+        m = cfg.mesh
+        self.mesh = sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+        self.model = self._load_model(base_dtype)
+        self.model.dtype = compute
         self._build_trainable()
         self.dpo = None
         self.total_steps = total_steps
         self.rows = cfg.train.per_device_train_batch_size * sharding.batch_shards(self.mesh)
-        vocab = model.config.vocab_size
+        vocab = self.model.config.vocab_size
         self.batcher = _RandomBatches(self.rows, cfg.data.cutoff_len, vocab, cfg.train.seed)
         self._build_optimizer()
         self._build_steps()
+
+    def _load_model(self, dtype: Any) -> Model:
+        """Random weights for `random:` specs (made in their shardings), else as training."""
+        cfg = self.cfg
+        spec = str(cfg.model.model_name_or_path)
+        if spec.startswith(RANDOM_PREFIX):
+            if cfg.model.quantization_bit:
+                raise UserError(
+                    "quantization_bit needs checkpoint weights; benchmark QLoRA with a model "
+                    "directory (e.g. one written by jaxlora.tiny.make_tiny_model)"
+                )
+            from jaxlora.checkpoints.hf import abstract_params
+
+            raw = random_shape_config(spec, cfg.source)
+            model = random_model(raw, dtype, cfg.train.seed, self.mesh)
+            self.param_logical = abstract_params(model.config)[1]
+            return model
+        from jaxlora.methods import load_base_model
+        from jaxlora.model_api import resolve_model_path
+
+        path = resolve_model_path(spec)
+        self.model = load_base_model(cfg, path, dtype, shardings=self._load_shardings(path))
+        self._shard_frozen_params()
+        return self.model
 
     def compile_step(self, batch: dict) -> Any:
         """AOT-compiled train step (traced under the mesh context, as the loop's first call)."""
@@ -223,14 +226,8 @@ class _BenchRun(RunSetup):
 
 
 def build_bench_run(cfg: Config, total_steps: int = 100) -> _BenchRun:
-    """Mesh, model (frozen base in the compute dtype for LoRA, fp32 otherwise, as training) and
-    the training step builders for `cfg`."""
-    compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
-    base_dtype = compute if cfg.finetune.finetuning_type == "lora" else jnp.float32
-    mesh = bench_mesh(cfg)
-    model = load_bench_model(cfg, base_dtype, mesh)
-    model.dtype = compute
-    return _BenchRun(cfg, model, total_steps, mesh)
+    """The training step builders for `cfg`, on random full-row batches."""
+    return _BenchRun(cfg, total_steps)
 
 
 def random_batch(rng: np.random.Generator, rows: int, seq_len: int, vocab: int) -> dict:
