@@ -27,7 +27,7 @@ def cmd_train(args) -> int:
 
     cfg = _load_cfg(args)
     result = train(cfg, progress=not args.no_progress)
-    print(summarise(result))
+    print(summarise(result, cfg.finetune.stage))
     if result.preempted:
         return EXIT_PREEMPTED
     _print_samples(cfg, result.run_dir)

@@ -215,11 +215,11 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
     return TrainResult(run.run_dir, step, best, stopped_early)
 
 
-def summarise(result: TrainResult) -> str:
+def summarise(result: TrainResult, stage: str = "sft") -> str:
     lines = [f"run directory: {result.run_dir}"]
     if result.best_eval_loss is not None:
-        lines.append(
-            f"best eval loss: {result.best_eval_loss:.4f} "
-            f"(perplexity {math.exp(min(result.best_eval_loss, 50)):.2f})"
-        )
+        line = f"best eval loss: {result.best_eval_loss:.4f}"
+        if stage != "dpo":  # a preference loss has no perplexity
+            line += f" (perplexity {math.exp(min(result.best_eval_loss, 50)):.2f})"
+        lines.append(line)
     return "\n".join(lines)
