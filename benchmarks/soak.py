@@ -109,6 +109,10 @@ def run(steps: int, every: int, warmup: int, workdir: Path, trace: bool = False)
 
         def sampling_finish(state, **kw):
             sample(r.total_steps)
+            if len(snaps) == 2:
+                print(f"top Python allocation growth, step {warmup} -> {steps - every}:")
+                for stat in snaps[1].compare_to(snaps[0], "lineno")[:15]:
+                    print(f"  {stat}", flush=True)
             return finish(state, **kw)
 
         r.batch, r.finish = sampling_batch, sampling_finish
@@ -122,10 +126,6 @@ def run(steps: int, every: int, warmup: int, workdir: Path, trace: bool = False)
     wall = time.perf_counter() - t0
     after_export = rss_mib()
     print(f"after export + report: rss {after_export:8.1f} MiB  {wall:6.1f} s")
-    if len(snaps) == 2:
-        print(f"top Python allocation growth, step {warmup} -> {steps - every}:")
-        for stat in snaps[1].compare_to(snaps[0], "lineno")[:15]:
-            print(f"  {stat}")
 
     steps_arr = np.array([s for s, _ in series], float)
     rss_arr = np.array([r for _, r in series], float)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.tracemalloc:
-        tracemalloc.start(8)
+        tracemalloc.start(1)
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         result = run(args.steps, args.every, args.warmup, Path(args.workdir), args.tracemalloc)

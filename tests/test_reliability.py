@@ -9,8 +9,9 @@ The NaN tests run the trainer in-process and make one micro-batch non-finite (`l
 to check that the update is skipped, reported with its micro-step, never reaches a checkpoint or
 the adapter, and that `max_nonfinite_skips` stops the run with a UserError.
 
-Subprocesses share a persistent JAX compilation cache (same executables -> same numerics, and
-~10 s less per start on this CPU).
+Training processes are forked from the worker's server, which has imported jax/transformers/
+orbax/jaxlora once, and share a persistent JAX compilation cache (same executables -> same
+numerics): a start costs a few seconds instead of ~25 s on the shared 2-core CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import pytest
 WORKER = Path(__file__).with_name("reliability_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 75
-START_TIMEOUT = 600.0  # a process start is ~20 s here, but the shared CPU can be very busy
+START_TIMEOUT = 600.0  # a run takes ~5-15 s here, but the shared CPU can be very busy
 
 # 10 optimiser steps of 2 micro-batches over 20 training rows: 2 epochs, a save every 2 steps,
 # a log window (3) that straddles saves (its sums live in the checkpoint), evals at 4 and 8 with
