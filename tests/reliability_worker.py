@@ -70,19 +70,26 @@ def main(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------- fork server
 def _preload() -> None:
     """Import everything a training run imports, but start no backend and no thread."""
-    import flax.linen  # noqa: F401
-    import optax  # noqa: F401
-    import orbax.checkpoint  # noqa: F401
-    import tensorboardX  # noqa: F401
-    import transformers.activations  # noqa: F401  (AutoConfig of llama imports it lazily)
-    import transformers.models.auto.tokenization_auto  # noqa: F401
-    import transformers.models.llama.configuration_llama  # noqa: F401
+    import importlib
 
-    import jaxlora.checkpoints.run_state  # noqa: F401
-    import jaxlora.cli  # noqa: F401
-    import jaxlora.export  # noqa: F401
-    import jaxlora.run_setup  # noqa: F401
-    import jaxlora.train  # noqa: F401
+    for name in (
+        "flax.linen",
+        "optax",
+        "orbax.checkpoint",
+        "tensorboardX",
+        "transformers.models.auto.tokenization_auto",
+        "transformers.models.llama.configuration_llama",
+        "transformers.activations",  # AutoConfig of llama imports it lazily; needs torch
+        "jaxlora.checkpoints.run_state",
+        "jaxlora.cli",
+        "jaxlora.export",
+        "jaxlora.run_setup",
+        "jaxlora.train",
+    ):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # e.g. no torch on Python 3.12: the child imports what it needs
+            pass
 
 
 def _child(req: dict) -> None:
