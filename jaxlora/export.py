@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxlora.checkpoints.hf import save_params_hf
-from jaxlora.checkpoints.peft import check_adapter_fits, load_peft_adapter, save_peft_adapter
+from jaxlora.checkpoints.peft import check_adapter_fits, load_peft_adapter, write_peft_files
 from jaxlora.errors import UserError
 from jaxlora.fsutil import atomic_dir
 from jaxlora.lora import Adapter, merge
@@ -45,13 +45,9 @@ def export_adapter(
 ) -> Path:
     """PEFT adapter dir (+ tokenizer and chat template when given)."""
     extra = {TEMPLATE_FILE: chat_template} if chat_template else None
-    save_peft_adapter(
-        adapter, out_dir, base_model=base_model, overwrite=overwrite, extra_files=extra
-    )
-    if tokenizer is not None:
-        # Tokenizer files are an addition to a complete adapter dir; the adapter itself
-        # (config + weights) was renamed into place atomically above.
-        _save_tokenizer(tokenizer, Path(out_dir), chat_template)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_peft_files(adapter, tmp, base_model=base_model, extra_files=extra)
+        _save_tokenizer(tokenizer, tmp, chat_template)  # inside: a full disk leaves nothing
     return Path(out_dir)
 
 

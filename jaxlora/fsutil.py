@@ -36,10 +36,20 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+    except OSError as e:  # disk full, quota, permissions: nothing half-written, one message
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = " (the previous output is unchanged)" if out.exists() else ""
+        raise UserError(
+            f"writing {out} failed: {e.strerror or e}; nothing was written{kept}"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

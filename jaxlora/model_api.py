@@ -43,7 +43,16 @@ def load_tokenizer(model_dir: str | Path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+        try:
+            return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise UserError(
+                f"{d}: the tokenizer needs custom code from the model directory (auto_map in "
+                "tokenizer_config.json); jaxlora never runs remote code. Use a checkpoint with "
+                "a standard tokenizer."
+            ) from None
 
 
 @functools.lru_cache(maxsize=32)

@@ -120,6 +120,10 @@ def _forward_tokens(sample) -> int:
     return len(sample)
 
 
+# What a run writes before its first checkpoint completes (it may restart over these only).
+_BEFORE_FIRST_CHECKPOINT = {"config.yaml", "data_report.json", "metrics.jsonl", "tb", "checkpoints"}
+
+
 def _claim_run_dir(cfg: Config, log) -> tuple[Path, bool]:
     """Create/validate the run directory; returns (path, resuming).
 
@@ -135,10 +139,12 @@ def _claim_run_dir(cfg: Config, log) -> tuple[Path, bool]:
         shutil.rmtree(run_dir)
         has_ckpt = False
     elif run_dir.exists() and any(run_dir.iterdir()) and not has_ckpt:
-        if not (run_dir / "config.yaml").is_file():
+        extra = sorted(p.name for p in run_dir.iterdir() if p.name not in _BEFORE_FIRST_CHECKPOINT)
+        if not (run_dir / "config.yaml").is_file() or extra:
             raise UserError(
-                f"output_dir {run_dir} exists and is not a jaxlora run directory; choose "
-                "another output_dir or set overwrite_output_dir: true"
+                f"output_dir {run_dir} exists and holds no checkpoint to resume from"
+                + (f" but has {', '.join(extra[:3])}" if extra else "")
+                + "; choose another output_dir or set overwrite_output_dir: true"
             )
         log(f"{run_dir}: previous run has no checkpoint yet; starting from step 0")
         if main:
@@ -166,6 +172,11 @@ class RunSetup:
         from jaxlora.model_api import load_tokenizer, resolve_model_path
 
         model_path = resolve_model_path(cfg.model.model_name_or_path)
+        if not model_path.is_dir():
+            raise UserError(
+                f"{cfg.source}: `model_name_or_path`: model directory {str(model_path)!r} "
+                "does not exist"
+            )
         tokenizer = load_tokenizer(model_path)
         self.data = load_data(cfg, tokenizer)
         log(self.data.report.summary())

@@ -109,7 +109,7 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
             batch = run.batch(m)
             tok_window += run.batch_tokens(m)
             state, out = run.train_step(state, run.frozen, batch)
-            pending.append(out)
+            pending.append((m, out))
             if (m + 1) % k:
                 continue
             step = (m + 1) // k
@@ -120,13 +120,19 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
             # Multi-host: agreeing on the flag is a collective, so only at logging steps.
             stop_now = (jax.process_count() == 1 or is_log) and guard.should_stop()
             if is_log or is_eval or is_save or stop_now:
-                for d in _fetch(pending):
+                fetched = _fetch([out for _, out in pending])
+                for (bad_m, _), d in zip(pending, fetched, strict=True):
                     if d["finite"] < 0.5:
                         skipped += 1
-                        log(f"warning: non-finite loss/gradient at micro-step {m}; update skipped")
+                        epoch, batch_idx = run._position(bad_m)
+                        where = (
+                            f"optimiser step {bad_m // k + 1} (micro-step {bad_m}: epoch "
+                            f"{epoch}, batch {batch_idx})"
+                        )
+                        log(f"warning: non-finite loss/gradient at {where}; update skipped")
                         if skipped > tcfg.max_nonfinite_skips:
                             raise UserError(
-                                f"{skipped} non-finite steps (last at optimiser step {step}); "
+                                f"{skipped} non-finite steps (last at {where}); "
                                 "stopping. Lower learning_rate, check the data for broken rows, "
                                 "or raise max_nonfinite_skips."
                             )

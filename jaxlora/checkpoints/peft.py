@@ -89,15 +89,25 @@ def save_peft_adapter(
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a PEFT adapter directory atomically. `extra_files`: name -> text (e.g. template)."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_peft_files(adapter, tmp, base_model=base_model, extra_files=extra_files)
+    return Path(out_dir)
+
+
+def write_peft_files(
+    adapter: Adapter,
+    out: Path,
+    *,
+    base_model: str | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """The adapter's files into an existing (temporary) directory; callers make it atomic."""
     from safetensors.numpy import save_file
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(adapter_tensors(adapter), str(tmp / "adapter_model.safetensors"))
-        cfg = peft_config(adapter, base_model)
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return Path(out_dir)
+    save_file(adapter_tensors(adapter), str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(peft_config(adapter, base_model), indent=2))
+    for name, text in (extra_files or {}).items():
+        (out / name).write_text(text)
 
 
 def load_peft_adapter(path: str | Path) -> Adapter:

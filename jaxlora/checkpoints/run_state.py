@@ -89,6 +89,10 @@ class RunCheckpoints:
         return _from_saved(out["state"]), out["meta"]
 
     def save_best(self, step: int, trainable: Any, meta: dict) -> None:
+        if step in self.best.all_steps():
+            # Written by a run killed before the state checkpoint of this step; the resumed run
+            # has recomputed the same weights, so replace it.
+            self.best.delete(step)
         self.best.save(
             step,
             args=ocp.args.Composite(

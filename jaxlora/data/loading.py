@@ -62,11 +62,19 @@ def _from_registry(name: str, entry: Any, dataset_dir: Path, formatting: str) ->
     media = [c for c in _MEDIA_COLUMNS if c in columns]
     if media:
         raise UserError(f"{where}: multimodal columns {media} are not supported (text only)")
+    path = dataset_dir / str(entry["file_name"])
+    # Registry files come with downloaded data: never follow them (.., absolute paths,
+    # symlinks) outside the dataset dir.
+    if not path.resolve().is_relative_to(dataset_dir.resolve()):
+        raise UserError(
+            f'{where}: "file_name" {entry["file_name"]!r} points outside the dataset dir '
+            f"{dataset_dir}; registry entries may only name files inside it"
+        )
     fmt = entry.get("formatting", "alpaca")
     if formatting not in ("auto", None, "") and formatting != fmt:
         fmt = formatting  # an explicit config value wins over the registry
     return SourceSpec(
-        path=str(dataset_dir / entry["file_name"]),
+        path=str(path),
         label=name,
         formatting=fmt,
         columns={k: v for k, v in columns.items() if isinstance(v, str)},
