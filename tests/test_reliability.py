@@ -336,7 +336,7 @@ def test_sigkill_during_async_checkpoint_save(model_dir, server, reference, tmp_
 @pytest.mark.slow
 def test_sigkill_between_best_and_state_checkpoint(model_dir, server, reference, tmp_path):
     """Killed after the best-weights checkpoint of step 8 is on disk but before the state
-    checkpoint of step 8: the rerun resumes from step 6, evaluates step 8 again and must be
+    checkpoint of step 8: the rerun resumes from step 6 (or 4), evaluates step 8 again and must be
     able to write best-weights for step 8 once more."""
     cfg, out = _write_cfg(tmp_path, model_dir, "run")
     p = Proc(cfg, server, "best", extra_env={"RELIABILITY_DIE_AFTER_BEST": "8"})
@@ -344,7 +344,8 @@ def test_sigkill_between_best_and_state_checkpoint(model_dir, server, reference,
     assert "@dying at step 8" in p.stdout
     assert (out / "checkpoints" / "best" / "8").is_dir()
     runs = _finish(cfg, server, "final", max_runs=1)
-    assert _resumed_step(runs[0]) == 6
+    # Step 6's state checkpoint is async: it may or may not have completed before the kill.
+    assert _resumed_step(runs[0]) in (4, 6)
     _assert_same_as_reference(out, reference)
 
 
