@@ -21,6 +21,10 @@ hits all of them; each configuration reports the median over rounds of its per-r
 
     python3 benchmarks/peft_side_by_side.py --rounds 3 --steps 10 --warmup 2
 
+`--env VAR=value` (repeatable) sets an environment variable for both halves alike, e.g. a
+memory allocator (benchmarks/RESULTS.md: large per-step buffers are page-faulted afresh every
+step under glibc malloc, which both PyTorch and XLA:CPU pay for).
+
 Prints one table and, last, a JSON line with every run and the ratios.
 """
 
@@ -152,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/bench-tiny-cpu.yaml")
     ap.add_argument("--overrides", nargs="*", default=[], help="jaxlora key=value overrides")
     ap.add_argument("--modes", default="peft_bf16,peft_fp32,jaxlora")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="VAR=value set for BOTH halves (e.g. an allocator: LD_PRELOAD=..., MALLOC_CONF=...)",
+    )
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--peft-worker", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -162,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
     peft_cmd, peft_env = _command(args.peft_python)
     jax_cmd, jax_env = _command(args.jax_python)
+    for item in args.env:
+        k, _, v = item.partition("=")
+        peft_env[k] = jax_env[k] = v
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     commands = {}
     for mode in ("bf16", "fp32"):
@@ -216,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     for k, v in ratios.items():
         print(f"ratio {k}: {v:.2f}x")
-    print(json.dumps({"summary": summary, "ratios": ratios, "runs": runs}), flush=True)
+    out = {"summary": summary, "ratios": ratios, "env": args.env, "runs": runs}
+    print(json.dumps(out), flush=True)
     return 0
 
 

@@ -39,6 +39,30 @@ SKIP = ("ThreadpoolListener", "end: ", "ThunkExecutor", "SlinkyThreadPool", "Awa
 CONTAINERS = ("while", "call", "conditional")  # their time is the time of the thunks inside
 
 
+# Model part of an HLO instruction, from the op_name JAX records in its metadata (first match).
+SCOPES = (
+    ("attention core", ("vmap(", "BTNH", "btkgd", "bkgts", "dot_product_attention", "reduce_max")),
+    ("q/k/v/o projections", ("q_proj", "k_proj", "v_proj", "o_proj", "self_attn/dot_general")),
+    ("mlp projections", ("gate_proj", "up_proj", "down_proj", "mlp/dot_general")),
+    ("rope", ("self_attn/mul", "self_attn/neg", "self_attn/concatenate", "self_attn/split",
+              "self_attn/pad", "/cos", "/sin")),
+    ("mlp activation", ("mlp/logistic", "mlp/mul", "silu")),
+    ("rms norm", ("rsqrt", "layernorm", "/norm/")),
+    ("lm head + loss", ("d,dv->", "cd,dv", "cv,dv", "logsumexp", "take_along_axis", "exp",
+                        "one_hot", "reduce_sum", "jvp()/while", "convert_element_type")),
+    ("optimizer", ("adam", "scale_by", "apply_updates", "optax", "sqrt")),
+)  # fmt: skip
+
+
+def hlo_scopes(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> model part (see SCOPES), from its metadata op_name."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+        name, op = m.group(1), m.group(2)
+        out[name] = next((s for s, keys in SCOPES if any(k in op for k in keys)), "other")
+    return out
+
+
 def hlo_categories(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> short category ("dot", "fusion[reduce]", "copy", ...)."""
     # Computation bodies: name -> text, to see what a fusion holds.
@@ -84,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         import variants
 
         for name in args.patch.split(","):
-            variants.PATCHES[name.strip()]()
+            variants.run_patch(name.strip())
 
     compiled, run, batch, tokens = build(args.config, args.overrides)
     hlo = compiled.as_text()
@@ -133,9 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     print("by HLO category:")
     for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {k:40s} {v:8.1f} ms  {100 * v / max(total, 1e-9):5.1f}%")
+    scopes = hlo_scopes(hlo)
+    by_scope: dict[str, float] = collections.Counter()
+    for name, ms in per_name.items():
+        by_scope[scopes.get(name, "other")] += ms
+    print("by model part (from HLO metadata):")
+    for k, v in sorted(by_scope.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:24s} {v:8.1f} ms  {100 * v / max(total, 1e-9):5.1f}%")
     print(f"top {args.top} thunks (ms per step):")
     for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[: args.top]:
-        print(f"  {name:45s} {cats.get(name, '?'):32s} {ms:8.2f}  {100 * ms / total:5.1f}%")
+        cat, scope = cats.get(name, "?"), scopes.get(name, "other")
+        print(f"  {name:36s} {cat:26s} {scope:20s} {ms:8.2f}  {100 * ms / total:5.1f}%")
     return 0
 
 
