@@ -120,6 +120,11 @@ def _command(spec: str) -> tuple[list[str], dict[str, str]]:
     while words and "=" in words[0] and not words[0].startswith("-"):
         k, v = words.pop(0).split("=", 1)
         env[k] = v
+    if "PYENV_VERSION" in env:
+        # Under `pyenv exec` (this script started through a shim) PATH begins with the running
+        # interpreter's own bin dir, which would win over the shim that reads PYENV_VERSION.
+        parts = env.get("PATH", "").split(os.pathsep)
+        env["PATH"] = os.pathsep.join(p for p in parts if "/.pyenv/versions/" not in p)
     return words, env
 
 

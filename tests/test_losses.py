@@ -79,9 +79,21 @@ def test_chunked_loss_value_and_grad_equal_unchunked(chunk_size, softcap):
         s, n = _lm_loss(h, w, ids, mask, seg, chunk_size=cs, logit_softcap=softcap)
         return s / n
 
+    def plain(h, w):  # autodiff of whole-batch fp32 log-softmax: the reference
+        logits = jnp.einsum("btd,dv->btv", h[:, :-1], w)
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
+        logps = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1)[..., 0]
+        tw = L.target_weights(mask, seg)
+        return -jnp.sum(logps * tw) / jnp.sum(tw)
+
     vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
-    v0, (gh0, gw0) = vg(hidden, kernel, None)
+    v0, (gh0, gw0) = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(hidden, kernel)
     v1, (gh1, gw1) = vg(hidden, kernel, chunk_size)
+    vn, (ghn, gwn) = vg(hidden, kernel, None)  # the default chunking
+    np.testing.assert_allclose(vn, v0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ghn, gh0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gwn, gw0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gh1, gh0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw1, gw0, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlora.models.attention import attention
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import AdapterSpec, Linear
 
@@ -163,7 +164,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             new_cache = (k, v)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd**-0.5)  # [B, T, N, Dh]
+        out = attention(q, k, v, mask, hd**-0.5, cached=cache is not None)  # [B, T, N, Dh]
         out = out.reshape(b, t, nh * hd)
         out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
         return out, new_cache
@@ -289,7 +290,9 @@ class Decoder(nn.Module):
                 segment_ids = jnp.ones((b, t), jnp.int32)
             attn_mask = attention_mask(segment_ids, self.cfg.sliding_window)
         rope_len = t if kv_cache is None else kv_cache[0].shape[2]
-        cos, sin = rope_cos_sin(self.cfg, positions, rope_len)
+        # The barrier keeps cos/sin as two buffers: otherwise XLA fuses (recomputes) the
+        # trigonometry into every q/k RoPE fusion, per head, in every layer and in the backward.
+        cos, sin = jax.lax.optimization_barrier(rope_cos_sin(self.cfg, positions, rope_len))
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x, new_cache = self.layers(x, cos, sin, attn_mask, kv_cache, cache_index)
