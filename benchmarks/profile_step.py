@@ -85,6 +85,42 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
     return cats
 
 
+def _shape(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def hlo_dot_shapes(hlo_text: str) -> dict[str, tuple[float, str]]:
+    """Dot-holding fusion name -> (FLOPs per execution, "MxKxN" of its dot, batch folded in M)."""
+    bodies: dict[str, str] = {}
+    for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo_text, re.S | re.M):
+        bodies[m.group(1)] = m.group(2)
+    out = {}
+    for m in re.finditer(
+        r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? fusion\(.*?calls=%?([\w.\-]+)", hlo_text, re.M
+    ):
+        body = bodies.get(m.group(2), "")
+        d = re.search(
+            r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?[\w.\-]+\)"
+            r".*?lhs_contracting_dims=\{([\d,]*)\}",
+            body,
+        )
+        if not d:
+            continue
+        lhs = re.search(rf"%?{re.escape(d.group(2))} = \w+\[([\d,]*)\]", body)
+        if not lhs:
+            continue
+        out_dims, lhs_dims = _shape(d.group(1)), _shape(lhs.group(1))
+        k = 1
+        for i in _shape(d.group(3)):
+            k *= lhs_dims[i]
+        n_out = 1
+        for x in out_dims:
+            n_out *= x
+        n = out_dims[-1] if out_dims else 1
+        out[m.group(1)] = (2.0 * n_out * k, f"{n_out // max(n, 1)}x{k}x{n}")
+    return out
+
+
 def build(cfg_path: str, overrides: list[str]):
     cfg = load_config(cfg_path, overrides)
     run = bench.build_bench_run(cfg)
@@ -131,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     data = jax.profiler.ProfileData.from_file(path)
 
     per_name: dict[str, float] = collections.Counter()
+    per_count: dict[str, float] = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
             if "XLAExecute" not in line.name and "XLAEigen" not in line.name:
@@ -142,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cats.get(name, "") in CONTAINERS:
                     continue
                 per_name[name] += ev.duration_ns / 1e6 / args.steps  # ms per step
+                per_count[name] += 1 / args.steps
     total = sum(per_name.values())
     per_cat: dict[str, float] = collections.Counter()
     for name, ms in per_name.items():
@@ -164,6 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     print("by model part (from HLO metadata):")
     for k, v in sorted(by_scope.items(), key=lambda kv: -kv[1]):
         print(f"  {k:24s} {v:8.1f} ms  {100 * v / max(total, 1e-9):5.1f}%")
+    # Dot efficiency by shape: thin dots (a side <= 64: LoRA rank, per-head attention) vs the rest.
+    dots = hlo_dot_shapes(hlo)
+    groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for name, ms in per_name.items():
+        if name in dots:
+            flops, mkn = dots[name]
+            thin = min(int(x) for x in mkn.split("x")) <= 64
+            g = groups["thin dots (a side <= 64)" if thin else "wide dots"]
+            g[0] += ms
+            g[1] += flops * per_count[name]
+    print("dot efficiency (executed dot FLOPs, per step):")
+    for k, (ms, fl) in sorted(groups.items()):
+        rate = fl / (ms / 1e3) / 1e9 if ms else 0.0
+        print(f"  {k:26s} {ms:8.1f} ms  {fl / 1e9:7.1f} GFLOP  {rate:6.0f} GFLOP/s")
     print(f"top {args.top} thunks (ms per step):")
     for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[: args.top]:
         cat, scope = cats.get(name, "?"), scopes.get(name, "other")
