@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlora.data import load_preference_dataset, load_sft_dataset, load_text_dataset
+from jaxlora.data.templates import resolve_template
 from jaxlora.errors import UserError
 
 LF = Path("/work/shared/data/llamafactory")
@@ -354,7 +355,12 @@ def test_file_level_errors(tmp_path, chatml_tokenizer):
         load_sft_dataset(chatml_tokenizer, dataset="alpaca_en_dem", dataset_dir=str(tmp_path))
     with pytest.raises(UserError, match=r"unknown formatting 'alpacca'"):
         load_sft_dataset(chatml_tokenizer, dataset=empty, formatting="alpacca")
-    with pytest.raises(UserError, match=r"unknown template 'chatm'.*did you mean `chatml`"):
+    # A typo is an error even when the tokenizer has its own template (no silent fallback);
+    # a LLaMA-Factory name jaxlora does not ship falls back to the tokenizer's template.
+    with pytest.raises(UserError, match=r"'chatml3': unknown template.*did you mean `chatml`"):
+        resolve_template(chatml_tokenizer, template="chatml3")
+    assert resolve_template(chatml_tokenizer, template="mistral").name == "tokenizer"
+    with pytest.raises(UserError, match=r"'chatm': unknown template.*did you mean `chatml`"):
         load_sft_dataset(
             chatml_tokenizer.__class__(tokenizer_object=chatml_tokenizer.backend_tokenizer),
             dataset=empty,

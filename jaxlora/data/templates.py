@@ -71,6 +71,22 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, str | None]] = {
     "llama3": (LLAMA3_TEMPLATE, None),
 }
 
+# LLaMA-Factory's registered template names that jaxlora does not ship: with one of these a
+# LLaMA-Factory config runs unchanged on the tokenizer's own template. Any other unknown name is
+# a typo and gets an error with a suggestion instead of a silent fallback.
+LLAMAFACTORY_TEMPLATES = frozenset(
+    """alpaca aquila atom baichuan baichuan2 bailing belle bluelm breeze chatglm2 chatglm3
+    chatml_de codegeex2 codegeex4 cohere cpm cpm3 cpm4 dbrx deepseek deepseek3 deepseekr1
+    deepseekcoder default empty exaone falcon falcon_h1 fewshot gemma gemma2 gemma3 gemma3n glm4
+    glm4_moe glm4v glmz1 gpt granite3 granite3_vision granite4 hunyuan index intern intern2
+    intern_vl intern_s1 kimi_vl llama2 llama2_zh llama4 llava llava_next llava_next_mistral
+    llava_next_qwen llava_next_video marco mimo mimo_vl minicpm_v minicpm_o ministral mistral
+    mllama moonlight olmo openchat openchat-3.6 opencoder orion paligemma phi phi_small phi4
+    phi4_mini pixtral qwen2_audio qwen2_omni qwen2_vl qwen3 qwen3_nothink qwen3_vl sailor seed_oss
+    seed_coder skywork skywork_o1 smollm smollm2 solar starchat telechat telechat2 vicuna
+    video_llava xuanyuan xverse yayi yi yi_vl yuan zephyr ziya""".split()
+)
+
 # Values of `template` that mean "use the tokenizer's own chat template".
 _AUTO = (None, "", "auto", "tokenizer")
 
@@ -100,7 +116,8 @@ def resolve_template(
 
     A LLaMA-Factory template name jaxlora does not ship (``mistral``, ``gemma`` ...) falls back to
     the tokenizer's own template when it has one (with a log line), so LLaMA-Factory configs run
-    unchanged. ``system`` overrides any default system prompt.
+    unchanged; any other name is an error with a did-you-mean (a typo must not silently train
+    on a different template). ``system`` overrides any default system prompt.
     """
     if chat_template and "{" not in chat_template and Path(chat_template).expanduser().is_file():
         chat_template = Path(chat_template).expanduser().read_text(encoding="utf-8")
@@ -125,12 +142,17 @@ def resolve_template(
         source, default_system = BUILTIN_TEMPLATES[template]
         _check_special_tokens(tokenizer, source, template)
         return ChatTemplate(source, system if system is not None else default_system, template)
-    if own:
+    if own and template in LLAMAFACTORY_TEMPLATES:
         log.info("template %r is not built in; using the tokenizer's own chat template", template)
         return ChatTemplate(own, system, "tokenizer")
+    known = (*BUILTIN_TEMPLATES, *LLAMAFACTORY_TEMPLATES)
+    if template in LLAMAFACTORY_TEMPLATES:
+        hint = "jaxlora does not ship it and the tokenizer has no chat template of its own"
+    else:
+        hint = f"unknown template{did_you_mean(str(template), known)}"
+    own_hint = "`template: auto` uses the tokenizer's own template; " if own else ""
     raise UserError(
-        f"config key `template`: unknown template {template!r}"
-        f"{did_you_mean(str(template), BUILTIN_TEMPLATES)}; built-in templates are "
+        f"config key `template`: {template!r}: {hint}; {own_hint}built-in templates are "
         f"{sorted(BUILTIN_TEMPLATES)} (or give a Jinja string as `chat_template`)"
     )
 
