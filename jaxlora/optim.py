@@ -139,15 +139,35 @@ def make_optimizer(
         inner = adamw(sched)
     if max_grad_norm and max_grad_norm > 0:
         inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
+    k = max(int(accumulation_steps), 1)
     tx = optax.MultiSteps(
         inner,
-        every_k_schedule=max(int(accumulation_steps), 1),
-        # A micro-batch with a non-finite gradient is dropped instead of poisoning the
-        # accumulator or the weights (counted in the state's skip_state).
+        every_k_schedule=k,
+        # k = 1: a micro-batch with a non-finite gradient skips its update entirely (weights,
+        # moments and schedule untouched). k > 1 never gets here with one: see below.
         should_skip_update_fn=optax.skip_not_finite,
     )
-    # The state stays a MultiStepsState (fp32_state is stateless), as the step expects.
+    if k > 1:
+        tx = zero_nonfinite_gradients(tx)
+    # The state stays a MultiStepsState (the wrappers are stateless), as the step expects.
     return fp32_state(tx), sched
+
+
+def zero_nonfinite_gradients(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """A non-finite micro-batch gradient enters `tx` as zeros (for accumulation, k > 1).
+
+    Skipping it inside `MultiSteps` would not advance its mini-step, so every later group would be
+    shifted by one micro-batch against the loop's groups (whose token counts set `loss_scale`).
+    Entering zeros keeps the phase: the poisoned micro-batch contributes nothing and its group's
+    update is made from the others (still normalised by the whole group's tokens).
+    """
+
+    def update(updates, state, params=None):
+        finite = jnp.isfinite(optax.global_norm(updates))
+        safe = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        return tx.update(safe, state, params)
+
+    return optax.GradientTransformation(tx.init, update)
 
 
 def accumulated_grad_norm(opt_state: optax.MultiStepsState, grads: Any) -> jax.Array:

@@ -129,7 +129,12 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
                             f"optimiser step {bad_m // k + 1} (micro-step {bad_m}: epoch "
                             f"{epoch}, batch {batch_idx})"
                         )
-                        log(f"warning: non-finite loss/gradient at {where}; update skipped")
+                        what = (
+                            "update skipped"
+                            if k == 1
+                            else "micro-batch left out of its accumulation group"
+                        )
+                        log(f"warning: non-finite loss/gradient at {where}; {what}")
                         if skipped > tcfg.max_nonfinite_skips:
                             raise UserError(
                                 f"{skipped} non-finite steps (last at {where}); "

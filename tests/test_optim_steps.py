@@ -99,6 +99,31 @@ def test_optimizer_state_only_for_adapter(tiny_model_dir):
     assert n_state == 3 * n_adapter
 
 
+def test_nonfinite_micro_batch_keeps_the_accumulation_phase(tiny_model_dir):
+    """k = 2: a NaN micro-batch contributes nothing, and the NEXT group is still the next two
+    micro-batches (skipping inside MultiSteps would shift every later group by one)."""
+    rng = np.random.default_rng(3)
+    b1, b2, b3, b4 = (_batch(rng, 2, 16, 500) for _ in range(4))
+    model, step, state = _setup(tiny_model_dir, 2)
+    _, _, ref = _setup(tiny_model_dir, 2)
+
+    def zero_loss(b):  # a finite micro-batch whose gradient is exactly zero
+        return {**b, "loss_scale": np.float32(0.0)}
+
+    state, m = step(state, model.params, {**b1, "loss_scale": np.float32(np.nan)})
+    assert not bool(m["finite"])
+    for b in (b2, b3, b4):
+        state, _ = step(state, model.params, b)
+    for b in (zero_loss(b1), b2, b3, b4):
+        ref, _ = step(ref, model.params, b)
+    assert int(state["opt_state"].mini_step) == 0 == int(ref["opt_state"].mini_step)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7),
+        state["trainable"],
+        ref["trainable"],
+    )
+
+
 def test_nonfinite_batch_is_skipped(tiny_model_dir):
     rng = np.random.default_rng(0)
     batch = _batch(rng, 2, 16, 500)
