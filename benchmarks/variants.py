@@ -14,6 +14,8 @@ Patches:
                    jax.nn.dot_product_attention over all T x T scores, autodiff backward.
   plain_ce         the LM loss through autodiff of chunked log-probs instead of the fused
                    head + cross-entropy (losses.fused_ce_sum).
+  attn_block@N     N query rows per block of the block-causal attention (default 128).
+  ce_budget@MiB    fp32 logits per fused-CE chunk on CPU (default 64 MiB = 512 tokens here).
   fused_proj       q/k/v kernels (and gate/up) concatenated inside the step so each group is one
                    wider matmul (and one LoRA-A matmul) instead of three (two). Not adopted:
                    no gain measured (benchmarks/RESULTS.md).
@@ -133,6 +135,20 @@ def patch_dense_attention() -> None:
     attention.ATTENTION_BLOCK = 1 << 30
 
 
+def patch_attn_block(rows: int) -> None:
+    """Query rows per block of the CPU block-causal attention (`attn_block@64`)."""
+    from jaxlora.models import attention
+
+    attention.ATTENTION_BLOCK = rows
+
+
+def patch_ce_budget(mib: int) -> None:
+    """fp32 logits budget per fused-CE chunk on CPU, in MiB (`ce_budget@32`)."""
+    from jaxlora import losses
+
+    losses.FUSED_CE_BUDGET_BYTES = {**losses.FUSED_CE_BUDGET_BYTES, "cpu": mib * 2**20}
+
+
 def patch_plain_ce() -> None:
     """The LM loss through autodiff of chunked log-probs instead of the fused head + CE."""
     from jaxlora import losses, steps
@@ -149,19 +165,22 @@ def patch_plain_ce() -> None:
 PATCHES = {
     "dense_attention": patch_dense_attention,
     "plain_ce": patch_plain_ce,
+    "attn_block": patch_attn_block,
+    "ce_budget": patch_ce_budget,
     "fused_proj": patch_fused_proj,
 }
 
 
 # Everything a patch may replace, so variants can be built one after another in one process.
 def _patch_targets() -> list[tuple[object, str]]:
-    from jaxlora import bench, steps
+    from jaxlora import bench, losses, steps
     from jaxlora.checkpoints import hf
     from jaxlora.models import attention, llama
 
     return [
         (attention, "ATTENTION_BLOCK"),
         (steps, "masked_lm_loss"),
+        (losses, "FUSED_CE_BUDGET_BYTES"),
         (llama, "Attention"),
         (llama, "MLP"),
         (bench, "random_model"),
