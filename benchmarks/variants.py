@@ -13,7 +13,7 @@ Patches:
   dense_attention  switch off the CPU block-causal attention (models/attention.py):
                    jax.nn.dot_product_attention over all T x T scores, autodiff backward.
   plain_ce         the LM loss through autodiff of chunked log-probs instead of the fused
-                   head + cross-entropy (losses.fused_ce_sum).
+                   head + cross-entropy (jaxlora/fused_ce.py).
   attn_block@N     N query rows per block of the block-causal attention (default 128).
   ce_budget@MiB    fp32 logits per fused-CE chunk on CPU (default 64 MiB = 512 tokens here).
   fused_proj       q/k/v kernels (and gate/up) concatenated inside the step so each group is one
@@ -144,9 +144,9 @@ def patch_attn_block(rows: int) -> None:
 
 def patch_ce_budget(mib: int) -> None:
     """fp32 logits budget per fused-CE chunk on CPU, in MiB (`ce_budget@32`)."""
-    from jaxlora import losses
+    from jaxlora import fused_ce
 
-    losses.FUSED_CE_BUDGET_BYTES = {**losses.FUSED_CE_BUDGET_BYTES, "cpu": mib * 2**20}
+    fused_ce.FUSED_CE_BUDGET_BYTES = {**fused_ce.FUSED_CE_BUDGET_BYTES, "cpu": mib * 2**20}
 
 
 def patch_plain_ce() -> None:
@@ -173,14 +173,14 @@ PATCHES = {
 
 # Everything a patch may replace, so variants can be built one after another in one process.
 def _patch_targets() -> list[tuple[object, str]]:
-    from jaxlora import bench, losses, steps
+    from jaxlora import bench, fused_ce, steps
     from jaxlora.checkpoints import hf
     from jaxlora.models import attention, llama
 
     return [
         (attention, "ATTENTION_BLOCK"),
         (steps, "masked_lm_loss"),
-        (losses, "FUSED_CE_BUDGET_BYTES"),
+        (fused_ce, "FUSED_CE_BUDGET_BYTES"),
         (llama, "Attention"),
         (llama, "MLP"),
         (bench, "random_model"),
