@@ -28,7 +28,7 @@ def _dense(q, k, v, mask, scale):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
-@pytest.mark.parametrize("block,window", [(8, None), (16, None), (7, None), (8, 5)])
+@pytest.mark.parametrize("block,window", [(8, None), (7, None), (8, 5)])
 def test_block_causal_matches_dense_value_and_grads(block, window):
     q, k, v, g, seg = _inputs()
     mask = attention_mask(seg, window)
@@ -58,14 +58,14 @@ def test_bf16_block_attention_close_to_fp32_and_finite_on_padding():
     mask = attention_mask(seg)
     ref = _dense(q, k, v, mask, DH**-0.5)
     cast = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    out = A.block_causal_attention(*cast, mask, DH**-0.5, 8)
+    out = jax.jit(A.block_causal_attention, static_argnums=(4, 5))(*cast, mask, DH**-0.5, 8)
     assert out.dtype == jnp.bfloat16
     real = np.asarray(seg != 0)[:, :, None, None]
     np.testing.assert_allclose(np.where(real, out.astype(jnp.float32), 0), np.where(real, ref, 0),
                                atol=3e-2)  # fmt: skip
-    grads = jax.grad(lambda q: jnp.sum(A.block_causal_attention(q, *cast[1:], mask, 0.3, 8)))(
-        cast[0]
-    )
+    grads = jax.jit(
+        jax.grad(lambda q: jnp.sum(A.block_causal_attention(q, *cast[1:], mask, 0.3, 8)))
+    )(cast[0])
     assert bool(jnp.all(jnp.isfinite(grads.astype(jnp.float32))))
 
 
