@@ -118,6 +118,25 @@ def test_bf16_inputs_give_fp32_logprobs_close_to_fp32_math():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_loss_in_bf16_matches_fp32_math_on_the_same_values():
+    """bf16 hidden/head (the training dtypes): loss and d/dh of the fused head + CE agree with
+    fp32 math on the same bf16 values (dlogits are rounded to bf16 for the dX matmul)."""
+    hidden, kernel, ids = _inputs(6, dtype=jnp.bfloat16)
+    mask = jnp.ones(ids.shape, jnp.int32)
+
+    def loss(h, w):
+        s, n = _lm_loss(h, w, ids, mask, chunk_size=4)
+        return s / n
+
+    v16, g16 = jax.jit(jax.value_and_grad(loss))(hidden, kernel)
+    v32, g32 = jax.jit(jax.value_and_grad(loss))(
+        hidden.astype(jnp.float32), kernel.astype(jnp.float32)
+    )
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(v16, v32, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g16, np.float32), g32, rtol=2e-2, atol=2e-3)
+
+
 def test_chunked_grad_never_materialises_full_logits():
     b, t, v = 2, 129, 4096
     k = jax.random.split(jax.random.PRNGKey(5), 3)
