@@ -1,7 +1,7 @@
-"""DPO (and reference-free ORPO / SimPO) on top of `RunSetup`: reference model, pairs, loss, cache.
+"""DPO (and reference-free ORPO / SimPO) on top of `RunSetup`: reference model, pairs, loss.
 
 Why this file exists: a preference step differs from an SFT step in four ways, and all four live
-here so the training loop stays stage-agnostic:
+here (the cache's storage in `jaxlora.dpo_cache`) so the training loop stays stage-agnostic:
 
 1. **Reference model.** LoRA: the reference is the frozen base with the adapter switched off —
    the same weights, called without the "lora" collection, under `stop_gradient`, inside the same
@@ -16,11 +16,9 @@ here so the training loop stays stage-agnostic:
 3. **One forward for chosen and rejected.** Unpacked batches stack `chosen_*` over `rejected_*` to
    [2B, T]; packed rows hold pair k in segments 2k-1 (chosen) and 2k (rejected).
 4. **Cached reference log-probs** (`precompute_ref_logps: true`): computed once before training
-   and stored at `$JAXLORA_CACHE/ref_logps/<key>.npz` (default `~/.cache/jaxlora`), keyed by a
-   fingerprint of model (config.json + sampled content of every weight file + dtype/quantisation
-   + the initial adapter's values), data (the encoded token ids of train and eval), template and
-   lengths. The batches then carry `ref_chosen_logps`/`ref_rejected_logps` [B, P] and the step
-   traces no reference forward.
+   and stored on disk by `jaxlora.dpo_cache` (fingerprinting, file format, precompute pass). The
+   batches then carry `ref_chosen_logps`/`ref_rejected_logps` [B, P] and the step traces no
+   reference forward.
 
 Metrics are SUMS over real pairs (dummy all-padding rows and empty packed slots are masked out)
 keyed `pref/...`, plus `pref/count`; the loop divides by the summed count.
@@ -28,11 +26,6 @@ keyed `pref/...`, plus `pref/count`; the loop divides by the summed count.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,9 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora import distributed
+from jaxlora import dpo_cache
 from jaxlora.data.batching import KEYS, Batcher
-from jaxlora.data.pipeline import fingerprint as data_fingerprint
 from jaxlora.losses import (
     dpo_loss,
     orpo_loss,
@@ -54,7 +46,6 @@ from jaxlora.losses import (
 from jaxlora.models.llama import head_kernel
 from jaxlora.steps import variables_for
 
-CACHE_FORMAT = "jaxlora-ref-logps-1"
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -68,11 +59,6 @@ class PairLogps(NamedTuple):
     present: jax.Array  # bool: a real pair (not a dummy row / empty packed slot)
 
 
-def cache_root() -> Path:
-    """`$JAXLORA_CACHE` (default `~/.cache/jaxlora`), shared with the tiny demo model."""
-    return Path(os.environ.get("JAXLORA_CACHE", Path.home() / ".cache" / "jaxlora"))
-
-
 def _is_packed(samples: list) -> bool:
     return bool(samples) and getattr(samples[0], "segment_ids", None) is not None
 
@@ -80,14 +66,6 @@ def _is_packed(samples: list) -> bool:
 def _pairs_in_row(sample: Any) -> int:
     """Packed row: segments 2k-1/2k are pair k, so pairs = ceil(max segment id / 2)."""
     return (int(np.max(sample.segment_ids)) + 1) // 2
-
-
-def chunk_for(rows: int, length: int, vocab: int) -> int | None:
-    """`RunSetup`'s LM-head chunking rule for `rows` sequences per device: chunk the sequence
-    axis when fp32 logits would exceed 256 MiB, into the largest power of two that fits."""
-    if rows * length * vocab * 4 <= 2**28:
-        return None
-    return max(16, 1 << max((2**28 // (rows * vocab * 4)).bit_length() - 1, 0))
 
 
 def _stack_rows(batch: dict) -> tuple[jax.Array, ...]:
@@ -129,55 +107,10 @@ def _place_like_policy(run: Any, tree: Any) -> Any:
     return jax.device_put(tree, target)
 
 
-def _mesh_context(run: Any):
-    mesh = getattr(run, "mesh", None)
-    if mesh is None:
-        return contextlib.nullcontext()
-    from jaxlora import sharding
-
-    return sharding.mesh_context(mesh)
-
-
 def _adapter_nonzero(adapter: Any) -> bool:
     """True when the adapter changes the model (some lora_b is non-zero)."""
     flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
     return any(getattr(p[-1], "key", None) == "lora_b" and bool(jnp.any(x != 0)) for p, x in flat)
-
-
-def _file_digest(path: Path, chunk: int = 1 << 16, samples: int = 16) -> str:
-    """Name, size and sha256 of 16 evenly spaced 64 KiB chunks (incl. the first and last).
-
-    Content, not mtime: every host of a multi-host run must derive the same key, and a
-    re-generated checkpoint with equal shapes (same safetensors header) must not match.
-    """
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{path.name}:{size}".encode())
-    offsets = {min(size * i // samples, max(size - chunk, 0)) for i in range(samples)}
-    offsets.add(max(size - chunk, 0))
-    with open(path, "rb") as fh:
-        for off in sorted(offsets):
-            fh.seek(off)
-            h.update(fh.read(chunk))
-    return h.hexdigest()
-
-
-def _tree_digest(tree: Any) -> str:
-    h = hashlib.sha256()
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.asarray(jax.device_get(x))
-        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def _gather_rows(x: jax.Array) -> np.ndarray:
-    """All rows of a batch output on every host (global arrays or per-host local slices)."""
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    tiled = getattr(x, "is_fully_addressable", True)  # local slices are concatenated
-    return np.asarray(multihost_utils.process_allgather(x, tiled=tiled))
 
 
 class DPOSetup:
@@ -214,7 +147,15 @@ class DPOSetup:
         if self.use_reference and f.precompute_ref_logps:
             # Before the first step `run.trainable` IS the initial model: no copy needed.
             initial = run.trainable if needs_initial else None
-            self._tables = self._cached_tables(run, base, initial, log)
+            self._tables, self.cache_path, self.cache_hit = dpo_cache.cached_tables(
+                run,
+                base,
+                initial,
+                self.reference_fn,
+                packed=self.packed,
+                pairs_per_row=self.pairs_per_row,
+                log=log,
+            )
         else:
             if f.precompute_ref_logps:
                 log(
@@ -227,29 +168,6 @@ class DPOSetup:
                 frozen["ref_trainable"] = _place_like_policy(run, copy)
         run.frozen = frozen
         self.frozen_keys = tuple(frozen)
-
-    def _cached_tables(self, run: Any, base: Any, initial: Any, log) -> dict[str, np.ndarray]:
-        """Reference log-prob tables from the on-disk cache, computed and saved on a miss."""
-        key = self._fingerprint(run, initial)
-        self.cache_path = cache_root() / "ref_logps" / f"{key[:32]}.npz"
-        tables = self._load_cache(key, run)
-        # A hit must be unanimous, or the hosts would run different programs.
-        self.cache_hit = not distributed.agree_on_flag(tables is None)
-        if self.cache_hit:
-            log(f"reference log-probs: read from cache {self.cache_path}")
-            return tables
-        t0 = time.perf_counter()
-        frozen = {"base": base}
-        if initial is not None:
-            frozen["ref_trainable"] = initial
-        tables = self._precompute(run, frozen)
-        self._save_cache(key, tables)
-        log(
-            f"reference log-probs: computed for {len(run.data.train)} train / "
-            f"{len(run.data.eval)} eval samples in {time.perf_counter() - t0:.1f}s, "
-            f"cached at {self.cache_path}"
-        )
-        return tables
 
     # ------------------------------------------------------------------------- batches
     def target_counts(self, samples: list) -> np.ndarray:
@@ -409,109 +327,3 @@ class DPOSetup:
             return loss_sum * batch.get("loss_scale", 1.0), (loss_sum, n_pairs, metrics)
 
         return loss
-
-    # ------------------------------------------------------------------------- cache
-    def _fingerprint(self, run: Any, initial: Any) -> str:
-        cfg, report = run.cfg, run.data.report
-        model_dir = Path(run.model.path) if run.model.path else None
-        files = {}
-        if model_dir is not None:
-            for p in sorted(model_dir.glob("*.safetensors")):
-                files[p.name] = _file_digest(p)
-        parts = {
-            "format": CACHE_FORMAT,
-            "model_config": run.model.raw_config or repr(run.model.config),
-            "weights": files,
-            "mode": run.mode,
-            "dtype": str(jnp.dtype(run.model.dtype)),
-            "quantization": [
-                cfg.model.quantization_bit,
-                cfg.model.quantization_type,
-                cfg.model.double_quantization,
-            ],
-            "attention": cfg.model.attention,
-            # LoRA reference = base + initial adapter; full/freeze copies come from the files.
-            "ref_adapter": _tree_digest(initial) if run.mode == "lora" and initial else None,
-            "adapter_spec": repr(run.adapter_spec) if initial is not None else None,
-            "data": data_fingerprint(run.data.train, run.data.eval),
-            "n": [len(run.data.train), len(run.data.eval)],
-            "template": [report.template_name, report.chat_template],
-            "lengths": [cfg.data.cutoff_len, cfg.data.max_prompt_length, self.packed],
-        }
-        blob = json.dumps(parts, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-    def _expected_shapes(self, run: Any) -> dict[str, tuple[int, ...]]:
-        p = self.pairs_per_row
-        out = {"train": (len(run.data.train), p, 2)}
-        if run.data.eval:
-            out["eval"] = (len(run.data.eval), p, 2)
-        return out
-
-    def _load_cache(self, key: str, run: Any) -> dict[str, np.ndarray] | None:
-        path = self.cache_path
-        if path is None or not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) != key:
-                    return None
-                tables = {k: np.asarray(z[k]) for k in self._expected_shapes(run)}
-        except (OSError, KeyError, ValueError):
-            return None  # unreadable or partial: recompute
-        if any(tables[k].shape != s for k, s in self._expected_shapes(run).items()):
-            return None
-        return tables
-
-    def _save_cache(self, key: str, tables: dict[str, np.ndarray]) -> None:
-        """Atomic write (temp file + rename); every host writes its own copy if it lacks one,
-        so caches on host-local disks also hit next time."""
-        path = self.cache_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{jax.process_index()}.tmp.npz")
-        try:
-            np.savez(tmp, key=np.asarray(key), **tables)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _precompute(self, run: Any, frozen: dict) -> dict[str, np.ndarray]:
-        """Reference log-probs of every train/eval sample: [N, pairs_per_row, 2] (chosen,
-        rejected), batched and jitted like the eval step."""
-        per_device = run.cfg.train.resolved_eval_batch_size
-        mesh = getattr(run, "mesh", None)
-        if mesh is not None:
-            from jaxlora import sharding
-
-            batch_size = per_device * sharding.batch_shards(mesh)
-        else:
-            batch_size = per_device * jax.device_count()
-        module = run.model.module(run.adapter_spec)
-        rows = per_device * (1 if self.packed else 2)
-        length = run.cfg.data.cutoff_len * (2 if self.packed else 1)
-        chunk = chunk_for(rows, length, run.model.config.vocab_size)
-        fn = jax.jit(self.reference_fn(module, chunk))
-        tables = {}
-        for split, samples in (("train", run.data.train), ("eval", run.data.eval)):
-            if not samples:
-                continue
-            batcher = Batcher(
-                samples,
-                batch_size=batch_size,
-                pad_id=run.data.pad_id,
-                cutoff_len=run.cfg.data.cutoff_len,
-                shuffle=False,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-            table = np.zeros((len(samples), self.pairs_per_row, 2), np.float32)
-            for step in range(len(batcher)):
-                idx = batcher.global_indices(0, step)
-                batch = run.put_batch(batcher.get(0, step))
-                with _mesh_context(run):  # activation sharding constraints, as in the steps
-                    rc, rr = fn(frozen, batch)
-                keep = idx >= 0
-                table[idx[keep], :, 0] = _gather_rows(rc)[keep]
-                table[idx[keep], :, 1] = _gather_rows(rr)[keep]
-            tables[split] = table
-        return tables
