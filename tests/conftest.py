@@ -6,7 +6,32 @@ Built once per session from `jaxlora.tiny` (no network). Fixtures that other tes
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
+
+_CACHE_DIR: str | None = None
+
+
+def pytest_configure(config):
+    """One persistent JAX compilation cache per test session (in-process and subprocesses).
+
+    Many tests build the same tiny train/eval steps; compiling each distinct program once cuts
+    the suite's wall time. Set before any test module imports jax (jax reads the env at import).
+    A cache supplied by the caller (JAX_COMPILATION_CACHE_DIR already set) is left alone.
+    """
+    global _CACHE_DIR
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _CACHE_DIR = tempfile.mkdtemp(prefix="jaxlora-test-jit-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+def pytest_unconfigure(config):
+    if _CACHE_DIR:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
