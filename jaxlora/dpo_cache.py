@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import distributed
-from jaxlora.data.batching import Batcher
 from jaxlora.data.pipeline import fingerprint as data_fingerprint
 
 CACHE_FORMAT = "jaxlora-ref-logps-1"
@@ -197,15 +196,7 @@ def precompute_tables(
     for split, samples in (("train", run.data.train), ("eval", run.data.eval)):
         if not samples:
             continue
-        batcher = Batcher(
-            samples,
-            batch_size=batch_size,
-            pad_id=run.data.pad_id,
-            cutoff_len=run.cfg.data.cutoff_len,
-            shuffle=False,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        batcher = run.in_order_batcher(samples, batch_size)
         table = np.zeros((len(samples), pairs_per_row, 2), np.float32)
         for step in range(len(batcher)):
             idx = batcher.global_indices(0, step)

@@ -283,15 +283,19 @@ class RunSetup:
         if self.cfg.eval_enabled and self.data.eval:
             self.eval_every = tcfg.resolved_eval_steps
             eval_bs = tcfg.resolved_eval_batch_size * shards
-            self.eval_batcher = Batcher(
-                self.data.eval,
-                batch_size=eval_bs,
-                pad_id=self.data.pad_id,
-                cutoff_len=self.cfg.data.cutoff_len,
-                shuffle=False,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
+            self.eval_batcher = self.in_order_batcher(self.data.eval, eval_bs)
+
+    def in_order_batcher(self, samples: list, batch_size: int) -> Batcher:
+        """Unshuffled global batches of `samples` (eval, reference pre-pass), this host's rows."""
+        return Batcher(
+            samples,
+            batch_size=batch_size,
+            pad_id=self.data.pad_id,
+            cutoff_len=self.cfg.data.cutoff_len,
+            shuffle=False,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
 
     def _position(self, m: int) -> tuple[int, int]:
         return divmod(m, self.steps_per_epoch)
