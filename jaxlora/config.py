@@ -22,7 +22,7 @@ finetune: FinetuneArgs, train: TrainArgs, mesh: MeshArgs)`.
 LLaMA-Factory / HF keys that jaxlora does not need (`do_train`, `report_to`, `deepspeed`, ...) are
 accepted and recorded in `cfg.ignored` (key -> one-line reason) for the CLI to print as warnings.
 Keys naming features jaxlora does not implement (`use_galore: true`, `stage: kto`, ...) are errors
-unless set to a no-op value. Validation rules are listed in `jaxlora.config_parse._validate`.
+unless set to a no-op value. Validation rules are listed in `jaxlora.config_validate._validate`.
 """
 
 from __future__ import annotations

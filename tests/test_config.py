@@ -552,7 +552,11 @@ def test_lora_target_modules() -> None:
 
 @pytest.mark.parametrize(
     ("name", "siblings"),
-    [("config", {"jaxlora.config_parse"}), ("config_parse", {"jaxlora.config"})],
+    [
+        ("config", {"jaxlora.config_parse"}),
+        ("config_parse", {"jaxlora.config", "jaxlora.config_validate"}),
+        ("config_validate", {"jaxlora.config"}),
+    ],
 )
 def test_config_module_imports_no_jax(name: str, siblings: set[str]) -> None:
     # config is plain data: the CLI validates a config before JAX (and its backends) start.
