@@ -63,12 +63,15 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
     return out
 
 
+def hlo_bodies(hlo_text: str) -> dict[str, str]:
+    """HLO computation name -> its body text."""
+    found = re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo_text, re.S | re.M)
+    return {m.group(1): m.group(2) for m in found}
+
+
 def hlo_categories(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> short category ("dot", "fusion[reduce]", "copy", ...)."""
-    # Computation bodies: name -> text, to see what a fusion holds.
-    bodies: dict[str, str] = {}
-    for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo_text, re.S | re.M):
-        bodies[m.group(1)] = m.group(2)
+    bodies = hlo_bodies(hlo_text)  # to see what a fusion holds
     cats: dict[str, str] = {}
     pattern = r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? ([a-z\-]+)\((.*)$"
     for m in re.finditer(pattern, hlo_text, re.M):
@@ -91,9 +94,7 @@ def _shape(text: str) -> list[int]:
 
 def hlo_dot_shapes(hlo_text: str) -> dict[str, tuple[float, str]]:
     """Dot-holding fusion name -> (FLOPs per execution, "MxKxN" of its dot, batch folded in M)."""
-    bodies: dict[str, str] = {}
-    for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo_text, re.S | re.M):
-        bodies[m.group(1)] = m.group(2)
+    bodies = hlo_bodies(hlo_text)
     out = {}
     for m in re.finditer(
         r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? fusion\(.*?calls=%?([\w.\-]+)", hlo_text, re.M

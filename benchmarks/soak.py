@@ -68,15 +68,11 @@ def soak_config(model_dir: Path, out: Path, steps: int) -> dict:
 def run(steps: int, every: int, warmup: int, workdir: Path, trace: bool = False) -> dict:
     import jaxlora.train as train_mod
     from jaxlora.config import config_from_dict
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.tiny import MICRO_MODEL, make_tiny_model
 
     model_dir = make_tiny_model(
         workdir / "model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **MICRO_MODEL,
         embed_std=0.1,
     )
     cfg = config_from_dict(soak_config(model_dir, workdir / "run", steps))

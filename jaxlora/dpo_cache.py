@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxlora import distributed
 from jaxlora.data.pipeline import fingerprint as data_fingerprint
+from jaxlora.fused_ce import fused_ce_positions
 
 CACHE_FORMAT = "jaxlora-ref-logps-1"
 
@@ -40,14 +41,6 @@ ReferenceFactory = Callable[[Any, int | None], Callable]
 def cache_root() -> Path:
     """`$JAXLORA_CACHE` (default `~/.cache/jaxlora`), shared with the tiny demo model."""
     return Path(os.environ.get("JAXLORA_CACHE", Path.home() / ".cache" / "jaxlora"))
-
-
-def chunk_for(rows: int, length: int, vocab: int) -> int | None:
-    """`RunSetup`'s LM-head chunking rule for `rows` sequences per device: chunk the sequence
-    axis when fp32 logits would exceed 256 MiB, into the largest power of two that fits."""
-    if rows * length * vocab * 4 <= 2**28:
-        return None
-    return max(16, 1 << max((2**28 // (rows * vocab * 4)).bit_length() - 1, 0))
 
 
 def _mesh_context(run: Any):
@@ -189,8 +182,7 @@ def precompute_tables(
         batch_size = per_device * jax.device_count()
     module = run.model.module(run.adapter_spec)
     rows = per_device * (1 if packed else 2)
-    length = run.cfg.data.cutoff_len * (2 if packed else 1)
-    chunk = chunk_for(rows, length, run.model.config.vocab_size)
+    chunk = fused_ce_positions(rows, run.model.config.vocab_size, None)  # as RunSetup, per device
     fn = jax.jit(reference_fn(module, chunk))
     tables = {}
     for split, samples in (("train", run.data.train), ("eval", run.data.eval)):

@@ -26,6 +26,7 @@ from jaxlora.checkpoints.run_state import RunCheckpoints
 from jaxlora.config import Config, dump_config
 from jaxlora.data.batching import Batcher
 from jaxlora.errors import UserError
+from jaxlora.fused_ce import fused_ce_positions
 from jaxlora.model_api import Model
 from jaxlora.optim import make_optimizer, warmup_steps_for
 from jaxlora.steps import lm_loss_fn, make_eval_step, make_train_step
@@ -378,14 +379,11 @@ class RunSetup:
 
     def _build_steps(self) -> None:
         cfg = self.cfg
-        # Chunk the LM head + cross-entropy when whole-batch fp32 logits would exceed ~256 MiB.
-        v = self.model.config.vocab_size
-        per_batch = cfg.train.per_device_train_batch_size * cfg.data.cutoff_len * v * 4
-        # chunk_size counts sequence positions: each chunk builds [B, chunk, V] fp32 logits.
-        chunk = None
-        if per_batch > 2**28:
-            rows = cfg.train.per_device_train_batch_size * v * 4
-            chunk = max(16, 1 << max((2**28 // rows).bit_length() - 1, 0))
+        # LM head + loss chunks (sequence positions): the backend's fp32-logits budget for THIS
+        # device's rows; inside the jitted step the batch axis is global, so decide it here.
+        chunk = fused_ce_positions(
+            cfg.train.per_device_train_batch_size, self.model.config.vocab_size, None
+        )
         train_module = self.model.module(
             self.adapter_spec,
             deterministic=not (self.adapter_spec and self.adapter_spec.dropout > 0),

@@ -228,6 +228,17 @@ def _random_weights(
     return w
 
 
+# The smallest useful shape (1 layer, hidden 32): soak runs and process-level tests that train
+# many short runs, where only the machinery (not the model) is under test.
+MICRO_MODEL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
+
+
 def make_tiny_model(
     out_dir: str | Path,
     *,

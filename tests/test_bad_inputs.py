@@ -29,15 +29,11 @@ from jaxlora.cli import main
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.tiny import MICRO_MODEL, make_tiny_model
 
     return make_tiny_model(
         tmp_path_factory.mktemp("bad-model"),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **MICRO_MODEL,
     )
 
 
