@@ -7,10 +7,11 @@ tokens the live reference should cost about one extra forward (~1.3x); with the 
 ≤ 1.05x (only the pair reductions and the loss differ).
 
 All three steps are built by the training code itself (`RunSetup`'s mesh, param placement,
-trainable/frozen split, optimiser and jitted step builders; `jaxlora.dpo.DPOSetup` for DPO), as
+trainable/frozen split, optimiser and jitted step builders; `jaxlora.train.dpo.DPOSetup` for DPO),
+as
 `jaxlora bench` does for SFT:
 
-    SFT          [2B, T] random rows, every token a target (jaxlora.bench.random_batch)
+    SFT          [2B, T] random rows, every token a target (jaxlora.bench.measure.random_batch)
     DPO live     B pairs of prompt P + completion T-P tokens, chosen and rejected -> [2B, T]
     DPO cached   the same, with `ref_chosen_logps` / `ref_rejected_logps` in the batch (what
                  `add_to_batch` supplies from the cache), so no reference forward is traced
@@ -37,12 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.bench import load_bench_model, random_batch
+from jaxlora.bench.measure import load_bench_model, random_batch
 from jaxlora.config import Config, config_from_dict
 from jaxlora.data.batching import Batcher
 from jaxlora.data.encode import PreferenceExample
-from jaxlora.dpo import DPOSetup
-from jaxlora.run_setup import DataBundle, RunSetup
+from jaxlora.train.dpo import DPOSetup
+from jaxlora.train.setup import DataBundle, RunSetup
 
 
 def _config(overrides: list[str], stage: str, batch: int, seq: int) -> Config:
@@ -80,11 +81,11 @@ def _pairs(n: int, seq: int, prompt_len: int, vocab: int, seed: int) -> list[Pre
 
 
 class _StepRun(RunSetup):
-    """`RunSetup` without data files, run directory or checkpoints (like `jaxlora.bench`):
+    """`RunSetup` without data files, run directory or checkpoints (like `jaxlora.bench.measure`):
     the training builders for `cfg`; DPO gets a `DPOSetup` over synthetic full-length pairs."""
 
     def __init__(self, cfg: Config, seq: int, prompt_len: int, cached: bool = False):
-        from jaxlora import sharding
+        from jaxlora.parallel import sharding
 
         self.cfg, self.mode = cfg, cfg.finetune.finetuning_type
         self.mesh = sharding.make_mesh(

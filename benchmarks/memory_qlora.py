@@ -4,7 +4,8 @@ Why this script exists: QLoRA's promise is memory. This measures it the way trai
 
 1. **Loaded params (measured).** A random-weight checkpoint with Llama-3-8B shapes (vocab 128256,
    d 4096, ffn 14336, 32 / 8 heads) but only `--layers` layers is written to a temp dir as bf16
-   safetensors, then loaded three times through `jaxlora.methods.load_base_model` (the trainer's
+   safetensors, then loaded three times through `jaxlora.train.methods.load_base_model` (the
+   trainer's
    loader): bf16, `quantization_bit: 4` (NF4 + double quantisation, quantised on the host while
    loading) and `quantization_bit: 8`. Reported: bytes of the param tree (`quant.nbytes`), split
    into projection kernels (what QLoRA quantises) and the rest (embeddings, lm_head, norms stay
@@ -45,16 +46,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jaxlora import quant  # noqa: E402
-from jaxlora.bench import SHAPES  # noqa: E402
-from jaxlora.checkpoints.hf import abstract_params, hf_names  # noqa: E402
+from jaxlora.bench.measure import SHAPES  # noqa: E402
 from jaxlora.config import config_from_dict  # noqa: E402
-from jaxlora.lora import LoraConfig, init_lora  # noqa: E402
-from jaxlora.methods import load_base_model  # noqa: E402
+from jaxlora.io.hf import abstract_params, hf_names  # noqa: E402
+from jaxlora.models import quant  # noqa: E402
 from jaxlora.models.config import config_from_hf  # noqa: E402
 from jaxlora.models.llama import Decoder  # noqa: E402
-from jaxlora.optim import make_optimizer  # noqa: E402
-from jaxlora.steps import lm_loss_fn, make_train_step  # noqa: E402
+from jaxlora.peft.lora import LoraConfig, init_lora  # noqa: E402
+from jaxlora.train.methods import load_base_model  # noqa: E402
+from jaxlora.train.optim import make_optimizer  # noqa: E402
+from jaxlora.train.steps import lm_loss_fn, make_train_step  # noqa: E402
 
 GIB = 1024**3
 MODES = {"bf16": None, "nf4": 4, "int8": 8}

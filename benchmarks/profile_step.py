@@ -32,7 +32,7 @@ from pathlib import Path
 
 import jax
 
-from jaxlora import bench
+from jaxlora.bench import measure as bench
 from jaxlora.config import load_config
 
 SKIP = ("ThreadpoolListener", "end: ", "ThunkExecutor", "SlinkyThreadPool", "Await")

@@ -2,7 +2,8 @@
 
 Why this script exists: a trainer that leaks a little per step (a growing metrics buffer, an
 un-joined checkpoint thread, a retraced jit, device buffers kept alive by a Python list) dies
-hours into a real run. This runs the real `jaxlora.train.train` loop on a tiny model (hidden 32,
+hours into a real run. This runs the real `jaxlora.train.loop.train` loop on a tiny model (hidden
+32,
 1 layer, cutoff_len 32, batch 2) for `--steps` optimiser steps with a checkpoint every 50 steps,
 an evaluation (+ best-weights checkpoint when it improves) every 100 and logging every 10, and
 samples the process's resident set size (VmRSS from /proc/self/status) every 100 steps.
@@ -66,9 +67,9 @@ def soak_config(model_dir: Path, out: Path, steps: int) -> dict:
 
 
 def run(steps: int, every: int, warmup: int, workdir: Path, trace: bool = False) -> dict:
-    import jaxlora.train as train_mod
+    import jaxlora.train.loop as train_mod
     from jaxlora.config import config_from_dict
-    from jaxlora.tiny import MICRO_MODEL, make_tiny_model
+    from jaxlora.io.tiny import MICRO_MODEL, make_tiny_model
 
     model_dir = make_tiny_model(
         workdir / "model",

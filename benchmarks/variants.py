@@ -3,7 +3,7 @@
 Why this script exists: on a shared 2-core machine a whole-step timing moves by 10-30% with the
 neighbours' load, so a change is judged by an interleaved A/B in one process (`--ab`), each
 variant being the training step with some functions swapped by a patch below. Without `--ab`
-it runs `jaxlora.bench.run_bench` once with the patches applied and prints its JSON line.
+it runs `jaxlora.bench.measure.run_bench` once with the patches applied and prints its JSON line.
 
     export PYENV_VERSION=3.12.1 PYTHONPATH=.
     python3 benchmarks/variants.py configs/bench-tiny-cpu.yaml --steps 12 \
@@ -120,8 +120,8 @@ def patch_fused_proj() -> None:
 
         return wrapper
 
-    from jaxlora import bench
-    from jaxlora.checkpoints import hf
+    from jaxlora.bench import measure as bench
+    from jaxlora.io import hf
 
     bench.random_model = with_originals(bench.random_model)
     hf.abstract_params = with_originals(hf.abstract_params)
@@ -144,14 +144,15 @@ def patch_attn_block(rows: int) -> None:
 
 def patch_ce_budget(mib: int) -> None:
     """fp32 logits budget per fused-CE chunk on CPU, in MiB (`ce_budget@32`)."""
-    from jaxlora import fused_ce
+    from jaxlora.losses import fused_ce
 
     fused_ce.FUSED_CE_BUDGET_BYTES = {**fused_ce.FUSED_CE_BUDGET_BYTES, "cpu": mib * 2**20}
 
 
 def patch_plain_ce() -> None:
     """The LM loss through autodiff of chunked log-probs instead of the fused head + CE."""
-    from jaxlora import losses, steps
+    from jaxlora import losses
+    from jaxlora.train import steps
 
     def masked_lm_loss(hidden, kernel, ids, loss_mask, segment_ids=None, *, chunk_size=None,
                        logit_softcap=None):  # fmt: skip
@@ -173,9 +174,11 @@ PATCHES = {
 
 # Everything a patch may replace, so variants can be built one after another in one process.
 def _patch_targets() -> list[tuple[object, str]]:
-    from jaxlora import bench, fused_ce, steps
-    from jaxlora.checkpoints import hf
+    from jaxlora.bench import measure as bench
+    from jaxlora.io import hf
+    from jaxlora.losses import fused_ce
     from jaxlora.models import attention, llama
+    from jaxlora.train import steps
 
     return [
         (attention, "ATTENTION_BLOCK"),
@@ -210,7 +213,7 @@ def ab_compare(args, specs: list[str]) -> dict:
     import random
     import time
 
-    from jaxlora import bench
+    from jaxlora.bench import measure as bench
     from jaxlora.config import load_config
 
     originals = {(m, a): getattr(m, a) for m, a in _patch_targets()}
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [p.strip() for p in args.patch.split(",") if p.strip()]
     for name in names:
         run_patch(name)
-    from jaxlora import bench
+    from jaxlora.bench import measure as bench
     from jaxlora.config import load_config
 
     cfg = load_config(args.config, args.overrides)

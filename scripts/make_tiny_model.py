@@ -15,7 +15,7 @@ from pathlib import Path
 # Run from a source checkout without installing: make the repo root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxlora.tiny import default_model_dir, make_tiny_model  # noqa: E402
+from jaxlora.io.tiny import default_model_dir, make_tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

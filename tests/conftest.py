@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny offline tokenizers and a tiny random HF checkpoint.
 
-Built once per session from `jaxlora.tiny` (no network). Fixtures that other tests may use:
+Built once per session from `jaxlora.io.tiny` (no network). Fixtures that other tests may use:
 `chatml_tokenizer`, `llama3_tokenizer`, `tiny_model_dir` (a 2-layer llama, ChatML template).
 """
 
@@ -36,20 +36,20 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def chatml_tokenizer():
-    from jaxlora.tiny import build_tokenizer
+    from jaxlora.io.tiny import build_tokenizer
 
     return build_tokenizer(None, template="chatml")
 
 
 @pytest.fixture(scope="session")
 def llama3_tokenizer():
-    from jaxlora.tiny import build_tokenizer
+    from jaxlora.io.tiny import build_tokenizer
 
     return build_tokenizer(None, template="llama3")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.io.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), family="llama")

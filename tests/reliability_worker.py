@@ -32,8 +32,8 @@ import traceback
 
 def _install_hooks() -> None:
     import jaxlora.cli as cli
-    from jaxlora.checkpoints.run_state import RunCheckpoints
-    from jaxlora.run_setup import RunSetup
+    from jaxlora.io.run_state import RunCheckpoints
+    from jaxlora.train.setup import RunSetup
 
     cli._print_samples = lambda cfg, run_dir: None
 
@@ -80,11 +80,11 @@ def _preload() -> None:
         "transformers.models.auto.tokenization_auto",
         "transformers.models.llama.configuration_llama",
         "transformers.activations",  # AutoConfig of llama imports it lazily; needs torch
-        "jaxlora.checkpoints.run_state",
+        "jaxlora.io.run_state",
         "jaxlora.cli",
-        "jaxlora.export",
-        "jaxlora.run_setup",
-        "jaxlora.train",
+        "jaxlora.train.outputs",
+        "jaxlora.train.setup",
+        "jaxlora.train.loop",
     ):
         try:
             importlib.import_module(name)

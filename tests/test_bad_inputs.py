@@ -29,7 +29,7 @@ from jaxlora.cli import main
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from jaxlora.tiny import MICRO_MODEL, make_tiny_model
+    from jaxlora.io.tiny import MICRO_MODEL, make_tiny_model
 
     return make_tiny_model(
         tmp_path_factory.mktemp("bad-model"),
@@ -180,7 +180,7 @@ def test_tiny_cutoff_truncates_but_never_empties_the_dataset(tmp_path):
     cutoff_len // 2 answer tokens (the prompt gives way), so a tiny cutoff_len yields short
     samples that all still train on their answer, and the data report counts them."""
     from jaxlora.data import load_sft_dataset
-    from jaxlora.tiny import build_tokenizer
+    from jaxlora.io.tiny import build_tokenizer
 
     long = [{"instruction": "word " * 40, "output": "answer " * 20} for _ in range(4)]
     (tmp_path / "long.json").write_text(json.dumps(long))
@@ -201,7 +201,7 @@ def no_template_model(model_dir, tmp_path_factory) -> Path:
     tc = json.loads((d / "tokenizer_config.json").read_text())
     tc.pop("chat_template", None)
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
-    from jaxlora.model_api import load_tokenizer
+    from jaxlora.io.model import load_tokenizer
 
     assert not load_tokenizer(d).chat_template
     return d
@@ -276,8 +276,8 @@ def test_bin_next_to_safetensors_is_never_read(model_dir, tmp_path):
 
 # ------------------------------------------------------------------------------- adapters
 def _write_adapter(d: Path, *, d_in: int, d_out: int, layers: int = 1, base: str = "x") -> Path:
-    from jaxlora.checkpoints.peft import save_peft_adapter
-    from jaxlora.lora import Adapter, LoraConfig
+    from jaxlora.io.peft import save_peft_adapter
+    from jaxlora.peft.lora import Adapter, LoraConfig
 
     rng = np.random.default_rng(0)
     node = {
@@ -522,7 +522,7 @@ def test_dataset_info_file_name_cannot_escape_dataset_dir(
 
     from jaxlora.data import load_sft_dataset
     from jaxlora.errors import UserError
-    from jaxlora.tiny import build_tokenizer
+    from jaxlora.io.tiny import build_tokenizer
 
     tok = build_tokenizer(None, template="chatml")
     train, _, _ = load_sft_dataset(tok, dataset="ok", dataset_dir=str(registry_dir))

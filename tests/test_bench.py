@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from jaxlora import bench
+from jaxlora.bench import measure as bench
 from jaxlora.config import config_from_dict
 from jaxlora.errors import UserError
 

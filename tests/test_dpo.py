@@ -1,4 +1,5 @@
-"""DPO stage (`jaxlora.dpo`): reference model, pair log-probs, losses, cache, accumulation, e2e.
+"""DPO stage (`jaxlora.train.dpo`): reference model, pair log-probs, losses, cache, accumulation,
+e2e.
 
 Independent references: the separately loaded model (`jaxlora.load_model`, `Model.logits`) and
 numpy formulas; the DPO step itself is `RunSetup`'s (the code `jaxlora train` runs).
@@ -20,11 +21,11 @@ import jaxlora
 from jaxlora.config import config_from_dict, load_config
 from jaxlora.data.batching import Batcher, collate, concat_preference_batch
 from jaxlora.data.packing import pack_lengths, pack_preferences, preference_units
-from jaxlora.dpo import PairLogps
-from jaxlora.lora import Adapter, LoraConfig, init_lora
 from jaxlora.losses import logprobs_from_logits, sequence_logps
 from jaxlora.models.llama import head_kernel
-from jaxlora.run_setup import RunSetup
+from jaxlora.peft.lora import Adapter, LoraConfig, init_lora
+from jaxlora.train.dpo import PairLogps
+from jaxlora.train.setup import RunSetup
 
 REPO = Path(__file__).resolve().parents[1]
 LF_DPO = REPO.parent / "shared" / "data" / "llamafactory" / "dpo_en_demo.json"
@@ -322,7 +323,7 @@ def test_add_to_batch_slices_per_host(lora_run):
 
 @pytest.mark.slow
 def test_nonzero_initial_adapter_reference_is_initial_model(tiny_model_dir, base_model, tmp_path):
-    from jaxlora.checkpoints.peft import save_peft_adapter
+    from jaxlora.io.peft import save_peft_adapter
 
     lcfg = LoraConfig(rank=8, alpha=16.0)
     start = Adapter(_perturbed(init_lora(jax.random.key(4), base_model.params, lcfg), 4, 0.2), lcfg)
@@ -464,7 +465,7 @@ def _records(run_dir):
 def test_llamafactory_dpo_demo_trains_unchanged(tiny_model_dir, tmp_path):
     if not LF_DPO.is_file():
         pytest.skip(f"{LF_DPO} not present")
-    from jaxlora.train import train
+    from jaxlora.train.loop import train
 
     cfg = _cfg(
         tiny_model_dir,
@@ -488,7 +489,7 @@ def test_llamafactory_dpo_demo_trains_unchanged(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_dpo_rewards_rise(tmp_path):
-    from jaxlora.train import train
+    from jaxlora.train.loop import train
 
     cfg = load_config(
         REPO / "configs" / "quickstart-dpo.yaml",

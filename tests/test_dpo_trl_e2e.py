@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from jaxlora.config import config_from_dict
-from jaxlora.lora import Adapter, LoraConfig, init_lora
-from jaxlora.run_setup import RunSetup
+from jaxlora.peft.lora import Adapter, LoraConfig, init_lora
+from jaxlora.train.setup import RunSetup
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
@@ -41,8 +41,8 @@ TRL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/ac
 @pytest.fixture(scope="module")
 def setting(tiny_model_dir, tmp_path_factory):
     """The data file and a non-zero adapter saved in PEFT format."""
-    from jaxlora.checkpoints.peft import save_peft_adapter
-    from jaxlora.model_api import load_model
+    from jaxlora.io.model import load_model
+    from jaxlora.io.peft import save_peft_adapter
 
     root = tmp_path_factory.mktemp("trl")
     data = root / "pairs.json"
@@ -58,7 +58,7 @@ def setting(tiny_model_dir, tmp_path_factory):
 
 
 def _jaxlora(model_dir, root, data, precompute: bool) -> dict[str, float]:
-    from jaxlora.checkpoints.peft import load_peft_adapter
+    from jaxlora.io.peft import load_peft_adapter
 
     cfg = config_from_dict(
         dict(

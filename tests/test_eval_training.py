@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from jaxlora.config import config_from_dict
-from jaxlora.train import train
+from jaxlora.train.loop import train
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.io.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("eval-model"), embed_std=0.1)
 
@@ -103,8 +103,8 @@ def test_overfit_run_stops_early_exports_best_and_is_diagnosed(model_dir, tmp_pa
     assert res.best_eval_loss == pytest.approx(best)
     # The exported model is the best checkpoint, not the last state.
     import jaxlora
-    from jaxlora.inference import teacher_forced_loss
-    from jaxlora.run_setup import load_data
+    from jaxlora.evaluate.inference import teacher_forced_loss
+    from jaxlora.train.setup import load_data
 
     exported = jaxlora.load_model(out / "model", dtype="float32")
     cfg = config_from_dict(_flat(out))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxlora import flops
+from jaxlora.bench import flops
 from jaxlora.errors import UserError
 from jaxlora.models.config import config_from_hf
 

@@ -11,7 +11,7 @@ import pytest
 
 import jaxlora
 from jaxlora.errors import UserError
-from jaxlora.generate import (
+from jaxlora.evaluate.generate import (
     apply_repetition_penalty,
     batch_bucket,
     bucket_length,
@@ -19,7 +19,7 @@ from jaxlora.generate import (
     filter_top_k_top_p,
     generate,
 )
-from jaxlora.lora import Adapter, LoraConfig, init_lora, parse_targets
+from jaxlora.peft.lora import Adapter, LoraConfig, init_lora, parse_targets
 
 LENGTHS = (3, 9, 14)  # one batch, left padded to 16
 
@@ -116,7 +116,7 @@ def test_stop_tokens(model):
 
 
 def test_default_stop_ids_come_from_the_model(model, tiny_model_dir):
-    from jaxlora.generate import default_stop_ids
+    from jaxlora.evaluate.generate import default_stop_ids
 
     gen = json.loads((tiny_model_dir / "generation_config.json").read_text())
     assert set(gen["eos_token_id"]) <= set(default_stop_ids(model))
@@ -188,7 +188,7 @@ def test_processors_match_transformers():
 
 
 def test_sliding_window_model_matches_full_forward(tmp_path):
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.io.tiny import make_tiny_model
 
     d = make_tiny_model(
         tmp_path / "mistral", family="mistral", hidden_size=32, intermediate_size=48

@@ -9,9 +9,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import jaxlora
-from jaxlora.checkpoints.hf import abstract_params, save_params_hf
 from jaxlora.errors import UserError
-from jaxlora.model_api import _forward_fn
+from jaxlora.io.hf import abstract_params, save_params_hf
+from jaxlora.io.model import _forward_fn
 from jaxlora.models.config import config_from_hf
 
 RAW = {
@@ -108,5 +108,5 @@ def test_logits_traced_once_per_shape(tmp_path):
     ids = np.zeros((2, 8), np.int32)
     for i in range(4):
         model.logits(ids + i)  # numpy in
-        model.logits(jaxlora.model_api.jnp.asarray(ids))  # jax in
+        model.logits(jaxlora.io.model.jnp.asarray(ids))  # jax in
     assert fn._cache_size() - before == 1

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora import inference
 from jaxlora.data.formats import Conversation
 from jaxlora.errors import UserError
-from jaxlora.generate import generate
-from jaxlora.inference import (
+from jaxlora.evaluate import inference
+from jaxlora.evaluate.generate import generate
+from jaxlora.evaluate.inference import (
     METRIC_KEYS,
     chat_once,
     chat_session,
@@ -27,8 +27,8 @@ from jaxlora.inference import (
     predict,
     stop_token_ids,
 )
-from jaxlora.lora import Adapter, LoraConfig, init_lora, parse_targets
 from jaxlora.losses import logprobs_from_logits
+from jaxlora.peft.lora import Adapter, LoraConfig, init_lora, parse_targets
 
 GEN = {"max_new_tokens": 4}
 SAVED = (

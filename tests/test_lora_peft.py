@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora.checkpoints.hf import save_params_hf
-from jaxlora.checkpoints.peft import save_peft_adapter
 from jaxlora.errors import UserError
-from jaxlora.lora import Adapter, LoraConfig, init_lora, merge, parse_targets
+from jaxlora.io.hf import save_params_hf
+from jaxlora.io.peft import save_peft_adapter
+from jaxlora.peft.lora import Adapter, LoraConfig, init_lora, merge, parse_targets
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

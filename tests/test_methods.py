@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora import methods, steps
-from jaxlora.checkpoints.peft import save_peft_adapter
 from jaxlora.config import config_from_dict
 from jaxlora.errors import UserError
-from jaxlora.lora import Adapter, LoraConfig, init_lora, init_pissa, pissa_factors
-from jaxlora.methods import LayerSlice, adapter_for_export, params_for_export, split_trainable
-from jaxlora.optim import make_optimizer
+from jaxlora.io.peft import save_peft_adapter
+from jaxlora.peft.lora import Adapter, LoraConfig, init_lora, init_pissa, pissa_factors
+from jaxlora.train import methods, steps
+from jaxlora.train.methods import LayerSlice, adapter_for_export, params_for_export, split_trainable
+from jaxlora.train.optim import make_optimizer
 
 IDS = np.arange(1, 25)[None]
 F32, BF16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16)

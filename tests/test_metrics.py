@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlora.errors import UserError
-from jaxlora.metrics import cjk_words, dpo_reward_metrics, has_cjk, perplexity, rouge_bleu
+from jaxlora.evaluate.metrics import cjk_words, dpo_reward_metrics, has_cjk, perplexity, rouge_bleu
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 sacrebleu = pytest.importorskip("sacrebleu")

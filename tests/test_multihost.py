@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlora import distributed
 from jaxlora.errors import UserError
-from jaxlora.sharding import local_batch_slice
+from jaxlora.parallel import distributed
+from jaxlora.parallel.sharding import local_batch_slice
 
 STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_single_process_helpers_are_noops(monkeypatch):
 def test_put_batch_single_process_rows_and_errors():
     import jax
 
-    from jaxlora import sharding as sh
+    from jaxlora.parallel import sharding as sh
 
     mesh = sh.make_mesh()
     n = sh.batch_shards(mesh)
@@ -174,13 +174,13 @@ def _worker(
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
 
-    from jaxlora import sharding as sh
-    from jaxlora.checkpoints import hf
-    from jaxlora.lora import LoraConfig, init_lora
+    from jaxlora.io import hf
     from jaxlora.models.config import load_hf_config
     from jaxlora.models.llama import Decoder
-    from jaxlora.optim import make_optimizer
-    from jaxlora.steps import lm_loss_fn, make_train_step
+    from jaxlora.parallel import sharding as sh
+    from jaxlora.peft.lora import LoraConfig, init_lora
+    from jaxlora.train.optim import make_optimizer
+    from jaxlora.train.steps import lm_loss_fn, make_train_step
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora.lora import LoraConfig, init_lora
-from jaxlora.optim import lr_schedule, make_optimizer
-from jaxlora.steps import lm_loss_fn, make_train_step
+from jaxlora.peft.lora import LoraConfig, init_lora
+from jaxlora.train.optim import lr_schedule, make_optimizer
+from jaxlora.train.steps import lm_loss_fn, make_train_step
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant_with_warmup", "constant"])

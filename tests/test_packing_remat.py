@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora.lora import Adapter, LoraConfig, init_lora
 from jaxlora.losses import masked_lm_loss, token_logprobs
 from jaxlora.models.llama import head_kernel
+from jaxlora.peft.lora import Adapter, LoraConfig, init_lora
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.io.tiny import make_tiny_model
 
     d = make_tiny_model(tmp_path_factory.mktemp("pack"), embed_std=0.1)
     return jaxlora.load_model(d, dtype="float32")
@@ -130,7 +130,7 @@ def test_remat_and_unroll_do_not_change_gradients(model, remat):
 @pytest.mark.slow
 def test_continued_pretraining_on_text(model, tmp_path):
     from jaxlora.config import config_from_dict
-    from jaxlora.train import train
+    from jaxlora.train.loop import train
 
     text = tmp_path / "corpus.txt"
     lines = [

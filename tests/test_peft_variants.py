@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora.checkpoints.peft import save_peft_adapter
 from jaxlora.config import config_from_dict
 from jaxlora.errors import UserError
-from jaxlora.lora import Adapter, LoraConfig, init_lora, merge
-from jaxlora.methods import adapter_for_export, split_trainable
+from jaxlora.io.peft import save_peft_adapter
 from jaxlora.models.linear import adapter_output
+from jaxlora.peft.lora import Adapter, LoraConfig, init_lora, merge
+from jaxlora.train.methods import adapter_for_export, split_trainable
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -289,7 +289,7 @@ def test_pissa_init_matches_peft_and_export_matches_peft_conversion(base, model,
 
 
 def _deltas(ad: Adapter) -> dict:
-    from jaxlora.lora import iter_modules
+    from jaxlora.peft.lora import iter_modules
 
     s = ad.config.scale
     return {

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora import quant
 from jaxlora.config import config_from_dict
-from jaxlora.lora import Adapter, LoraConfig, dense_kernel, init_lora, kernel_dims, kernel_shape
-from jaxlora.methods import load_base_model, quantizing_transform, split_trainable
+from jaxlora.models import quant
 from jaxlora.models.linear import dora_column_norm
+from jaxlora.peft.lora import (
+    Adapter,
+    LoraConfig,
+    dense_kernel,
+    init_lora,
+    kernel_dims,
+    kernel_shape,
+)
+from jaxlora.train.methods import load_base_model, quantizing_transform, split_trainable
 
 IDS = np.arange(1, 33)[None]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -133,9 +140,9 @@ def test_lora_dora_and_pissa_on_quantised_base(tiny_model_dir, nf4):
 def test_qlora_trains_and_merged_export_uses_original_weights(tiny_model_dir, base, nf4, tmp_path):
     """Loss falls when training LoRA on the NF4 base; the merged export re-reads the
     un-quantised base from disk and folds the adapter into it (not into the NF4 weights)."""
-    from jaxlora.export import export_merged
-    from jaxlora.optim import make_optimizer
-    from jaxlora.steps import lm_loss_fn, make_train_step
+    from jaxlora.io.export import export_merged
+    from jaxlora.train.optim import make_optimizer
+    from jaxlora.train.steps import lm_loss_fn, make_train_step
 
     split = split_trainable(
         _cfg(tiny_model_dir, quantization_bit=4, lora_rank=8),

@@ -1,4 +1,4 @@
-"""Tests for jaxlora.quant: NF4 / int8 frozen-weight quantisation (QLoRA)."""
+"""Tests for jaxlora.models.quant: NF4 / int8 frozen-weight quantisation (QLoRA)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxlora import quant as Q
 from jaxlora.errors import UserError
+from jaxlora.models import quant as Q
 
 # QLoRA paper (Dettmers et al. 2023), appendix E / bitsandbytes' NF4 table.
 PAPER_NF4 = [

@@ -66,7 +66,7 @@ TOTAL_MICRO = MAX_STEPS * ACCUM
 # ------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from jaxlora.tiny import MICRO_MODEL, make_tiny_model
+    from jaxlora.io.tiny import MICRO_MODEL, make_tiny_model
 
     return make_tiny_model(
         tmp_path_factory.mktemp("rel-model"),
@@ -401,8 +401,8 @@ class _Recorder:
     def __init__(self, monkeypatch, nan_micro: int):
         import jax
 
-        import jaxlora.train as train_mod
-        from jaxlora.checkpoints.run_state import RunCheckpoints
+        import jaxlora.train.loop as train_mod
+        from jaxlora.io.run_state import RunCheckpoints
 
         self.after: dict[int, dict] = {}
         self.saved: list[tuple[int, bool]] = []
@@ -465,7 +465,7 @@ def _checkpoint_meta(run: Path, step: int) -> dict:
 def test_nonfinite_micro_batch_is_skipped_and_reported(model_dir, tmp_path, monkeypatch):
     import jax
 
-    from jaxlora.train import train
+    from jaxlora.train.loop import train
 
     rec = _Recorder(monkeypatch, NAN_MICRO)
     lines: list[str] = []

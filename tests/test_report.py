@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from jaxlora import report
 from jaxlora.errors import UserError
-from jaxlora.report import diagnose, fmt, plot_loss, read_metrics, write_report
+from jaxlora.evaluate import report
+from jaxlora.evaluate.report import diagnose, fmt, plot_loss, read_metrics, write_report
 
 STEPS = np.arange(10, 1010, 10)  # 100 logged train points, every 10 steps
 CFG = {

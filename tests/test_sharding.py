@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jaxlora.errors import UserError
-from jaxlora.sharding import LOGICAL_RULES, _resolve_mesh_shape, logical_to_spec
+from jaxlora.parallel.sharding import LOGICAL_RULES, _resolve_mesh_shape, logical_to_spec
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 VOCAB = 1001  # odd on purpose: "vocab" cannot split over tensor=2 and must replicate
@@ -67,7 +67,7 @@ def test_mesh_shape_resolution_and_errors():
 def test_make_mesh_single_device_error():
     import jax
 
-    from jaxlora.sharding import make_mesh
+    from jaxlora.parallel.sharding import make_mesh
 
     n = jax.device_count()
     mesh = make_mesh()
@@ -171,15 +171,15 @@ def _worker(out_dir: str) -> None:  # pragma: no cover - runs in the subprocess
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxlora import quant
-    from jaxlora import sharding as sh
-    from jaxlora.checkpoints import hf
-    from jaxlora.lora import LoraConfig, init_lora
+    from jaxlora.io import hf
+    from jaxlora.io.tiny import make_tiny_model
+    from jaxlora.models import quant
     from jaxlora.models.config import load_hf_config
     from jaxlora.models.llama import Decoder
-    from jaxlora.optim import make_optimizer
-    from jaxlora.steps import lm_loss_fn, make_eval_step, make_train_step
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.parallel import sharding as sh
+    from jaxlora.peft.lora import LoraConfig, init_lora
+    from jaxlora.train.optim import make_optimizer
+    from jaxlora.train.steps import lm_loss_fn, make_eval_step, make_train_step
 
     assert jax.device_count() == 8, jax.devices()
     model_dir = make_tiny_model(Path(out_dir) / "tiny", vocab_size=VOCAB)

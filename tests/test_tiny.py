@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxlora import tiny
+from jaxlora.io import tiny
 
 TEXTS = ["Hello, world!", "你好，我是 JaxLoRA 助手。", "emoji 🙂 and tabs\tand\n\nnewlines", "ÿ€"]
 

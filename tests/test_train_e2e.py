@@ -10,7 +10,7 @@ import pytest
 import jaxlora
 from jaxlora.cli import main
 from jaxlora.config import config_from_dict
-from jaxlora.train import train
+from jaxlora.train.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer model whose head can express confident predictions (see tiny.embed_std)."""
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.io.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("e2e-model"), embed_std=0.1)
 
@@ -101,7 +101,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
     train(_cfg(tiny_model_dir, full, lora_dropout=0.1), progress=False, log=lambda s: None)
 
     # Interrupted run: the preemption guard fires after optimiser step 6 (checkpoint written).
-    from jaxlora import preemption
+    from jaxlora.train import preemption
 
     calls = {"n": 0}
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from jaxlora.tiny import make_tiny_model
+    from jaxlora.io.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("shard-model"), embed_std=0.1)
 

@@ -3,7 +3,8 @@
     y = x @ W (+ b) + scale * dropout(x) @ A @ B          (LoRA, when an adapter is present)
 
 `W` comes from the "params" collection and may be a quantised dict (NF4 / int8, see
-`jaxlora.quant`) that is dequantised here, inside the jitted computation. The adapter comes from a
+`jaxlora.models.quant`) that is dequantised here, inside the jitted computation. The adapter comes
+from a
 separate "lora" collection with the same module path, so the frozen base and the trainable
 adapter are two pytrees: gradients, optimiser state and checkpoints only ever see the adapter.
 DoRA adds a "magnitude" vector to the same collection.
@@ -26,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora import quant
+from jaxlora.models import quant
 
 
 @dataclasses.dataclass(frozen=True)

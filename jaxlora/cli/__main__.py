@@ -1,0 +1,7 @@
+"""`python -m jaxlora.cli ...` = the `jaxlora` console script."""
+
+import sys
+
+from jaxlora.cli.app import main
+
+sys.exit(main())

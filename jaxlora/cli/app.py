@@ -1,0 +1,228 @@
+"""`jaxlora` command line: train | export | chat | predict | eval | data stats | bench | report.
+
+The only module that talks to the terminal. User mistakes (`UserError`) print one clear message
+and exit 2 without a traceback (unless `--debug`); a preempted training run exits 75 after
+writing its checkpoint, so a scheduler can simply rerun the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _load_cfg(args):
+    from jaxlora.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from jaxlora.train.loop import EXIT_PREEMPTED, summarise, train
+
+    cfg = _load_cfg(args)
+    result = train(cfg, progress=not args.no_progress)
+    print(summarise(result, cfg.finetune.stage))
+    if result.preempted:
+        return EXIT_PREEMPTED
+    _print_samples(cfg, result.run_dir)
+    return 0
+
+
+def _print_samples(cfg, run_dir: Path) -> None:
+    """A few answers from the trained adapter, so the user sees what was learned."""
+    from jaxlora.cli.inference import sample_answers
+
+    if cfg.finetune.stage in ("pt", "dpo") or not (run_dir / "adapter").is_dir():
+        return
+    for prompt, answer in sample_answers(cfg, run_dir, n=3):
+        print(f"\n> {prompt}\n{answer}")
+
+
+def cmd_export(args) -> int:
+    from jaxlora.train.outputs import export_from_run
+
+    out = export_from_run(args.run, args.out, merged=args.merged, overwrite=args.overwrite)
+    kind = "merged model" if args.merged else "PEFT adapter"
+    print(f"wrote {kind} to {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jaxlora.config import load_config
+    from jaxlora.train.outputs import write_run_report
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        from jaxlora.errors import UserError
+
+        raise UserError(f"{run}: not a jaxlora run directory (no config.yaml)")
+    path = write_run_report(run, load_config(run / "config.yaml"))
+    if path is None:
+        print(f"{run}: no metrics logged yet")
+        return 1
+    print(Path(path).read_text())
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from jaxlora.data.stats import data_stats, format_stats, plot_length_histogram
+    from jaxlora.io.model import load_tokenizer, resolve_model_path
+    from jaxlora.train.setup import resolve_dataset
+
+    cfg = _load_cfg(args)
+    if cfg.data.dataset is None:
+        from jaxlora.errors import UserError
+
+        raise UserError("config key `dataset` is required for `jaxlora data stats`")
+    tok = load_tokenizer(resolve_model_path(cfg.model.model_name_or_path))
+    stats = data_stats(
+        tok,
+        dataset=resolve_dataset(cfg.data.dataset),
+        stage=cfg.finetune.stage,
+        dataset_dir=cfg.data.dataset_dir,
+        formatting=cfg.data.formatting,
+        cutoff_len=cfg.data.cutoff_len,
+        max_samples=cfg.data.max_samples,
+        template=cfg.model.template,
+        chat_template=cfg.model.chat_template,
+        system=cfg.data.system,
+        train_on_prompt=cfg.data.train_on_prompt,
+    )
+    print(format_stats(stats))
+    out = Path(args.out or cfg.train.output_dir)
+    png = plot_length_histogram(stats, out / "token_lengths.png")
+    print(f"histogram: {png}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from jaxlora.cli.inference import run_chat
+
+    return run_chat(args)
+
+
+def cmd_predict(args) -> int:
+    from jaxlora.cli.inference import run_predict
+
+    return run_predict(args)
+
+
+def cmd_eval(args) -> int:
+    from jaxlora.cli.inference import run_eval
+
+    return run_eval(args)
+
+
+def cmd_bench(args) -> int:
+    from jaxlora.bench.measure import run_bench_cli
+
+    return run_bench_cli(_load_cfg(args), steps=args.steps, warmup=args.warmup)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (LLaMA-Factory style keys)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4")
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="HF model directory (default: built-in tiny)")
+    p.add_argument("--adapter", default=None, help="PEFT/jaxlora adapter dir or a run dir")
+    p.add_argument("--template", default=None, help="chat template name (default: saved one)")
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--dtype", default="bfloat16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jaxlora", description=__doc__.splitlines()[0])
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="SFT / DPO / pretraining as configured")
+    _add_config(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("export", help="PEFT adapter (default) or merged HF model from a run")
+    p.add_argument("run", help="run directory, or an adapter directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merged", action="store_true", help="merge into the base weights")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("report", help="loss plot + diagnosis of a run")
+    p.add_argument("run")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("stats", help="token lengths, truncation, suggested cutoff_len")
+    _add_config(d)
+    d.add_argument("--out", default=None, help="directory for the histogram PNG")
+    d.set_defaults(fn=cmd_data_stats)
+
+    p = sub.add_parser("chat", help="interactive chat (or one-shot --prompt)")
+    _inference_args(p)
+    p.add_argument("--prompt", default=None)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("predict", help="generate for a dataset -> JSONL")
+    _inference_args(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("eval", help="loss/perplexity + ROUGE/BLEU, base vs adapter")
+    _inference_args(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--general-dataset", default=None, help="general-domain set (forgetting)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="tokens/s, step time, MFU, memory for a config")
+    _add_config(p)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from jaxlora.errors import UserError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after flags (`train cfg.yaml --no-progress lr=1e-4`).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error("unrecognized arguments: " + " ".join(extra))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return int(args.fn(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

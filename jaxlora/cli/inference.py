@@ -1,0 +1,146 @@
+"""Argument handling for `jaxlora chat | predict | eval` and the end-of-training samples.
+
+Resolves `--model` / `--adapter` (an adapter directory or a run directory) into a loaded model,
+adapter, tokenizer and the adapter directory whose saved chat template inference should use, then
+calls the plain functions in `jaxlora.evaluate.inference`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxlora.errors import UserError
+
+
+def _adapter_dir(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return p
+    if (p / "adapter" / "adapter_config.json").is_file():  # a run directory
+        return p / "adapter"
+    raise UserError(f"{p}: neither an adapter directory nor a run directory with adapter/")
+
+
+def load_for_inference(model_path: str, adapter_path: str | None, dtype: str = "bfloat16"):
+    """(model, adapter or None, tokenizer, adapter_dir) ready for generation."""
+    from jaxlora.io.model import load_model, load_tokenizer
+    from jaxlora.io.peft import check_adapter_fits, load_peft_adapter
+
+    adir = _adapter_dir(adapter_path)
+    if model_path in (None, "auto") and adir is not None:
+        model_path = json.loads((adir / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+    model = load_model(model_path or "tiny", dtype=dtype)
+    adapter = None
+    tokenizer = model.tokenizer
+    if adir is not None:
+        adapter = load_peft_adapter(adir)
+        check_adapter_fits(adapter, model.params, str(adir))
+        if (adir / "tokenizer_config.json").is_file():
+            tokenizer = load_tokenizer(adir)
+    if tokenizer is None:
+        raise UserError(f"{model_path}: no tokenizer files in the model (or adapter) directory")
+    return model, adapter, tokenizer, adir
+
+
+def _gen_kwargs(args) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+    }
+
+
+def run_chat(args) -> int:
+    from jaxlora.evaluate.inference import chat_once, chat_session
+
+    model, adapter, tok, adir = load_for_inference(args.model, args.adapter, args.dtype)
+    common = dict(template=args.template, system=args.system, adapter_dir=adir)
+    if args.prompt is not None:
+        print(chat_once(model, adapter, tok, args.prompt, gen_kwargs=_gen_kwargs(args), **common))
+        return 0
+    print("jaxlora chat — /reset clears the history, /exit quits")
+    chat_session(model, adapter, tok, gen_kwargs=_gen_kwargs(args), **common)
+    return 0
+
+
+def run_predict(args) -> int:
+    from jaxlora.evaluate.inference import load_conversations, predict
+
+    model, adapter, tok, adir = load_for_inference(args.model, args.adapter, args.dtype)
+    examples = load_conversations(args.dataset, max_samples=args.max_samples)
+    rows = predict(
+        model,
+        adapter,
+        tok,
+        examples,
+        args.out,
+        gen_kwargs=_gen_kwargs(args),
+        batch_size=args.batch_size,
+        template=args.template,
+        system=args.system,
+        adapter_dir=adir,
+    )
+    print(f"wrote {len(rows)} predictions to {args.out}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from jaxlora.evaluate.inference import evaluate, format_comparison_table, load_conversations
+
+    model, adapter, tok, adir = load_for_inference(args.model, args.adapter, args.dtype)
+    variants = {"base": None} if adapter is None else {"base": None, "adapter": adapter}
+    sets = [("task", args.dataset)]
+    if args.general_dataset:
+        sets.append(("general (forgetting check)", args.general_dataset))
+    for title, ds in sets:
+        examples = load_conversations(ds, max_samples=args.max_samples)
+        res = evaluate(
+            model,
+            tok,
+            examples,
+            adapters=variants,
+            gen_kwargs=_gen_kwargs(args),
+            batch_size=args.batch_size,
+            template=args.template,
+            system=args.system,
+            adapter_dir=adir,
+        )
+        print(format_comparison_table(res, title=title))
+    return 0
+
+
+def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
+    """Greedy answers of the trained adapter to the first `n` training prompts."""
+    from jaxlora.evaluate.inference import chat_once, load_conversations, split_reference
+    from jaxlora.train.setup import resolve_dataset
+
+    model, adapter, tok, adir = load_for_inference(
+        cfg.model.model_name_or_path, str(run_dir), "float32" if not cfg.train.bf16 else "bfloat16"
+    )
+    convs = load_conversations(
+        resolve_dataset(cfg.data.dataset), dataset_dir=cfg.data.dataset_dir, max_samples=n
+    )
+    out = []
+    for conv in convs[:n]:
+        messages, _ = split_reference(conv)
+        question = messages[-1]["content"]
+        answer = chat_once(
+            model,
+            adapter,
+            tok,
+            question,
+            history=messages[:-1],
+            gen_kwargs={"max_new_tokens": 48},
+            adapter_dir=adir,
+            system=cfg.data.system,
+        )
+        out.append((question, answer))
+    return out

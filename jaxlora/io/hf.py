@@ -1,0 +1,231 @@
+"""Hugging Face safetensors <-> jaxlora params pytree.
+
+Loading streams tensor slices straight into (possibly sharded) device arrays: each leaf of the
+stacked param tree is built with `jax.make_array_from_callback`, whose callback reads only the
+slice a device needs from the safetensors files (memory-mapped), transposes HF's `[out, in]` to
+our `[in, out]` and casts. No full host copy of the model is ever held; at most one device shard
+of one leaf is in flight. Weights are read from safetensors only — pickled `.bin` files are never
+opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jaxlora.errors import UserError
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.llama import Decoder
+
+SUFFIX = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def abstract_params(cfg: ModelConfig, dtype: Any = jnp.float32) -> tuple[dict, dict]:
+    """(ShapeDtypeStruct tree, logical PartitionSpec tree) of the model's params."""
+    model = Decoder(cfg, dtype=dtype, param_dtype=dtype)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    logical = nn.get_partition_spec(boxed)
+    return nn.unbox(boxed), logical
+
+
+def hf_names(path: tuple[str, ...], num_layers: int) -> list[str]:
+    """HF tensor names for one leaf: one per layer for stacked leaves, else a single name."""
+    suffix = SUFFIX[path[-1]]
+    if path[0] == "lm_head":
+        return [f"lm_head.{suffix}"]
+    if path[0] == "layers":
+        mid = ".".join(path[1:-1])
+        return [f"model.layers.{i}.{mid}.{suffix}" for i in range(num_layers)]
+    return ["model." + ".".join(path[:-1]) + "." + suffix]
+
+
+def _key_path(kp) -> tuple[str, ...]:
+    return tuple(k.key for k in kp)
+
+
+def safetensors_index(model_dir: str | Path) -> dict[str, Path]:
+    """Map tensor name -> safetensors file, from the index.json or by scanning the files."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
+        if missing:
+            raise UserError(f"{index} lists shard files that are missing: {', '.join(missing)}")
+        return {name: d / f for name, f in weight_map.items()}
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for pat in PICKLE_PATTERNS for p in d.glob(pat))
+        if pickled:
+            raise UserError(
+                f"{d}: only pickle weights found ({', '.join(pickled[:3])}); jaxlora loads "
+                "safetensors only and never unpickles. Convert to safetensors first, e.g. "
+                "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+                "safe_serialization=True)` in an environment you trust."
+            )
+        raise UserError(f"{d}: no *.safetensors weight files found")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as h:
+            for name in h.keys():
+                out[name] = f
+    return out
+
+
+@contextlib.contextmanager
+def _open_all(files) -> Iterator[dict[Path, Any]]:
+    with contextlib.ExitStack() as stack:
+        yield {f: stack.enter_context(safe_open(str(f), framework="numpy")) for f in set(files)}
+
+
+def _read_slice(handle, name: str, idx: tuple[slice, ...], transpose: bool) -> np.ndarray:
+    sl = handle.get_slice(name)
+    if transpose:  # ours [in, out] <- HF [out, in]
+        return np.asarray(sl[idx[1], idx[0]]).T
+    return np.asarray(sl[idx] if idx else sl[:])
+
+
+def load_params(
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    dtype: Any = jnp.bfloat16,
+    shardings: dict | None = None,
+    host_transform: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+) -> dict:
+    """Load an HF checkpoint into the stacked params pytree.
+
+    `shardings`: optional tree of `jax.sharding.Sharding` (same structure as the params); each
+    device reads only its own slice. `host_transform(path, full_leaf)`: optional per-leaf hook
+    (e.g. quantisation while loading); it receives the whole stacked leaf on the host, one leaf at
+    a time, and returns the array or pytree to place on device.
+    """
+    abstract, _ = abstract_params(cfg, dtype)
+    index = safetensors_index(model_dir)
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    names = {_key_path(kp): hf_names(_key_path(kp), cfg.num_hidden_layers) for kp, _ in flat}
+    missing = [n for ns in names.values() for n in ns if n not in index]
+    if missing:
+        raise UserError(
+            f"{model_dir}: checkpoint is missing {len(missing)} tensor(s) the {cfg.model_type} "
+            f"config needs, e.g. {', '.join(missing[:4])}"
+        )
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    flat_shardings = {}
+    if shardings is not None:
+        from jaxlora.models import quant
+
+        # A quantised kernel's sharding is a dict of shardings (one per codes/scales leaf).
+        leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=quant.is_quantized)[0]
+        flat_shardings = {_key_path(kp): s for kp, s in leaves}
+    out = {}
+    with _open_all(index.values()) as handles:
+        for kp, leaf in flat:
+            path = _key_path(kp)
+            leaf_names = names[path]
+            stacked = path[0] == "layers"
+            transpose = path[-1] == "kernel"
+            per_shape = leaf.shape[1:] if stacked else leaf.shape
+            hf_shape = tuple(reversed(per_shape)) if transpose else per_shape
+            for n in leaf_names:
+                got = tuple(handles[index[n]].get_slice(n).get_shape())
+                if got != hf_shape:
+                    raise UserError(
+                        f"{model_dir}: tensor {n} has shape {list(got)}, config.json implies "
+                        f"{list(hf_shape)}"
+                    )
+
+            def read(idx, leaf_names=leaf_names, stacked=stacked, transpose=transpose):
+                idx = tuple(idx)
+                if not stacked:
+                    n = leaf_names[0]
+                    return _read_slice(handles[index[n]], n, idx, transpose).astype(dtype)
+                rows = range(len(leaf_names))[idx[0]]
+                parts = [
+                    _read_slice(handles[index[leaf_names[i]]], leaf_names[i], idx[1:], transpose)
+                    for i in rows
+                ]
+                return np.stack(parts).astype(dtype)
+
+            full = tuple(slice(None) for _ in leaf.shape)
+            if host_transform is not None:
+                value = host_transform(path, read(full))
+                out[path] = jax.device_put(value, flat_shardings.get(path, default))
+            else:
+                sharding = flat_shardings.get(path, default)
+                out[path] = jax.make_array_from_callback(leaf.shape, sharding, read)
+    return _unflatten(out)
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def params_to_hf_tensors(params: dict, cfg: ModelConfig, dtype: Any) -> Iterator[tuple]:
+    """Yield (hf_name, numpy array in HF layout) one tensor at a time."""
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = _key_path(kp)
+        names = hf_names(path, cfg.num_hidden_layers)
+        host = np.asarray(jax.device_get(leaf))
+        for i, n in enumerate(names):
+            t = host[i] if path[0] == "layers" else host
+            if path[-1] == "kernel":
+                t = t.T
+            yield n, np.ascontiguousarray(t.astype(dtype))
+
+
+def save_params_hf(
+    params: dict,
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    *,
+    dtype: Any = jnp.bfloat16,
+    max_shard_bytes: int = 4 * 1024**3,
+) -> list[Path]:
+    """Write params as HF safetensors (sharded with an index when larger than one shard)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, t in params_to_hf_tensors(params, cfg, dtype):
+        if size + t.nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    files = []
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        files.append(out / fname)
+        for n, t in shard.items():
+            weight_map[n] = fname
+            total += t.nbytes
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files

@@ -1,0 +1,148 @@
+"""`jaxlora.load_model`: a Hugging Face checkpoint directory as a ready-to-call JAX model.
+
+`Model` bundles the parsed config, the params pytree, the tokenizer (if the directory has one)
+and jitted forward functions. `Model.logits(ids, lora=adapter)` runs the same forward that
+training uses, with or without an adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.errors import UserError
+from jaxlora.io import hf
+from jaxlora.models.config import ModelConfig, load_hf_config
+from jaxlora.models.linear import AdapterSpec
+from jaxlora.models.llama import Decoder
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load_tokenizer(model_dir: str | Path):
+    """transformers AutoTokenizer from the directory, or None when it has no tokenizer files."""
+    d = Path(model_dir)
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise UserError(
+                f"{d}: the tokenizer needs custom code from the model directory (auto_map in "
+                "tokenizer_config.json); jaxlora never runs remote code. Use a checkpoint with "
+                "a standard tokenizer."
+            ) from None
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_fn(cfg: ModelConfig, dtype: Any, adapter: AdapterSpec | None):
+    """One jitted forward per (architecture, dtype, adapter spec); traced once per shape."""
+    module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=adapter)
+
+    def fwd(params, lora, input_ids, positions, segment_ids):
+        variables = {"params": params}
+        if lora is not None:
+            variables["lora"] = lora
+        return module.apply(variables, input_ids, positions, segment_ids)
+
+    return jax.jit(fwd)
+
+
+@dataclasses.dataclass
+class Model:
+    config: ModelConfig
+    params: dict
+    tokenizer: Any = None
+    path: Path | None = None
+    dtype: Any = jnp.bfloat16
+    raw_config: dict | None = None
+
+    def module(self, adapter: AdapterSpec | None = None, **kw) -> Decoder:
+        return Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype, adapter=adapter, **kw)
+
+    def logits(
+        self,
+        input_ids,
+        lora=None,
+        *,
+        positions=None,
+        segment_ids=None,
+    ) -> jax.Array:
+        """fp32 logits [B, T, V]. `lora`: an `Adapter` (see `jaxlora.load_adapter`) or None.
+
+        Padding: pass `segment_ids` (0 at pad positions) so padded keys are masked out.
+        """
+        ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        b, t = ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        spec, lora_params = None, None
+        if lora is not None:
+            spec, lora_params = lora.spec, lora.params
+        fwd = _forward_fn(self.config, self.dtype, spec)
+        return fwd(
+            self.params,
+            lora_params,
+            ids,
+            jnp.asarray(positions, jnp.int32),
+            jnp.asarray(segment_ids, jnp.int32),
+        )
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """`tiny` -> the built-in demo model directory (built locally on first use)."""
+    if str(path) == "tiny":
+        from jaxlora.io.tiny import default_model_dir
+
+        return default_model_dir()
+    return Path(path)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: Any = "bfloat16",
+    shardings: dict | None = None,
+    host_transform=None,
+) -> Model:
+    """Load an HF checkpoint directory (config.json + safetensors [+ tokenizer]).
+
+    `path="tiny"` loads the built-in tiny demo model (built locally on first use).
+    """
+    path = resolve_model_path(path)
+    jdtype = resolve_dtype(dtype)
+    cfg, raw = load_hf_config(path)
+    params = hf.load_params(path, cfg, jdtype, shardings=shardings, host_transform=host_transform)
+    return Model(
+        config=cfg,
+        params=params,
+        tokenizer=load_tokenizer(path),
+        path=path,
+        dtype=jdtype,
+        raw_config=raw,
+    )

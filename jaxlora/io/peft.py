@@ -1,0 +1,192 @@
+"""PEFT-format adapter I/O: `adapter_config.json` + `adapter_model.safetensors`.
+
+An adapter written here loads with `peft.PeftModel.from_pretrained` on the transformers model,
+and adapters made by PEFT load here. Key layout (PEFT strips the adapter name when saving):
+
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight      [r, in]
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight      [out, r]
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector   [out]  (DoRA)
+
+rsLoRA and DoRA are plain config flags (`use_rslora`, `use_dora`). PiSSA adapters are exported
+already converted to a LoRA on the original base (`jaxlora.peft.lora.pissa_to_lora`), so their
+config
+says `init_lora_weights: true`. PEFT adapters saved WITHOUT that conversion (init "pissa", "olora",
+"corda", "loftq", "lora_ga") only make sense on a base PEFT rewrites when loading them; they are
+refused with a message saying how to convert them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlora.errors import UserError
+from jaxlora.io.atomic import atomic_dir
+from jaxlora.peft.lora import LINEAR_MODULES, Adapter, LoraConfig, iter_modules, set_path
+
+PREFIX = "base_model.model.model.layers"
+# PEFT inits that replace the base weights (the adapter is relative to the rewritten base).
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+    r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
+)
+
+
+def adapter_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
+    """PEFT-named fp32 tensors of an adapter."""
+    out = {}
+    for path, node in iter_modules(adapter.params):
+        _, block, module = path
+        a = np.asarray(jax.device_get(node["lora_a"]), np.float32)  # [L, in, r]
+        b = np.asarray(jax.device_get(node["lora_b"]), np.float32)  # [L, r, out]
+        mag = node.get("magnitude")
+        mag = None if mag is None else np.asarray(jax.device_get(mag), np.float32)
+        for i in range(a.shape[0]):
+            stem = f"{PREFIX}.{i}.{block}.{module}"
+            out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+            if mag is not None:
+                out[f"{stem}.lora_magnitude_vector"] = np.ascontiguousarray(mag[i])
+    return out
+
+
+def peft_config(adapter: Adapter, base_model: str | None = None) -> dict[str, Any]:
+    c = adapter.config
+    targets = sorted({path[-1] for path, _ in iter_modules(adapter.params)})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": c.rank,
+        "lora_alpha": c.alpha,
+        "lora_dropout": c.dropout,
+        "target_modules": targets,
+        "use_rslora": c.use_rslora,
+        "use_dora": c.use_dora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_peft_adapter(
+    adapter: Adapter,
+    out_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a PEFT adapter directory atomically. `extra_files`: name -> text (e.g. template)."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_peft_files(adapter, tmp, base_model=base_model, extra_files=extra_files)
+    return Path(out_dir)
+
+
+def write_peft_files(
+    adapter: Adapter,
+    out: Path,
+    *,
+    base_model: str | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """The adapter's files into an existing (temporary) directory; callers make it atomic."""
+    from safetensors.numpy import save_file
+
+    save_file(adapter_tensors(adapter), str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(peft_config(adapter, base_model), indent=2))
+    for name, text in (extra_files or {}).items():
+        (out / name).write_text(text)
+
+
+def load_peft_adapter(path: str | Path) -> Adapter:
+    """Read a PEFT-format adapter directory (ours or PEFT's) into an `Adapter`."""
+    from safetensors import safe_open
+
+    d = Path(path)
+    cfg_path = d / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{d}: no adapter_config.json — not a PEFT/jaxlora adapter directory")
+    raw = json.loads(cfg_path.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not supported (LORA)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if raw.get(key):
+            raise UserError(f"{cfg_path}: per-module {key} is not supported")
+    init = str(raw.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_REWRITING_INITS):
+        raise UserError(
+            f"{cfg_path}: init_lora_weights {raw['init_lora_weights']!r} means this adapter is "
+            "relative to a base PEFT rewrites when loading it; re-save it from PEFT with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<initial adapter dir>) "
+            "to get a plain LoRA for the original model"
+        )
+    weights = d / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise UserError(
+                f"{d}: adapter_model.bin is a pickle file; jaxlora loads safetensors only "
+                "(save the adapter with safe_serialization=True)"
+            )
+        raise UserError(f"{d}: adapter_model.safetensors not found")
+    per_layer: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
+    with safe_open(str(weights), framework="numpy") as f:
+        for key in f.keys():
+            m = KEY_RE.match(key.replace(".default", ""))
+            if m is None:
+                raise UserError(f"{weights}: unsupported adapter tensor {key!r}")
+            layer, block, module, kind = m.groups()
+            if module not in LINEAR_MODULES:
+                raise UserError(f"{weights}: adapter on unsupported module {module!r}")
+            kind = kind.split(".")[0]
+            per_layer.setdefault((block, module, kind), {})[int(layer)] = f.get_tensor(key)
+    params: dict = {}
+    for (block, module, kind), layers in per_layer.items():
+        n = max(layers) + 1
+        if sorted(layers) != list(range(n)):
+            raise UserError(f"{weights}: {module} adapter is not present on every layer")
+        stacked = np.stack([layers[i] for i in range(n)]).astype(np.float32)
+        if kind == "lora_A":
+            name, value = "lora_a", stacked.transpose(0, 2, 1)  # [L, in, r]
+        elif kind == "lora_B":
+            name, value = "lora_b", stacked.transpose(0, 2, 1)  # [L, r, out]
+        else:
+            name, value = "magnitude", stacked.reshape(n, -1)  # [L, out]
+        params = set_path(params, ("layers", block, module, name), jax.numpy.asarray(value))
+    rank = int(raw["r"])
+    config = LoraConfig(
+        rank=rank,
+        alpha=float(raw.get("lora_alpha", rank)),
+        dropout=float(raw.get("lora_dropout", 0.0)),
+        targets=tuple(m for m in LINEAR_MODULES if any(k[1] == m for k in per_layer)),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+    )
+    return Adapter(params=params, config=config)
+
+
+def check_adapter_fits(adapter: Adapter, params: dict, source: str = "adapter") -> None:
+    """Raise a UserError naming the module when adapter and base shapes disagree."""
+    from jaxlora.peft.lora import get_path, kernel_dims
+
+    for path, node in iter_modules(adapter.params):
+        n_layers, d_in, d_out = kernel_dims(get_path(params, path)["kernel"])
+        a, b = node["lora_a"].shape, node["lora_b"].shape
+        if a[0] != n_layers or a[1] != d_in or b[2] != d_out:
+            raise UserError(
+                f"{source}: {'.'.join(path[1:])} adapter has shape A{list(a)} B{list(b)} but the "
+                f"base model has {n_layers} layers with [{d_in} -> {d_out}]; was it trained on "
+                "a different base model?"
+            )

@@ -1,0 +1,237 @@
+"""The training loop: config -> data -> model + adapter -> jitted steps -> run directory.
+
+One loop serves SFT, continued pre-training and DPO (the stage only changes the data and the
+loss function). The loop is deliberately plain: a micro-step counter `m` is the whole position
+(batch (epoch, step) is a pure function of `m`), the jitted step is dispatched without waiting,
+and the host only synchronises at logging, eval and checkpoint steps.
+
+Run directory (`output_dir`):
+    config.yaml          resolved config of this run
+    metrics.jsonl        one JSON object per logging/eval event (TensorBoard tag names)
+    tb/                  TensorBoard event files (tensorboardX)
+    checkpoints/         orbax: latest state (+ best trainable weights when evaluating)
+    adapter/             final PEFT adapter (LoRA) — or model/ for full fine-tuning
+    loss.png, report.md  curves and the run diagnosis
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+from jaxlora.config import Config, config_to_dict
+from jaxlora.errors import UserError
+from jaxlora.parallel import distributed
+from jaxlora.train import preflight
+from jaxlora.train.preemption import PreemptionGuard
+from jaxlora.train.setup import RunSetup, build_run
+from jaxlora.train.tracking import MetricsLog
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command to resume
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    best_eval_loss: float | None
+    stopped_early: bool
+    preempted: bool = False
+
+
+class _Window:
+    """Host-side sums of step metrics over a logging window."""
+
+    def __init__(self, saved: dict | None = None):
+        self.sums: dict[str, float] = dict(saved or {})
+
+    def add(self, m: dict[str, float]) -> None:
+        for k, v in m.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def reset(self) -> None:
+        self.sums = {}
+
+
+def _fetch(pending: list[dict]) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in d.items()} for d in jax.device_get(pending)]
+
+
+def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) training as configured; returns where the outputs are."""
+    distributed.maybe_initialize()
+    run = build_run(cfg, log=log)
+    try:
+        return _loop(run, progress=progress, log=log)
+    finally:
+        run.close()
+
+
+def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> TrainResult:
+    cfg, tcfg = run.cfg, run.cfg.train
+    k = tcfg.gradient_accumulation_steps
+    total_micro = run.total_steps * k
+    ckpt = run.checkpoints
+    state = run.state
+    start_micro, meta = 0, {}
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        state, meta = ckpt.restore(resume_step, state)
+        start_micro = int(meta["micro_step"])
+        log(f"resuming from checkpoint at step {resume_step} ({ckpt.directory})")
+    main = distributed.is_main_process()
+    if start_micro < total_micro:
+        est = preflight.estimate(
+            run.train_step, state, run.frozen, run.preflight_batch(start_micro)
+        )
+        log(est.summary())
+        preflight.check(cfg, est)
+    metrics = MetricsLog(run.run_dir, resume_step=resume_step, enabled=main)
+    if resume_step is None and main:
+        metrics.text("config", "```\n" + json.dumps(config_to_dict(cfg), indent=2) + "\n```", 0)
+    window = _Window(meta.get("window"))
+    best = meta.get("best_eval_loss")
+    bad_evals = int(meta.get("bad_evals", 0))
+    skipped = int(meta.get("nonfinite_skips", 0))
+    stopped_early = False
+    preempted = False
+    step = start_micro // k
+    bar = run.progress_bar(total=run.total_steps, initial=step, enabled=progress and main)
+    t_window, tok_window = time.perf_counter(), 0
+    pending: list[dict] = []
+    with PreemptionGuard() as guard:
+        for m in range(start_micro, total_micro):
+            batch = run.batch(m)
+            tok_window += run.batch_tokens(m)
+            state, out = run.train_step(state, run.frozen, batch)
+            pending.append((m, out))
+            if (m + 1) % k:
+                continue
+            step = (m + 1) // k
+            bar.update(1)
+            is_log = step % tcfg.logging_steps == 0 or step == run.total_steps
+            is_eval = run.eval_every and (step % run.eval_every == 0 or step == run.total_steps)
+            is_save = step % tcfg.save_steps == 0 or step == run.total_steps
+            # Multi-host: agreeing on the flag is a collective, so only at logging steps.
+            stop_now = (jax.process_count() == 1 or is_log) and guard.should_stop()
+            if is_log or is_eval or is_save or stop_now:
+                fetched = _fetch([out for _, out in pending])
+                for (bad_m, _), d in zip(pending, fetched, strict=True):
+                    if d["finite"] < 0.5:
+                        skipped += 1
+                        epoch, batch_idx = run._position(bad_m)
+                        where = (
+                            f"optimiser step {bad_m // k + 1} (micro-step {bad_m}: epoch "
+                            f"{epoch}, batch {batch_idx})"
+                        )
+                        what = (
+                            "update skipped"
+                            if k == 1
+                            else "micro-batch left out of its accumulation group"
+                        )
+                        log(f"warning: non-finite loss/gradient at {where}; {what}")
+                        if skipped > tcfg.max_nonfinite_skips:
+                            raise UserError(
+                                f"{skipped} non-finite steps (last at {where}); "
+                                "stopping. Lower learning_rate, check the data for broken rows, "
+                                "or raise max_nonfinite_skips."
+                            )
+                        continue
+                    window.add(
+                        {
+                            "loss_sum": d["loss_sum"],
+                            "tokens": d["tokens"],
+                            "grad_norm_sum": d["grad_norm"] / k,
+                            "n": 1.0 / k,
+                            **{f"sum/{x}": v for x, v in d.items() if x.startswith("pref/")},
+                        }
+                    )
+                pending = []
+            if is_log and window.sums.get("tokens", 0) > 0:
+                dt = time.perf_counter() - t_window
+                s = window.sums
+                scalars = {
+                    "train/loss": s["loss_sum"] / s["tokens"],
+                    "train/lr": float(run.schedule(step - 1)),
+                    "train/grad_norm": s["grad_norm_sum"] / max(s["n"], 1e-9),
+                    "train/tokens_per_s": tok_window / max(dt, 1e-9),
+                    "train/epoch": m / run.steps_per_epoch,
+                }
+                # Preference metrics arrive as sums over pairs plus "pref/count".
+                n_pairs = max(s.get("sum/pref/count", 0.0), 1.0)
+                for x, v in s.items():
+                    if x.startswith("sum/pref/") and x != "sum/pref/count":
+                        scalars["train/" + x[len("sum/pref/") :]] = v / n_pairs
+                metrics.log(step, scalars)
+                bar.set_postfix(
+                    loss=f"{scalars['train/loss']:.4f}",
+                    lr=f"{scalars['train/lr']:.2e}",
+                    tok_s=f"{scalars['train/tokens_per_s']:.0f}",
+                )
+                window.reset()
+                t_window, tok_window = time.perf_counter(), 0
+            if is_eval:
+                ev = run.evaluate(state)
+                metrics.log(step, ev)
+                n_gen = tcfg.generation_eval_samples
+                if n_gen and main and cfg.finetune.stage == "sft":
+                    text = run.sample_generations(state, n_gen)
+                    if text:
+                        metrics.text("eval/generations", text, step)
+                loss = ev["eval/loss"]
+                improved = best is None or loss < best - tcfg.early_stopping_threshold
+                if improved:
+                    best, bad_evals = loss, 0
+                    if run.keep_best:
+                        ckpt.save_best(step, state["trainable"], {"step": step, "eval_loss": loss})
+                else:
+                    bad_evals += 1
+                patience = tcfg.early_stopping_patience
+                if patience is not None and bad_evals >= patience:
+                    stopped_early = True
+                    log(
+                        f"early stopping at step {step}: eval loss has not improved for "
+                        f"{bad_evals} evaluations (best {best:.4f})"
+                    )
+            if is_save or stopped_early or stop_now:
+                ckpt.save(
+                    step,
+                    state,
+                    {
+                        "step": step,
+                        "micro_step": m + 1,
+                        "window": window.sums,
+                        "best_eval_loss": best,
+                        "bad_evals": bad_evals,
+                        "nonfinite_skips": skipped,
+                    },
+                )
+            if stop_now:
+                preempted = True
+                break
+            if stopped_early:
+                break
+    bar.close()
+    ckpt.wait()
+    metrics.close()
+    if preempted:
+        log(f"preempted: checkpoint saved at step {step}; rerun the same command to resume")
+        return TrainResult(run.run_dir, step, best, stopped_early, preempted=True)
+    run.finish(state, best_available=run.keep_best and ckpt.best_step() is not None)
+    return TrainResult(run.run_dir, step, best, stopped_early)
+
+
+def summarise(result: TrainResult, stage: str = "sft") -> str:
+    lines = [f"run directory: {result.run_dir}"]
+    if result.best_eval_loss is not None:
+        line = f"best eval loss: {result.best_eval_loss:.4f}"
+        if stage != "dpo":  # a preference loss has no perplexity
+            line += f" (perplexity {math.exp(min(result.best_eval_loss, 50)):.2f})"
+        lines.append(line)
+    return "\n".join(lines)

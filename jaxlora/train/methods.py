@@ -1,0 +1,334 @@
+"""Fine-tuning methods: how a config splits the model into trainable and frozen trees.
+
+    lora    trainable = adapter (fp32; rsLoRA / DoRA / PiSSA / continued adapter),
+            frozen = base params (bf16, NF4 or int8 for QLoRA; PiSSA: the residual)
+    full    trainable = all params (fp32 master copy, or bf16 with fp32 optimiser state),
+            frozen = {}
+    freeze  trainable = per-layer SLICES of the selected modules ([n, ...] of the stacked
+            [L, ...] leaves, as `LayerSlice` nodes that remember their first layer) plus any
+            selected non-layer module; frozen = the whole original param tree
+
+`split_trainable` is the one place that decides this and `load_base_model` the one place that
+loads the base (quantised while loading for QLoRA). The train step only sees the two trees and
+`mode`; `model_variables` puts them back together for the forward pass, and `adapter_for_export`
+/ `params_for_export` give what the end of a run writes.
+
+Freeze keeps the scanned layers stacked: only the trainable slices get gradients and optimiser
+state, and the forward re-inserts them into the frozen stack with a static-offset
+`dynamic_update_slice` inside the jitted step. Frozen layers are never written. Cost: the forward
+builds one merged copy of each selected stacked leaf (an XLA temporary, like an activation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.config import Config
+from jaxlora.errors import UserError, did_you_mean
+from jaxlora.io.model import Model, load_model
+from jaxlora.models import quant
+from jaxlora.models.linear import AdapterSpec
+from jaxlora.peft.lora import (
+    Adapter,
+    LoraConfig,
+    init_lora,
+    init_pissa,
+    parse_targets,
+    pissa_to_lora,
+)
+
+# ----------------------------------------------------------------------------- split
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerSlice:
+    """Layers [start, start + n) of a stacked [L, ...] leaf: `value` is [n, ...].
+
+    A pytree node whose only child is `value` (`start` is static metadata), so jit, grad, optax
+    and orbax see a plain [n, ...] array and the offset travels with the tree.
+    """
+
+    value: jax.Array
+    start: int = dataclasses.field(metadata=dict(static=True))
+
+
+@dataclasses.dataclass
+class Split:
+    mode: str  # "lora" | "full" | "freeze"
+    trainable: Any
+    frozen: Any
+    lora_config: LoraConfig | None = None
+    # PiSSA only: the step-0 adapter. frozen (the residual) + initial_adapter is the ORIGINAL
+    # model, so a DPO reference must apply it; None when the frozen tree alone is the original
+    # model (plain LoRA init, continued adapters, full, freeze).
+    initial_adapter: Adapter | None = None
+
+    @property
+    def adapter_spec(self) -> AdapterSpec | None:
+        return self.lora_config.spec if self.lora_config else None
+
+
+def lora_config_from(cfg: Config) -> LoraConfig:
+    f = cfg.finetune
+    return LoraConfig(
+        rank=f.lora_rank,
+        alpha=f.resolved_lora_alpha,
+        dropout=f.lora_dropout,
+        targets=parse_targets(f.lora_target),
+        use_rslora=f.use_rslora,
+        use_dora=f.use_dora,
+        init="pissa" if f.pissa_init else "kaiming",
+    )
+
+
+def split_trainable(cfg: Config, params: dict) -> Split:
+    """Trainable/frozen trees for `cfg.finetune.finetuning_type`."""
+    mode = cfg.finetune.finetuning_type
+    if mode == "lora":
+        return _split_lora(cfg, params)
+    if mode == "full":
+        return Split("full", _cast_float(params, _trainable_dtype(cfg)), {})
+    if mode == "freeze":
+        trainable = select_freeze(
+            params,
+            cfg.finetune.freeze_trainable_layers,
+            cfg.finetune.freeze_trainable_modules,
+        )
+        return Split("freeze", _cast_float(trainable, _trainable_dtype(cfg)), params)
+    raise UserError(f"finetuning_type {mode!r} is not supported; use lora, full or freeze")
+
+
+def _trainable_dtype(cfg: Config) -> Any:
+    """fp32 master weights, or (full_precision_master: false) the compute dtype; optimiser
+    state is fp32 either way (see `jaxlora.train.optim`)."""
+    if cfg.finetune.full_precision_master or not cfg.train.bf16:
+        return jnp.float32
+    return jnp.bfloat16
+
+
+def _cast_float(tree: Any, dtype: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+def _split_lora(cfg: Config, params: dict) -> Split:
+    key = jax.random.key(cfg.train.seed)
+    lcfg = lora_config_from(cfg)
+    initial = None
+    if cfg.model.adapter_name_or_path:
+        from jaxlora.io.peft import check_adapter_fits, load_peft_adapter
+
+        start = load_peft_adapter(cfg.model.adapter_name_or_path)
+        check_adapter_fits(start, params, cfg.model.adapter_name_or_path)
+        # The adapter's own rank / alpha / targets / DoRA / rsLoRA win (PEFT's is_trainable
+        # resume); only dropout is a training-time choice of this run.
+        lcfg = dataclasses.replace(start.config, dropout=cfg.finetune.lora_dropout)
+        trainable = start.params
+    elif lcfg.init == "pissa":
+        trainable, params = init_pissa(key, params, lcfg, cfg.finetune.pissa_iter)
+        initial = Adapter(jax.tree_util.tree_map(jnp.copy, trainable), lcfg)
+    else:
+        trainable = init_lora(key, params, lcfg)
+    return Split("lora", _cast_float(trainable, jnp.float32), params, lcfg, initial)
+
+
+# ----------------------------------------------------------------------------- freeze
+
+
+def _layer_modules(layers: dict) -> dict[str, tuple[str, ...]]:
+    """Selectable names inside a decoder layer -> their path under `layers`.
+
+    First-level submodules (LLaMA-Factory's names: self_attn, mlp, input_layernorm,
+    post_attention_layernorm) and their children (q_proj, ..., down_proj, q_norm, k_norm).
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for name, sub in layers.items():
+        out[name] = (name,)
+        if isinstance(sub, dict):
+            for child, node in sub.items():
+                if isinstance(node, dict) and not quant.is_quantized(node):
+                    out.setdefault(child, (name, child))
+    return out
+
+
+def freeze_layer_range(num_layers: int, trainable_layers: int) -> tuple[int, int]:
+    """[start, stop) of trained layers: last n if n > 0, first |n| if n < 0 (LLaMA-Factory)."""
+    if trainable_layers == 0:
+        raise UserError("`freeze_trainable_layers` must be > 0 (last n layers) or < 0 (first n)")
+    if trainable_layers > 0:
+        return max(0, num_layers - trainable_layers), num_layers
+    return 0, min(-trainable_layers, num_layers)
+
+
+def select_freeze(params: dict, trainable_layers: int, modules: str) -> dict:
+    """The trainable tree of freeze tuning: `LayerSlice`s of the selected layer modules.
+
+    `modules`: comma list of layer module names (self_attn, mlp, input_layernorm,
+    post_attention_layernorm, q_proj, ..., down_proj) or `all` (every leaf of the selected
+    layers), plus optionally whole non-layer modules (embed_tokens, norm, lm_head), which are
+    trained in full (LLaMA-Factory's `freeze_extra_modules`).
+    """
+    layers = params["layers"]
+    num_layers = int(np.shape(jax.tree_util.tree_leaves(layers)[0])[0])
+    start, stop = freeze_layer_range(num_layers, trainable_layers)
+    names = [m.strip() for m in str(modules).split(",") if m.strip()]
+    if not names:
+        raise UserError("freeze_trainable_modules is empty; use `all` or e.g. mlp,self_attn")
+    in_layer = _layer_modules(layers)
+    top = [k for k in params if k != "layers"]
+    trainable: dict = {}
+
+    def take(leaf):
+        if quant.is_quantized(leaf):
+            raise UserError("freeze tuning needs an unquantised base (drop quantization_bit)")
+        return LayerSlice(jnp.asarray(leaf)[start:stop], start)
+
+    for name in names:
+        if name == "all":
+            sub_paths = [(k,) for k in layers]
+        elif name in in_layer:
+            sub_paths = [in_layer[name]]
+        elif name in top:
+            trainable[name] = params[name]
+            continue
+        else:
+            valid = sorted(set(in_layer) | set(top) | {"all"})
+            raise UserError(
+                f"freeze_trainable_modules: unknown module {name!r}"
+                f"{did_you_mean(name, valid)}; this model has: {', '.join(valid)}"
+            )
+        for sub_path in sub_paths:
+            node = layers
+            for k in sub_path:
+                node = node[k]
+            sliced = jax.tree_util.tree_map(take, node, is_leaf=quant.is_quantized)
+            tree = trainable.setdefault("layers", {})
+            for k in sub_path[:-1]:
+                tree = tree.setdefault(k, {})
+            tree[sub_path[-1]] = sliced
+    return trainable
+
+
+def freeze_params(frozen: dict, trainable: Any) -> dict:
+    """The full param tree: `frozen` with the trainable slices / modules written in.
+
+    Used inside the jitted step (`model_variables`) and for export. Frozen leaves that are not
+    trained are passed through untouched (the same arrays).
+    """
+    if isinstance(trainable, LayerSlice):
+        value = trainable.value.astype(frozen.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(frozen, value, trainable.start, axis=0)
+    if isinstance(trainable, dict):
+        out = dict(frozen)
+        for k, v in trainable.items():
+            out[k] = freeze_params(frozen[k], v)
+        return out
+    return jnp.asarray(trainable).astype(frozen.dtype)
+
+
+def model_variables(mode: str, trainable: Any, frozen: Any) -> dict:
+    """Flax variables for the forward pass from the (trainable, frozen) split of `mode`."""
+    if mode == "lora":
+        return {"params": frozen, "lora": trainable}
+    if mode == "freeze":
+        return {"params": freeze_params(frozen, trainable)}
+    return {"params": trainable}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def adapter_for_export(split_or_run: Any, trainable: Any) -> Adapter:
+    """The adapter a LoRA run exports: PEFT-loadable on the ORIGINAL base model.
+
+    PiSSA runs (an `initial_adapter` is set) are converted to a plain LoRA of twice the rank
+    relative to the original weights (`lora.pissa_to_lora`, as PEFT's
+    `path_initial_model_for_weight_conversion`); other runs export the trainable adapter as is.
+    """
+    config = split_or_run.lora_config
+    trained = Adapter(trainable, config)
+    initial = getattr(split_or_run, "initial_adapter", None)
+    if initial is None:
+        return trained
+    return pissa_to_lora(trained, initial)
+
+
+def lora_config_for(cfg: Config) -> LoraConfig:
+    """The adapter settings a LoRA run trains with: `adapter_name_or_path`'s own config when
+    continuing an adapter (dropout from this run), else the run's lora_* keys."""
+    if cfg.model.adapter_name_or_path:
+        from jaxlora.io.peft import load_peft_adapter
+
+        start = load_peft_adapter(cfg.model.adapter_name_or_path)
+        return dataclasses.replace(start.config, dropout=cfg.finetune.lora_dropout)
+    return lora_config_from(cfg)
+
+
+def rebuild_split(cfg: Config, model_path: str | Path) -> Split:
+    """The split a finished run started from (same base dtype and quantisation as
+    `run_setup`), e.g. to export a checkpoint: PiSSA's initial adapter and residual are
+    recomputed deterministically from the base, the seed and `pissa_iter`."""
+    compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
+    dtype = compute if cfg.finetune.finetuning_type == "lora" else jnp.float32
+    return split_trainable(cfg, load_base_model(cfg, model_path, dtype).params)
+
+
+def trainable_logical(param_logical: Any, trainable: Any) -> Any:
+    """The logical-axis spec tree of the params pruned to the trainable tree's keys (for
+    `sharding.param_shardings` in full / freeze mode; a freeze slice keeps its leaf's spec)."""
+    if not isinstance(trainable, dict):
+        return param_logical
+    return {k: trainable_logical(param_logical[k], v) for k, v in trainable.items()}
+
+
+def params_for_export(split_or_run: Any, trainable: Any) -> dict:
+    """The full param tree a full / freeze run exports (freeze: frozen + trained slices)."""
+    if split_or_run.mode == "freeze":
+        return freeze_params(split_or_run.frozen, trainable)
+    return trainable
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def quantizing_transform(bits: int, *, double_quant: bool = True, block_size: int = 64):
+    """host_transform(path, leaf) for `hf.load_params`: projection kernels -> NF4 / int8 dicts.
+
+    Called once per stacked leaf while loading; inside it one layer at a time is moved to the
+    device and quantised there by the jitted `quant.quantize` (bit-identical to the numpy
+    `quant.quantize_np`, and ~2x faster even on CPU; on a GPU it takes milliseconds where
+    numpy takes seconds per layer). So at most one layer of one kernel is ever on device in
+    bf16; the stacked leaf stays on the host. Embeddings, lm_head, norms and biases pass
+    through (`quant.default_predicate`).
+    """
+    kw = dict(block_size=block_size, double_quant=double_quant)
+
+    def transform(path: tuple[str, ...], leaf: np.ndarray) -> Any:
+        if not quant.default_predicate(tuple(path)):
+            return leaf
+        if leaf.ndim == 2:
+            return quant.quantize(jnp.asarray(leaf), bits, **kw)
+        parts = [quant.quantize(jnp.asarray(leaf[i]), bits, **kw) for i in range(leaf.shape[0])]
+        return {k: jnp.stack([p[k] for p in parts]) for k in parts[0]}  # [L, ...] per leaf
+
+    return transform
+
+
+def load_base_model(
+    cfg: Config, model_path: str | Path, dtype: Any, shardings: Any = None
+) -> Model:
+    """The base model as training needs it: `dtype` weights, or (quantization_bit 4 / 8) NF4 /
+    int8 projection kernels quantised while loading, so no bf16 copy is ever on device.
+
+    `shardings` (unquantised loads): each device reads only its slice of every tensor."""
+    bits = cfg.model.quantization_bit
+    if not bits:
+        return load_model(model_path, dtype=dtype, shardings=shardings)
+    transform = quantizing_transform(int(bits), double_quant=cfg.model.double_quantization)
+    return load_model(model_path, dtype=dtype, host_transform=transform)

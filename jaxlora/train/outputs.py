@@ -1,0 +1,154 @@
+"""End-of-run artefacts and `jaxlora export` from a run directory.
+
+Why this file exists: a run directory holds a config, orbax checkpoints and (at the end) an
+adapter or merged model. Turning either into the file formats of `jaxlora.io.export` needs the
+run's method split (`jaxlora.train.methods`: PiSSA conversion, freeze slices, full params), so it
+lives in the training layer. The report is written here too, once, at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxlora.errors import UserError
+from jaxlora.io.export import TEMPLATE_FILE, export_adapter, export_merged
+from jaxlora.io.peft import load_peft_adapter
+from jaxlora.peft.lora import Adapter
+
+
+def export_run_outputs(run: Any, trainable: Any) -> None:
+    """End of training: final adapter or model, loss plot and report in the run directory."""
+    from jaxlora.parallel import distributed
+
+    if not distributed.is_main_process():
+        return
+    cfg = run.cfg
+    tmpl = run.data.report.chat_template or None
+    base = str(run.model.path)
+    from jaxlora.train.methods import adapter_for_export, params_for_export
+
+    if run.mode == "lora":
+        adapter = adapter_for_export(run.split, trainable)
+        export_adapter(
+            adapter,
+            run.run_dir / "adapter",
+            base_model=base,
+            tokenizer=run.model.tokenizer,
+            chat_template=tmpl,
+            overwrite=True,
+        )
+    else:
+        export_merged(
+            base,
+            run.run_dir / "model",
+            params=params_for_export(run.split, trainable),
+            tokenizer=run.model.tokenizer,
+            chat_template=tmpl,
+            overwrite=True,
+        )
+    write_run_report(run.run_dir, cfg)
+
+
+def write_run_report(run_dir: Path, cfg: Any) -> Path | None:
+    from jaxlora.config import config_to_dict
+    from jaxlora.evaluate.report import read_metrics, write_report
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    if not records:
+        return None
+    flat = config_to_dict(cfg)
+    return write_report(run_dir, records, flat)
+
+
+def _restore_trainable(ckpt_dir: Path, like: Any = None) -> tuple[Any, int]:
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "meta"))
+    step = mngr.latest_step()
+    if step is None:
+        raise UserError(f"{ckpt_dir}: no complete checkpoint found")
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    mngr.close()
+    trainable = out["state"]["trainable"]
+    if like is not None:  # freeze: LayerSlice nodes come back as {"value": ...} dicts
+        leaves = jax.tree_util.tree_leaves(trainable)
+        trainable = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+    return trainable, step
+
+
+def export_from_run(
+    run_or_ckpt: str | Path, out_dir: str | Path, *, merged: bool = False, overwrite: bool = False
+) -> Path:
+    """`jaxlora export`: a run directory (final adapter or latest checkpoint) or a PEFT adapter."""
+    from jaxlora.config import load_config
+    from jaxlora.io.model import load_tokenizer, resolve_model_path
+
+    src = Path(run_or_ckpt)
+    if (src / "adapter_config.json").is_file():  # an adapter directory
+        adapter = load_peft_adapter(src)
+        base = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        template = (src / TEMPLATE_FILE).read_text() if (src / TEMPLATE_FILE).is_file() else None
+        tok_dir = src if (src / "tokenizer_config.json").is_file() else base
+    else:
+        if not (src / "config.yaml").is_file():
+            raise UserError(
+                f"{src}: not a jaxlora run directory (no config.yaml) nor a PEFT adapter "
+                "directory (no adapter_config.json)"
+            )
+        cfg = load_config(src / "config.yaml")
+        base = str(resolve_model_path(cfg.model.model_name_or_path))
+        report = src / "data_report.json"
+        template = json.loads(report.read_text()).get("chat_template") if report.is_file() else None
+        tok_dir = base
+        if cfg.finetune.finetuning_type != "lora":
+            if (src / "model").is_dir() and not merged:
+                raise UserError(
+                    f"{src} is a full fine-tuning run; use --merged (or copy {src}/model)"
+                )
+            from jaxlora.train.methods import params_for_export, rebuild_split
+
+            split = rebuild_split(cfg, base)
+            trainable, _ = _restore_trainable(src / "checkpoints", like=split.trainable)
+            trainable = params_for_export(split, trainable)
+            return export_merged(
+                base,
+                out_dir,
+                params=trainable,
+                tokenizer=load_tokenizer(base),
+                chat_template=template,
+                overwrite=overwrite,
+            )
+        if (src / "adapter" / "adapter_config.json").is_file():
+            adapter = load_peft_adapter(src / "adapter")
+        else:
+            from jaxlora.train.methods import adapter_for_export, lora_config_for, rebuild_split
+
+            trainable, _ = _restore_trainable(src / "checkpoints")
+            if cfg.finetune.pissa_init:  # convert relative to the original base
+                adapter = adapter_for_export(rebuild_split(cfg, base), trainable)
+            else:
+                adapter = Adapter(trainable, lora_config_for(cfg))
+    if base is None:
+        raise UserError(f"{src}: adapter_config.json has no base_model_name_or_path")
+    tokenizer = load_tokenizer(tok_dir) if tok_dir else None
+    if merged:
+        return export_merged(
+            base,
+            out_dir,
+            adapter=adapter,
+            tokenizer=tokenizer,
+            chat_template=template,
+            overwrite=overwrite,
+        )
+    return export_adapter(
+        adapter,
+        out_dir,
+        base_model=base,
+        tokenizer=tokenizer,
+        chat_template=template,
+        overwrite=overwrite,
+    )
