@@ -3,7 +3,8 @@
 - `lm`: masked causal-LM cross entropy, token / sequence log-probs (SFT, pt, DPO inputs);
 - `fused_ce`: the LM head fused with the cross entropy, chunked so `[tokens, vocab]` logits are
   never stored;
-- `preference`: DPO (sigmoid / hinge / IPO / robust, cDPO smoothing), ORPO, SimPO and metrics.
+- `preference`: DPO (sigmoid / hinge / IPO / robust, cDPO smoothing), ORPO, SimPO, KTO (loss +
+  KL reference point) and metrics.
 
 Used by both `jaxlora.train` and `jaxlora.evaluate`, so it sits below them. The public path
 `jaxlora.losses.dpo_loss` (and the other names below) is stable.
@@ -21,6 +22,9 @@ from jaxlora.losses.lm import (
 from jaxlora.losses.preference import (
     DPO_LOSS_TYPES,
     dpo_loss,
+    kto_kl,
+    kto_loss,
+    kto_metrics,
     orpo_loss,
     preference_metrics,
     simpo_loss,
@@ -30,6 +34,9 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "dpo_loss",
     "fused_ce",
+    "kto_kl",
+    "kto_loss",
+    "kto_metrics",
     "logprobs_from_logits",
     "masked_lm_loss",
     "orpo_loss",

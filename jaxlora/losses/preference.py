@@ -1,9 +1,11 @@
-"""Preference losses (DPO family, ORPO, SimPO) and their logged metrics.
+"""Preference losses (DPO family, ORPO, SimPO, KTO) and their logged metrics.
 
 Why this file exists: the formulas users compare against TRL 1.x live in one place, checked
 number-for-number by the tests. They take per-sequence SUMMED completion log-probs (from
 `jaxlora.losses.lm.sequence_logps`) and return per-pair losses (the shape of the inputs); the
 trainer takes the mean over pairs (TRL does `losses.mean()`). All arithmetic is fp32.
+KTO is unpaired: one completion per example with a thumbs-up/down label, plus a batch-level KL
+estimate from mismatched (prompt, completion) rows (`kto_kl`).
 """
 
 from __future__ import annotations
@@ -194,4 +196,84 @@ def preference_metrics(
         "rewards/margins": mean(cr - rr),
         "logps/chosen": mean(chosen_logps),
         "logps/rejected": mean(rejected_logps),
+    }
+
+
+def kto_kl(policy_kl_logps: Array, ref_kl_logps: Array, mask: Array | None = None) -> Array:
+    """KTO's reference point z0: the batch-mean log-ratio on MISMATCHED rows, clamped at 0.
+
+    TRL 1.x `KTOTrainer`: `kl = (KL_logps - ref_KL_logps).mean().detach()`, then (mean over
+    processes) `.clamp(min=0)`. The mismatched rows pair prompt i with completion i-1 of the same
+    batch (rotated by one within the batch, as TRL does). `mask` (1 = real row) keeps padding rows
+    out of the mean. No gradient flows through it (as in TRL and the KTO paper).
+    """
+    diff = _f32(policy_kl_logps) - _f32(ref_kl_logps)
+    m = jnp.ones_like(diff) if mask is None else _f32(mask)
+    mean = jnp.sum(jnp.where(m > 0, diff * m, 0.0)) / jnp.maximum(m.sum(), 1.0)
+    return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
+
+
+def kto_loss(
+    policy_logps: Array,
+    ref_logps: Array,
+    labels: Array,
+    kl: Array,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Array, Array]:
+    """Per-example KTO losses and detached rewards (TRL 1.x `KTOTrainer`, `loss_type="kto"`).
+
+    With r = policy - ref (summed completion log-probs) and z0 = `kl` (from `kto_kl`):
+    - desirable (label true):    w_d · (1 - σ(β·(r - z0)))
+    - undesirable (label false): w_u · (1 - σ(β·(z0 - r)))
+    Rewards are β·r. TRL's batch loss is the plain mean over all examples (`losses.nanmean()` of
+    the weighted chosen and rejected losses), so the trainer divides the sum by the example count.
+    LLaMA-Factory's `kto_chosen_weight`/`kto_rejected_weight` are w_d/w_u.
+    """
+    _check_beta(beta)
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise UserError(
+            "kto_chosen_weight and kto_rejected_weight must be >= 0, got "
+            f"{desirable_weight} and {undesirable_weight}"
+        )
+    logratios = _f32(policy_logps) - _f32(ref_logps)
+    z0 = _f32(kl)
+    good = jnp.asarray(labels).astype(bool)
+    chosen = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (logratios - z0)))
+    rejected = undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - logratios)))
+    losses = jnp.where(good, chosen, rejected)
+    return losses, jax.lax.stop_gradient(beta * logratios)
+
+
+def kto_metrics(
+    rewards: Array,
+    logps: Array,
+    labels: Array,
+    kl: Array,
+    mask: Array | None = None,
+) -> dict[str, Array]:
+    """TRL's KTO metrics for one batch: means over the desirable / undesirable examples.
+
+    `rewards/chosen` = sum of desirable rewards / number desirable (likewise rejected and the
+    log-probs); `rewards/margins` = chosen mean - rejected mean; `kl` = z0. A side with no examples
+    gives 0 (TRL leaves the metric out for that batch).
+    """
+    good = jnp.asarray(labels).astype(bool)
+    m = jnp.ones(good.shape, jnp.float32) if mask is None else _f32(mask)
+    gm, bm = jnp.where(good, m, 0.0), jnp.where(good, 0.0, m)
+
+    def mean(x: Array, w: Array) -> Array:
+        total = jnp.sum(jnp.where(w > 0, _f32(x) * w, 0.0))
+        return jax.lax.stop_gradient(total / jnp.maximum(w.sum(), 1.0))
+
+    chosen, rejected = mean(rewards, gm), mean(rewards, bm)
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "logps/chosen": mean(logps, gm),
+        "logps/rejected": mean(logps, bm),
+        "kl": jax.lax.stop_gradient(_f32(kl)),
     }
