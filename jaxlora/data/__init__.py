@@ -12,6 +12,11 @@ packing=False, ...) -> (train, eval, DataReport)``
     lists of :class:`PreferenceExample` (or packed two-segments-per-pair rows of length
     ``2*cutoff_len`` when ``packing``: segment 2k-1 = chosen, 2k = rejected of pair k).
 
+``load_feedback_dataset(tokenizer, *, dataset, ..., cutoff_len=1024, max_prompt_length=None,
+...) -> (train, eval, DataReport)``
+    KTO: lists of :class:`FeedbackExample` (prompt, one answer, desirable/undesirable label);
+    batches add the mismatched ``kl_*`` rows and ``kto_label`` (see ``feedback.py``).
+
 ``load_text_dataset(tokenizer, *, dataset, dataset_dir=None, cutoff_len=1024, max_samples=None,
 val_size=0.0, seed=0, eval_dataset=None) -> (train, eval, DataReport)``
     pretraining (``stage: pt``): always packed rows of ``cutoff_len``.
@@ -36,11 +41,13 @@ drop_last=False, process_index=0, process_count=1, bucket_multiple=64) -> Batche
 
 from jaxlora.data.batching import Batcher, bucket_length, collate, concat_preference_batch
 from jaxlora.data.encode import EncodeCounts, Example, PreferenceExample
+from jaxlora.data.feedback import FeedbackExample, FeedbackSample
 from jaxlora.data.formats import Conversation, PreferencePair
 from jaxlora.data.packing import pack_examples, pack_preferences, pack_stream
 from jaxlora.data.pipeline import (
     DataReport,
     fingerprint,
+    load_feedback_dataset,
     load_preference_dataset,
     load_sft_dataset,
     load_text_dataset,
@@ -87,6 +94,8 @@ __all__ = [
     "DataReport",
     "EncodeCounts",
     "Example",
+    "FeedbackExample",
+    "FeedbackSample",
     "PreferenceExample",
     "PreferencePair",
     "bucket_length",
@@ -94,6 +103,7 @@ __all__ = [
     "concat_preference_batch",
     "data_stats",
     "fingerprint",
+    "load_feedback_dataset",
     "format_stats",
     "load_preference_dataset",
     "load_sft_dataset",

@@ -11,6 +11,10 @@ DPO batches (unpacked) have the same four arrays twice, prefixed ``chosen_`` and
 so ``concat_preference_batch`` can stack them to [2B, T] (chosen rows first, then rejected)
 for one forward pass. Packed DPO rows use the plain layout (see ``packing.pack_preferences``).
 
+KTO batches (``FeedbackExample``): the plain four arrays hold prompt + the judged completion,
+``kl_*`` the same four for the mismatched rows (prompt i + completion i-1 of the global batch,
+see ``feedback.with_kl_completions``), and ``kto_label`` [B] int32 (1 desirable, 0 not).
+
 T: packed rows are always ``cutoff_len`` long; unpacked batches are padded to the longest
 sample of the GLOBAL batch rounded up to a multiple of ``bucket_multiple`` (capped at
 ``cutoff_len``), so there are only a few distinct shapes and jit does not recompile per step,
@@ -30,6 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxlora.data.encode import Example, PreferenceExample
+from jaxlora.data.feedback import KL_PREFIX, FeedbackExample, feedback_rows, with_kl_completions
 
 KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
@@ -78,6 +83,14 @@ def collate(
 ) -> dict[str, np.ndarray]:
     """Stack samples into [B, length] arrays (None = dummy row). Preference pairs give
     ``chosen_*`` / ``rejected_*`` keys."""
+    if any(isinstance(s, FeedbackExample) for s in samples):
+        rows = [feedback_rows(s) if s is not None else (None, None) for s in samples]
+        out = {}
+        for prefix, j in (("", 0), (KL_PREFIX, 1)):
+            filled = [_fill(r[j], length, pad_id) for r in rows]
+            out.update({f"{prefix}{k}": np.stack([f[k] for f in filled]) for k in KEYS})
+        out["kto_label"] = np.asarray([0 if s is None else int(s.label) for s in samples], np.int32)
+        return out
     pref = any(isinstance(s, PreferenceExample) for s in samples)
     if not pref:
         rows = [_fill(s, length, pad_id) for s in samples]
@@ -100,7 +113,7 @@ class Batcher:
 
     def __init__(
         self,
-        samples: list[Example] | list[PreferenceExample],
+        samples: list[Example] | list[PreferenceExample] | list[FeedbackExample],
         *,
         batch_size: int,
         pad_id: int,
@@ -166,6 +179,8 @@ class Batcher:
         """This host's slice [B/P, T] of global batch (epoch, step)."""
         idx = self.global_indices(epoch, step)
         chosen = [self.samples[i] if i >= 0 else None for i in idx]
+        if isinstance(self.samples[0], FeedbackExample):  # KTO: mismatched rows per global batch
+            chosen = with_kl_completions(chosen, self.cutoff_len)
         if self.fixed_length:
             t = self.fixed_length
         else:

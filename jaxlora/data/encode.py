@@ -63,6 +63,7 @@ class EncodeCounts:
     n_dropped: int = 0  # no target token left (dropped)
     prompt_lens: list[int] = field(default_factory=list)  # before truncation, for stats
     answer_lens: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # input indices that became examples (pairs)
 
 
 def _render(tokenizer, template, msgs, tools, where, gen=False) -> str:
@@ -257,6 +258,7 @@ def encode_preferences(
             counts.n_dropped += 1
             continue
         out.append(PreferenceExample(p, c, r))
+        counts.kept.append(k)
     return out, counts
 
 

@@ -23,6 +23,7 @@ from jaxlora.data.encode import (
     encode_preferences,
     encode_texts,
 )
+from jaxlora.data.feedback import FeedbackExample, encode_feedback, to_feedback
 from jaxlora.data.formats import SourceSpec, detect_format, to_conversation, to_preference, to_text
 from jaxlora.data.loading import read_rows, resolve_datasets
 from jaxlora.data.packing import pack_examples, pack_preferences, pack_stream
@@ -290,6 +291,66 @@ def load_preference_dataset(
         train = pack_preferences(train, 2 * cutoff_len, pad)
         evals = pack_preferences(evals, 2 * cutoff_len, pad) if evals else []
         report.n_train_rows, report.n_eval_rows = len(train), len(evals)
+    report.fingerprint = fingerprint(train, evals)
+    return train, evals, report
+
+
+def _feedback_convert(spec: SourceSpec, fmt: str, where: str, row: dict):
+    if spec.ranking:
+        raise UserError(f"{where}: this is chosen/rejected data; KTO needs one labelled answer")
+    return to_feedback(row, spec, fmt, where)
+
+
+def load_feedback_dataset(
+    tokenizer: Any,
+    *,
+    dataset: str | list[str],
+    dataset_dir: str | None = None,
+    formatting: str | None = "auto",
+    cutoff_len: int | None = 1024,
+    max_prompt_length: int | None = None,
+    max_samples: int | None = None,
+    val_size: float = 0.0,
+    template: str | None = None,
+    chat_template: str | None = None,
+    system: str | None = None,
+    seed: int = 0,
+    eval_dataset: str | list[str] | None = None,
+) -> tuple[list[FeedbackExample], list[FeedbackExample], DataReport]:
+    """KTO samples (`jaxlora.data.feedback`): prompt + one answer + a desirable/undesirable
+    label. Not packable: the KL rows pair each prompt with another sample's answer."""
+    _check_args(cutoff_len, formatting, val_size)
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise UserError(f"config key `max_prompt_length` must be >= 1, got {max_prompt_length}")
+    tmpl = resolve_template(tokenizer, template, chat_template, system)
+    train_s, eval_s, report = _sources(
+        "kto",
+        _feedback_convert,
+        dataset=dataset,
+        eval_dataset=eval_dataset,
+        dataset_dir=dataset_dir,
+        formatting=formatting,
+        max_samples=max_samples,
+        val_size=val_size,
+        seed=seed,
+    )
+    report.template_name, report.chat_template = tmpl.name, tmpl.source
+    report.cutoff_len = cutoff_len
+    kw = {"cutoff_len": cutoff_len, "max_prompt_length": max_prompt_length}
+    train, counts = encode_feedback(train_s, tokenizer, tmpl, **kw)
+    _add_counts(report, counts)
+    evals: list = []
+    if eval_s:
+        evals, ecounts = encode_feedback(eval_s, tokenizer, tmpl, **kw)
+        _add_counts(report, ecounts)
+    if not train:
+        raise UserError("no KTO samples left after truncation; raise `cutoff_len`")
+    n_good = sum(int(e.label) for e in train)
+    report.notes.append(f"kto labels: {n_good} desirable, {len(train) - n_good} undesirable")
+    report.n_train, report.n_eval = len(train), len(evals)
+    report.n_train_rows, report.n_eval_rows = len(train), len(evals)
+    report.n_train_tokens = int(sum(len(e.prompt_ids) + len(e.completion_ids) for e in train))
+    report.n_target_tokens = int(sum(len(e.completion_ids) for e in train))
     report.fingerprint = fingerprint(train, evals)
     return train, evals, report
 
