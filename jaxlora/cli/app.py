@@ -1,4 +1,5 @@
-"""`jaxlora` command line: train | export | chat | predict | eval | data stats | bench | report.
+"""`jaxlora` command line: train | export | chat | predict | eval | data stats | bench | report |
+serve | blind.
 
 The only module that talks to the terminal. User mistakes (`UserError`) print one clear message
 and exit 2 without a traceback (unless `--debug`); a preempted training run exits 75 after
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.set_defaults(fn=cmd_bench)
+
+    from jaxlora.cli import serve
+
+    serve.add_parser(sub)
     return ap
 
 
