@@ -48,7 +48,7 @@ def resolve_dataset(name: str | None) -> str | None:
     for item in str(name).split(","):
         item = item.strip()
         if item.startswith("demo:"):
-            path = Path(__file__).parent / "demo_data" / f"{item[5:]}.json"
+            path = Path(__file__).resolve().parents[1] / "demo_data" / f"{item[5:]}.json"
             if not path.is_file():
                 avail = sorted(p.stem for p in path.parent.glob("*.json"))
                 raise UserError(
