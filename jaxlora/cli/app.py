@@ -199,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.set_defaults(fn=cmd_bench)
 
-    from jaxlora.cli import serve
+    from jaxlora.cli import blind, serve
 
     serve.add_parser(sub)
+    blind.add_parser(sub)
     return ap
 
 

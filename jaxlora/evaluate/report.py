@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -189,8 +190,15 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def render_report(diagnosis: Diagnosis, records: list[dict], config: dict, png_name: str) -> str:
-    """report.md text: headline state, summary, curve, advice, evidence, metrics, key settings."""
+def render_report(
+    diagnosis: Diagnosis,
+    records: list[dict],
+    config: dict,
+    png_name: str,
+    blind: list[str] = (),
+) -> str:
+    """report.md text: headline state, summary, curve, advice, evidence, metrics, key settings,
+    and links to blind evaluations (`blind`: report paths relative to the run)."""
     d = diagnosis
     lines = [f"# Run report: {d.state.upper().replace('_', ' ')}", "", f"**{d.summary}**", ""]
     lines += [f"![loss curve]({png_name})", "", "## What to change next", ""]
@@ -211,6 +219,8 @@ def render_report(diagnosis: Diagnosis, records: list[dict], config: dict, png_n
         "early_stopping_patience",
     )
     lines += ["", "## Settings", ""] + [f"- {k}: {config[k]}" for k in keys if k in config]
+    if blind:
+        lines += ["", "## Blind evaluations", ""] + [f"- [{b}]({b})" for b in blind]
     lines += ["", "Thresholds and rules: `jaxlora/diagnosis.py`.", ""]
     return "\n".join(lines)
 
@@ -223,5 +233,29 @@ def write_report(run_dir: str | Path, records: list[dict], config: dict) -> Path
         records, run_dir / "loss.png", title=f"jaxlora training loss — {d.state.replace('_', ' ')}"
     )
     out = run_dir / "report.md"
-    atomic_write_bytes(out, render_report(d, records, config, "loss.png").encode("utf-8"))
+    text = render_report(d, records, config, "loss.png", blind_reports(run_dir))
+    atomic_write_bytes(out, text.encode("utf-8"))
     return out
+
+
+BLIND_INDEX = "blind_reports.json"  # in a run dir: blind reports that rated this run
+
+
+def blind_reports(run_dir: str | Path) -> list[str]:
+    """Blind evaluation reports registered with a run (paths relative to the run dir)."""
+    path = Path(run_dir) / BLIND_INDEX
+    if not path.is_file():
+        return []
+    try:
+        return [str(x) for x in json.loads(path.read_text(encoding="utf-8"))]
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON; delete it or fix it") from None
+
+
+def register_blind_report(run_dir: str | Path, report: str | Path) -> None:
+    """Record a blind report in the run (the run's report.md links it from then on)."""
+    rel = os.path.relpath(Path(report).resolve(), Path(run_dir).resolve())
+    known = blind_reports(run_dir)
+    if rel not in known:
+        text = json.dumps([*known, rel], indent=2) + "\n"
+        atomic_write_bytes(Path(run_dir) / BLIND_INDEX, text.encode("utf-8"))
