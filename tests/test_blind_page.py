@@ -114,6 +114,7 @@ def _ratings(session_dir):
     return [json.loads(x) for x in (session_dir / "ratings.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_rate_reload_report_without_leaks(browser, session_dir, run_dir, tiny_model_dir):
     session = Session(session_dir)
     orders = [it["order"][0] for it in session.items]

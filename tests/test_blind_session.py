@@ -171,3 +171,18 @@ def test_report_text_is_escaped_and_needs_ratings(session, tmp_path):
     text = write_blind_report(session).read_text()
     assert "question 0 &lt;b&gt;\\|x" in text and "&lt;img src=x&gt; \\| odd" in text
     assert "<img" not in text and "<b>" not in text
+
+
+def test_cli_bad_input_is_one_line_exit_2(session, tmp_path, capsys):
+    from jaxlora.cli.app import main
+
+    argv = ["blind", "prepare", "--out", str(tmp_path / "new"), "--adapter", str(tmp_path)]
+    assert main(argv) == 2
+    assert main(["blind", "report", str(tmp_path)]) == 2
+    session.append_rating(_rating(0))
+    assert main(["blind", "report", str(session.path)]) == 0
+    assert main(["blind", "serve", str(session.path)]) == 2  # closed by the report
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: blind prepare: give --dataset")
+    assert "not a blind session" in err[1] and "is closed" in err[2]
+    assert not (tmp_path / "new").exists()
