@@ -77,7 +77,7 @@ _BUILTIN_SENTENCES = [
 def _corpus() -> list[str]:
     """Tokenizer training text: built-in sentences plus the bundled demo data, if present."""
     texts = list(_BUILTIN_SENTENCES)
-    demo = Path(__file__).parent / "demo_data"
+    demo = Path(__file__).resolve().parents[1] / "demo_data"
     for path in sorted(demo.glob("*.json")):
         texts.extend(_strings(json.loads(path.read_text(encoding="utf-8"))))
     return texts
