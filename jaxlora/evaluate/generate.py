@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.errors import UserError
+from jaxlora.io.model import adapter_variables
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import AdapterSpec
 from jaxlora.models.llama import Decoder, head_kernel
@@ -183,7 +184,7 @@ def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None):
     ):
         b, p = tokens.shape
         s = p + new_bucket
-        variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+        variables = {"params": params, **lora}  # lora: adapter_variables(adapter)
         rows = jnp.arange(b)
         pick = functools.partial(
             next_token,
@@ -338,12 +339,12 @@ def generate(
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` new tokens for each prompt; returns new tokens only.
 
-    `model`: a `jaxlora.Model`; `adapter`: an `Adapter` or None. `temperature == 0` is greedy
-    (top-k/top-p ignored). `stop_token_ids=None` uses the model's EOS ids (`default_stop_ids`);
-    pass `()` to never stop early. Each row stops at its first stop token, which is excluded from
-    the result unless `include_stop_token`. Prompts are sorted by length and run `batch_size` at a
-    time; results come back in input order. With sampling, results depend on `seed` and on how
-    prompts are grouped into batches.
+    `model`: a `jaxlora.Model`; `adapter`: an `Adapter`, `PromptAdapter` or None.
+    `temperature == 0` is greedy (top-k/top-p ignored). `stop_token_ids=None` uses the model's
+    EOS ids (`default_stop_ids`); pass `()` to never stop early. Each row stops at its first stop
+    token, which is excluded from the result unless `include_stop_token`. Prompts are sorted by
+    length and run `batch_size` at a time; results come back in input order. With sampling,
+    results depend on `seed` and on how prompts are grouped into batches.
     """
     _check_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, batch_size)
     prompts = [_as_ids(p) for p in prompts_token_ids]
@@ -356,7 +357,7 @@ def generate(
     stop_arr[: len(stops)] = stops
     pad = _default_pad_id(model) if pad_token_id is None else int(pad_token_id)
     fn = decode_fn(model, adapter)
-    lora = None if adapter is None else adapter.params
+    lora = adapter_variables(adapter)
     new_bucket = bucket_length(max_new_tokens)
     do_sample = temperature > 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -42,6 +42,7 @@ from jaxlora.evaluate.generate import default_stop_ids, generate
 from jaxlora.evaluate.metrics import perplexity, rouge_bleu
 from jaxlora.io.atomic import atomic_write_text
 from jaxlora.io.export import TEMPLATE_FILE  # written next to adapters / merged models
+from jaxlora.io.model import adapter_variables
 from jaxlora.losses import masked_lm_loss
 from jaxlora.models.llama import Decoder, head_kernel
 
@@ -353,7 +354,7 @@ def _loss_fn(cfg, dtype, spec):
     module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=spec)
 
     def f(params, lora, batch):
-        variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+        variables = {"params": params, **lora}  # lora: adapter_variables(adapter)
         hidden = module.apply(
             variables,
             batch["input_ids"],
@@ -378,7 +379,7 @@ def teacher_forced_loss(model, adapter, examples, *, pad_id: int, batch_size: in
     Batches are padded to `batch_size` rows and lengths to multiples of 64 (few compilations).
     """
     fn = _loss_fn(model.config, model.dtype, None if adapter is None else adapter.spec)
-    lora = None if adapter is None else adapter.params
+    lora = adapter_variables(adapter)
     total, count = 0.0, 0.0
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])

@@ -55,16 +55,21 @@ def load_tokenizer(model_dir: str | Path):
             ) from None
 
 
+def adapter_variables(adapter: Any) -> dict:
+    """The model variables an adapter adds: {"lora": ...}, {"prompt": ...} or {} for None."""
+    if adapter is None:
+        return {}
+    return {adapter.collection: adapter.params}
+
+
 @functools.lru_cache(maxsize=32)
 def _forward_fn(cfg: ModelConfig, dtype: Any, adapter: AdapterSpec | None):
     """One jitted forward per (architecture, dtype, adapter spec); traced once per shape."""
     module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=adapter)
 
-    def fwd(params, lora, input_ids, positions, segment_ids):
-        variables = {"params": params}
-        if lora is not None:
-            variables["lora"] = lora
-        return module.apply(variables, input_ids, positions, segment_ids)
+    def fwd(params, extra, input_ids, positions, segment_ids):
+        # extra: {} or {"lora": adapter tree} or {"prompt": virtual tokens} (adapter_variables)
+        return module.apply({"params": params, **extra}, input_ids, positions, segment_ids)
 
     return jax.jit(fwd)
 
@@ -89,7 +94,9 @@ class Model:
         positions=None,
         segment_ids=None,
     ) -> jax.Array:
-        """fp32 logits [B, T, V]. `lora`: an `Adapter` (see `jaxlora.load_adapter`) or None.
+        """fp32 logits [B, T, V]. `lora`: an `Adapter` or `PromptAdapter` (see
+        `jaxlora.load_adapter`) or None. With virtual tokens the logits are those of the REAL
+        positions (PEFT's output without its first num_virtual_tokens rows).
 
         Padding: pass `segment_ids` (0 at pad positions) so padded keys are masked out.
         """
@@ -101,13 +108,11 @@ class Model:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        spec, lora_params = None, None
-        if lora is not None:
-            spec, lora_params = lora.spec, lora.params
+        spec = None if lora is None else lora.spec
         fwd = _forward_fn(self.config, self.dtype, spec)
         return fwd(
             self.params,
-            lora_params,
+            adapter_variables(lora),
             ids,
             jnp.asarray(positions, jnp.int32),
             jnp.asarray(segment_ids, jnp.int32),

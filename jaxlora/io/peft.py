@@ -27,7 +27,9 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io.atomic import atomic_dir
+from jaxlora.io.peft_prompt import is_prompt_adapter, load_prompt_adapter
 from jaxlora.peft.lora import LINEAR_MODULES, Adapter, LoraConfig, iter_modules, set_path
+from jaxlora.peft.prompt import PromptAdapter
 
 PREFIX = "base_model.model.model.layers"
 # PEFT inits that replace the base weights (the adapter is relative to the rewritten base).
@@ -111,8 +113,9 @@ def write_peft_files(
         (out / name).write_text(text)
 
 
-def load_peft_adapter(path: str | Path) -> Adapter:
-    """Read a PEFT-format adapter directory (ours or PEFT's) into an `Adapter`."""
+def load_peft_adapter(path: str | Path) -> Adapter | PromptAdapter:
+    """Read a PEFT-format adapter directory (ours or PEFT's) into an `Adapter` (LoRA) or a
+    `PromptAdapter` (PROMPT_TUNING / PREFIX_TUNING, see `jaxlora.io.peft_prompt`)."""
     from safetensors import safe_open
 
     d = Path(path)
@@ -120,8 +123,13 @@ def load_peft_adapter(path: str | Path) -> Adapter:
     if not cfg_path.is_file():
         raise UserError(f"{d}: no adapter_config.json — not a PEFT/jaxlora adapter directory")
     raw = json.loads(cfg_path.read_text())
+    if is_prompt_adapter(raw):
+        return load_prompt_adapter(d, raw)
     if raw.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not supported (LORA)")
+        raise UserError(
+            f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not supported "
+            "(LORA, PROMPT_TUNING, PREFIX_TUNING)"
+        )
     for key in ("rank_pattern", "alpha_pattern"):
         if raw.get(key):
             raise UserError(f"{cfg_path}: per-module {key} is not supported")

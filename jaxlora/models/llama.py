@@ -6,9 +6,10 @@ and compile time does not grow with depth. Parameter names mirror the Hugging Fa
 (`layers/self_attn/q_proj/kernel` <-> `model.layers.{i}.self_attn.q_proj.weight`), which keeps
 checkpoint I/O and PEFT export a renaming exercise.
 
-Two variable collections: "params" (the frozen or fully trained base) and the optional "lora"
-(adapter, same paths). Every projection goes through `Linear`, the single place where adapters
-and quantised weights plug in.
+Variable collections: "params" (the frozen or fully trained base), the optional "lora" (adapter,
+same paths) and the optional "prompt" (prompt / prefix tuning, see `jaxlora.models.prompt`).
+Every projection goes through `Linear`, the single place where adapters and quantised weights
+plug in; virtual tokens enter as per-layer key/value prefixes in `Attention`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlora.models import prompt as vt
 from jaxlora.models.attention import attention
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import AdapterSpec, Linear
@@ -140,7 +142,7 @@ class Attention(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, prefix=None):
         cfg = self.cfg
         b, t, _ = x.shape
         nh, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -164,6 +166,14 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             new_cache = (k, v)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if prefix is not None:
+            # Virtual tokens: n keys/values in front, visible to every query (also padding
+            # queries, whose outputs nobody reads; this keeps their softmax finite).
+            pk, pv = (jnp.broadcast_to(p, (b, *p.shape[1:])).astype(k.dtype) for p in prefix)
+            n = pk.shape[1]
+            k = jnp.concatenate([pk, k], axis=1)  # [B, n+S, K, Dh]
+            v = jnp.concatenate([pv, v], axis=1)
+            mask = jnp.concatenate([jnp.ones((*mask.shape[:3], n), bool), mask], axis=-1)
         out = attention(q, k, v, mask, hd**-0.5, cached=cache is not None)  # [B, T, N, Dh]
         out = out.reshape(b, t, nh * hd)
         out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
@@ -202,7 +212,7 @@ class DecoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache, cache_index):
+    def __call__(self, x, cos, sin, mask, cache, cache_index, prefix=None):
         cfg = self.cfg
         sub = dict(
             cfg=cfg,
@@ -213,7 +223,9 @@ class DecoderLayer(nn.Module):
         )
         norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(**norm, name="input_layernorm")(x)
-        h, new_cache = Attention(**sub, name="self_attn")(h, cos, sin, mask, cache, cache_index)
+        h, new_cache = Attention(**sub, name="self_attn")(
+            h, cos, sin, mask, cache, cache_index, prefix
+        )
         x = x + h
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
         x = x + MLP(**sub, name="mlp")(h)
@@ -251,7 +263,7 @@ class Decoder(nn.Module):
             layer,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
             length=cfg.num_hidden_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -285,6 +297,9 @@ class Decoder(nn.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        prefix = self._virtual_prefix()
+        if prefix is not None:
+            positions = positions + prefix[0].shape[2]  # real tokens follow the n virtual ones
         if attn_mask is None:
             if segment_ids is None:
                 segment_ids = jnp.ones((b, t), jnp.int32)
@@ -295,7 +310,7 @@ class Decoder(nn.Module):
         cos, sin = jax.lax.optimization_barrier(rope_cos_sin(self.cfg, positions, rope_len))
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x, new_cache = self.layers(x, cos, sin, attn_mask, kv_cache, cache_index)
+        x, new_cache = self.layers(x, cos, sin, attn_mask, kv_cache, cache_index, prefix)
         x = self.norm(x)  # [B, T, D]
         if return_hidden:
             out = x
@@ -306,3 +321,24 @@ class Decoder(nn.Module):
         if kv_cache is not None:
             return out, new_cache
         return out
+
+    def _virtual_prefix(self) -> tuple[jax.Array, jax.Array] | None:
+        """Per-layer (keys, values) [L, 1, n, K, Dh] of the "prompt" collection, or None."""
+        if not self.has_variable(vt.COLLECTION, vt.PROMPT_KEY) and not self.has_variable(
+            vt.COLLECTION, vt.PREFIX_KEY
+        ):
+            return None
+        tree = self.variables[vt.COLLECTION]
+        if vt.PREFIX_KEY in tree:
+            return vt.layer_prefix(vt.flat_prefix(tree), self.cfg, self.dtype)
+        # Prompt tuning: run the virtual embeddings [1, n, D] through the layers once (cache path,
+        # causal among themselves, positions 0..n-1) and keep each layer's keys/values.
+        emb = jnp.asarray(tree[vt.PROMPT_KEY]).astype(self.dtype)[None]  # [1, n, D]
+        n = emb.shape[1]
+        pos = jnp.arange(n, dtype=jnp.int32)[None]
+        cos, sin = rope_cos_sin(self.cfg, pos, n)
+        causal = jnp.tril(jnp.ones((n, n), bool))[None, None]  # [1, 1, n, n]
+        shape = (self.cfg.num_hidden_layers, 1, n, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        _, (keys, values) = self.layers(emb, cos, sin, causal, cache, jnp.int32(0), None)
+        return keys, values

@@ -68,6 +68,7 @@ class Adapter:
 
     params: dict
     config: LoraConfig
+    collection = "lora"  # the model variable collection `params` goes into
 
     @property
     def spec(self) -> AdapterSpec:
