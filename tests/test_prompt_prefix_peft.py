@@ -146,3 +146,16 @@ def test_cached_generation_with_virtual_tokens_matches_forward(base, method):
             logits = np.asarray(model.logits(ids, adapter, segment_ids=seg))
             seq.append(int(np.argmax(logits[0, len(seq) - 1])))
         assert new == seq[len(p) :]
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_adapter_for_another_model_is_refused_by_name(base, method):
+    from jaxlora.errors import UserError
+    from jaxlora.io.peft import check_adapter_fits
+
+    model = jaxlora.load_model(base, dtype="float32")
+    tree = init_prompt(jax.random.key(0), model.params, model.config, PromptConfig(method, 2))
+    check_adapter_fits(PromptAdapter(tree, PromptConfig(method, 2)), model.params, "ok")
+    wrong = jax.tree_util.tree_map(lambda x: x[:, :-1], tree)
+    with pytest.raises(UserError, match=f"other: {method} vectors have width"):
+        check_adapter_fits(PromptAdapter(wrong, PromptConfig(method, 2)), model.params, "other")

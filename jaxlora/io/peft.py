@@ -185,9 +185,27 @@ def load_peft_adapter(path: str | Path) -> Adapter | PromptAdapter:
     return Adapter(params=params, config=config)
 
 
-def check_adapter_fits(adapter: Adapter, params: dict, source: str = "adapter") -> None:
+def check_adapter_fits(
+    adapter: Adapter | PromptAdapter, params: dict, source: str = "adapter"
+) -> None:
     """Raise a UserError naming the module when adapter and base shapes disagree."""
     from jaxlora.peft.lora import get_path, kernel_dims
+
+    if isinstance(adapter, PromptAdapter):
+        from jaxlora.models import prompt as vt
+
+        if adapter.config.method == "prompt_tuning":
+            want = params["embed_tokens"]["embedding"].shape[-1]
+            got = adapter.params[vt.PROMPT_KEY].shape[-1]
+        else:
+            n_layers, _, kv = kernel_dims(get_path(params, LINEAR_MODULES["k_proj"])["kernel"])
+            want, got = 2 * n_layers * kv, vt.flat_prefix(adapter.params).shape[-1]
+        if got != want:
+            raise UserError(
+                f"{source}: {adapter.config.method} vectors have width {got} but the base model "
+                f"needs {want}; was it trained on a different base model?"
+            )
+        return
 
     for path, node in iter_modules(adapter.params):
         n_layers, d_in, d_out = kernel_dims(get_path(params, path)["kernel"])

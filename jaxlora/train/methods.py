@@ -117,6 +117,17 @@ def _cast_float(tree: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
 
 
+def _lora_start(adapter: Any, cfg: Config) -> Adapter:
+    """The adapter a LoRA run continues from; a prompt/prefix adapter is refused by name."""
+    if not isinstance(adapter, Adapter):
+        raise UserError(
+            f"adapter_name_or_path: {cfg.model.adapter_name_or_path} is a "
+            f"{adapter.config.method} adapter, not LoRA; finetuning_type "
+            f"{cfg.finetune.finetuning_type} continues LoRA adapters only"
+        )
+    return adapter
+
+
 def _split_lora(cfg: Config, params: dict) -> Split:
     key = jax.random.key(cfg.train.seed)
     lcfg = lora_config_from(cfg)
@@ -124,7 +135,7 @@ def _split_lora(cfg: Config, params: dict) -> Split:
     if cfg.model.adapter_name_or_path:
         from jaxlora.io.peft import check_adapter_fits, load_peft_adapter
 
-        start = load_peft_adapter(cfg.model.adapter_name_or_path)
+        start = _lora_start(load_peft_adapter(cfg.model.adapter_name_or_path), cfg)
         check_adapter_fits(start, params, cfg.model.adapter_name_or_path)
         # The adapter's own rank / alpha / targets / DoRA / rsLoRA win (PEFT's is_trainable
         # resume); only dropout is a training-time choice of this run.
@@ -265,7 +276,7 @@ def lora_config_for(cfg: Config) -> LoraConfig:
     if cfg.model.adapter_name_or_path:
         from jaxlora.io.peft import load_peft_adapter
 
-        start = load_peft_adapter(cfg.model.adapter_name_or_path)
+        start = _lora_start(load_peft_adapter(cfg.model.adapter_name_or_path), cfg)
         return dataclasses.replace(start.config, dropout=cfg.finetune.lora_dropout)
     return lora_config_from(cfg)
 
