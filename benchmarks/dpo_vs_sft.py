@@ -6,12 +6,11 @@ Why this script exists: a DPO step runs the policy forward + backward over chose
 tokens the live reference should cost about one extra forward (~1.3x); with the cache the goal is
 ≤ 1.05x (only the pair reductions and the loss differ).
 
-All three steps are built by the training code itself (`RunSetup`'s mesh, param placement,
-trainable/frozen split, optimiser and jitted step builders; `jaxlora.train.dpo.DPOSetup` for DPO),
-as
+All three steps are built by the training code itself (the builders in `jaxlora.train`: mesh,
+param placement, trainable/frozen split, optimiser and jitted steps; `DPOSetup` for DPO), as
 `jaxlora bench` does for SFT:
 
-    SFT          [2B, T] random rows, every token a target (jaxlora.bench.measure.random_batch)
+    SFT          [2B, T] random rows, every token a target (jaxlora.bench.shapes.random_batch)
     DPO live     B pairs of prompt P + completion T-P tokens, chosen and rejected -> [2B, T]
     DPO cached   the same, with `ref_chosen_logps` / `ref_rejected_logps` in the batch (what
                  `add_to_batch` supplies from the cache), so no reference forward is traced
@@ -35,15 +34,18 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.bench.measure import load_bench_model, random_batch
+from jaxlora.bench.measure import load_bench_parts
+from jaxlora.bench.shapes import random_batch
 from jaxlora.config import Config, config_from_dict
 from jaxlora.data.batching import Batcher
 from jaxlora.data.encode import PreferenceExample
+from jaxlora.parallel import sharding
+from jaxlora.train.batches import DataBundle
 from jaxlora.train.dpo import DPOSetup
-from jaxlora.train.setup import DataBundle, RunSetup
+from jaxlora.train.stage import LMStage
+from jaxlora.train.step_setup import build_steps
 
 
 def _config(overrides: list[str], stage: str, batch: int, seq: int) -> Config:
@@ -80,42 +82,37 @@ def _pairs(n: int, seq: int, prompt_len: int, vocab: int, seed: int) -> list[Pre
     return [PreferenceExample(ids(prompt_len), ids(comp), ids(comp)) for _ in range(n)]
 
 
-class _StepRun(RunSetup):
-    """`RunSetup` without data files, run directory or checkpoints (like `jaxlora.bench.measure`):
-    the training builders for `cfg`; DPO gets a `DPOSetup` over synthetic full-length pairs."""
+class _StepRun:
+    """The training builders for `cfg` without data files, run directory or checkpoints (like
+    `jaxlora.bench.measure.BenchRun`); DPO gets a `DPOSetup` over synthetic full-length pairs."""
 
     def __init__(self, cfg: Config, seq: int, prompt_len: int, cached: bool = False):
-        from jaxlora.parallel import sharding
-
-        self.cfg, self.mode = cfg, cfg.finetune.finetuning_type
-        self.mesh = sharding.make_mesh(
-            data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor
-        )
-        compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
-        self.model = load_bench_model(
-            cfg, compute if self.mode == "lora" else jnp.float32, self.mesh
-        )
-        self.model.dtype = compute
-        self._shard_frozen_params()
-        self._build_trainable()
-        self.total_steps = 1000
+        self.parts = parts = load_bench_parts(cfg)
         # Global rows (SFT sequences / DPO pairs) per step, as training: per device x batch shards.
-        self.rows = rows = cfg.train.per_device_train_batch_size * sharding.batch_shards(self.mesh)
-        vocab = self.model.config.vocab_size
+        self.rows = rows = cfg.train.per_device_train_batch_size * sharding.batch_shards(parts.mesh)
+        vocab = parts.model.config.vocab_size
         self.dpo = None
         if cfg.finetune.stage == "dpo":
             train = _pairs(rows, seq, prompt_len, vocab, cfg.train.seed)
-            self.data = DataBundle(train, [], None, 0)
-            self.dpo = DPOSetup(self, log=lambda s: None)
+            data = DataBundle(train, [], None, 0, seq)
+            self.dpo = stage = DPOSetup(parts, data, log=lambda s: None)
             if cached:  # what the on-disk cache holds: [N, pairs per row, (chosen, rejected)]
                 table = -np.random.default_rng(1).uniform(50, 100, (len(train), 1, 2))
                 self.dpo._tables = {"train": table.astype(np.float32)}
             self.batcher = Batcher(train, batch_size=rows, pad_id=0, cutoff_len=seq, shuffle=False)
+            example = stage.add_to_batch(self.batcher.get(0, 0), self.batcher, (0, 0))
         else:
-            sft = random_batch(np.random.default_rng(cfg.train.seed), rows, seq, vocab)
-            self.batcher = _Fixed(sft)
-        self._build_optimizer()
-        self._build_steps()
+            stage = LMStage(parts, "sft")
+            self.batcher = _Fixed(
+                random_batch(np.random.default_rng(cfg.train.seed), rows, seq, vocab)
+            )
+            example = self.batcher.get(0, 0)
+        example["loss_scale"] = np.float32(1.0)
+        steps = build_steps(cfg, parts, stage, example, 1000)
+        self.state, self.train_step, self.frozen = steps.state, steps.train_step, parts.frozen
+
+    def put_batch(self, host: dict) -> dict:
+        return self.parts.put_batch(host)
 
 
 class _Fixed:

@@ -5,16 +5,16 @@ Why this script exists: QLoRA's promise is memory. This measures it the way trai
 1. **Loaded params (measured).** A random-weight checkpoint with Llama-3-8B shapes (vocab 128256,
    d 4096, ffn 14336, 32 / 8 heads) but only `--layers` layers is written to a temp dir as bf16
    safetensors, then loaded three times through `jaxlora.train.methods.load_base_model` (the
-   trainer's
-   loader): bf16, `quantization_bit: 4` (NF4 + double quantisation, quantised on the host while
-   loading) and `quantization_bit: 8`. Reported: bytes of the param tree (`quant.nbytes`), split
+   trainer's loader): bf16, `quantization_bit: 4` (NF4 + double quantisation, quantised on the host
+   while loading) and `quantization_bit: 8`. Reported: bytes of the param tree (`quant.nbytes`),
+   split
    into projection kernels (what QLoRA quantises) and the rest (embeddings, lm_head, norms stay
    bf16), and the bytes of all live device arrays after loading.
 2. **Full Llama-3-8B params (exact, abstract).** The same byte counts for all 32 layers from the
    abstract param shapes (`jax.eval_shape`, nothing allocated).
 3. **Peak training memory (estimated).** The trainer's own jitted LoRA train step
    (`steps.make_train_step(steps.lm_loss_fn(...))`, AdamW + MultiSteps, chunked LM-head loss as
-   `run_setup` picks it) for the full Llama-3-8B shape with an NF4 base (and a bf16 base for
+   the step builder picks it) for the full Llama-3-8B shape with an NF4 base (and a bf16 base for
    comparison), lowered on ShapeDtypeStructs and compiled; peak = arguments + outputs +
    temporaries - donated aliases from XLA's `memory_analysis()`. On a machine without an
    accelerator this is the CPU backend's estimate; `"peak_source"` says which backend compiled
@@ -46,7 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jaxlora.bench.measure import SHAPES  # noqa: E402
+from jaxlora.bench.shapes import SHAPES  # noqa: E402
 from jaxlora.config import config_from_dict  # noqa: E402
 from jaxlora.io.hf import abstract_params, hf_names  # noqa: E402
 from jaxlora.models import quant  # noqa: E402
@@ -168,7 +168,7 @@ def step_memory(raw: dict, bits: int | None, args: argparse.Namespace) -> dict:
     ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
     batch = {k: ids for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
     batch["loss_scale"] = jax.ShapeDtypeStruct((), jnp.float32)
-    # run_setup's rule: chunk the LM head + cross-entropy when fp32 logits would exceed 256 MiB.
+    # the step builder's rule: chunk the LM head + CE when fp32 logits would exceed 256 MiB.
     chunk = 2048 if b * t * cfg.vocab_size * 4 > 2**28 else None
     if args.chunk is not None:
         chunk = args.chunk or None
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=None,
         help="LM-head loss chunk rows (0 = none; default: "
-        "run_setup's rule, 2048 when fp32 logits exceed 256 MiB)",
+        "the step builder's rule, 2048 when fp32 logits exceed 256 MiB)",
     )
     p.add_argument("--skip-load", action="store_true", help="skip the measured part")
     p.add_argument("--skip-bf16-step", action="store_true", help="compile only the NF4 step")

@@ -3,8 +3,7 @@
 Why this script exists: a trainer that leaks a little per step (a growing metrics buffer, an
 un-joined checkpoint thread, a retraced jit, device buffers kept alive by a Python list) dies
 hours into a real run. This runs the real `jaxlora.train.loop.train` loop on a tiny model (hidden
-32,
-1 layer, cutoff_len 32, batch 2) for `--steps` optimiser steps with a checkpoint every 50 steps,
+32, 1 layer, cutoff_len 32, batch 2) for `--steps` optimiser steps with a checkpoint every 50 steps,
 an evaluation (+ best-weights checkpoint when it improves) every 100 and logging every 10, and
 samples the process's resident set size (VmRSS from /proc/self/status) every 100 steps.
 
@@ -95,7 +94,7 @@ def run(steps: int, every: int, warmup: int, workdir: Path, trace: bool = False)
 
     def build_run(c, log=print):
         r = build(c, log=log)
-        batch, finish = r.batch, r.finish
+        batch, finish = r.batches.batch, r.finish
 
         def sampling_batch(m: int) -> dict:
             if m % every == 0:
@@ -105,14 +104,14 @@ def run(steps: int, every: int, warmup: int, workdir: Path, trace: bool = False)
             return batch(m)
 
         def sampling_finish(state, **kw):
-            sample(r.total_steps)
+            sample(r.batches.total_steps)
             if len(snaps) == 2:
                 print(f"top Python allocation growth, step {warmup} -> {steps - every}:")
                 for stat in snaps[1].compare_to(snaps[0], "lineno")[:15]:
                     print(f"  {stat}", flush=True)
             return finish(state, **kw)
 
-        r.batch, r.finish = sampling_batch, sampling_finish
+        r.batches.batch, r.finish = sampling_batch, sampling_finish
         return r
 
     train_mod.build_run = build_run

@@ -33,18 +33,18 @@ import traceback
 def _install_hooks() -> None:
     import jaxlora.cli as cli
     from jaxlora.io.run_state import RunCheckpoints
-    from jaxlora.train.setup import RunSetup
+    from jaxlora.train.batches import Batches
 
     cli._print_samples = lambda cfg, run_dir: None
 
     if os.environ.get("RELIABILITY_REPORT") == "1":
-        batch = RunSetup.batch
+        batch = Batches.batch
 
         def reporting_batch(self, m: int) -> dict:
             print(f"@micro {m}", flush=True)
             return batch(self, m)
 
-        RunSetup.batch = reporting_batch
+        Batches.batch = reporting_batch
 
     die_at = os.environ.get("RELIABILITY_DIE_AFTER_BEST")
     if die_at:

@@ -2,7 +2,7 @@
 e2e.
 
 Independent references: the separately loaded model (`jaxlora.load_model`, `Model.logits`) and
-numpy formulas; the DPO step itself is `RunSetup`'s (the code `jaxlora train` runs).
+numpy formulas; the DPO step itself is `build_run`'s (the code `jaxlora train` runs).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from jaxlora.losses import logprobs_from_logits, sequence_logps
 from jaxlora.models.llama import head_kernel
 from jaxlora.peft.lora import Adapter, LoraConfig, init_lora
 from jaxlora.train.dpo import PairLogps
-from jaxlora.train.setup import RunSetup
+from jaxlora.train.setup import Run, build_run
 
 REPO = Path(__file__).resolve().parents[1]
 LF_DPO = REPO.parent / "shared" / "data" / "llamafactory" / "dpo_en_demo.json"
@@ -49,8 +49,8 @@ def _cfg(model_dir, out, **kw):
     return config_from_dict(base)
 
 
-def _setup(model_dir, out, **kw) -> RunSetup:
-    return RunSetup(_cfg(model_dir, out, **kw), log=lambda s: None)
+def _setup(model_dir, out, **kw) -> Run:
+    return build_run(_cfg(model_dir, out, **kw), log=lambda s: None)
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,7 @@ def _model_pair_logps(model, host_batch, adapter=None):
 
 
 def _ref_fn(run):
-    return jax.jit(run.dpo.reference_fn(run.model.module(run.adapter_spec), None))
+    return jax.jit(run.stage.reference_fn(run.parts.model.module(run.parts.adapter_spec), None))
 
 
 def _perturbed(trainable, seed=0, scale=0.05):
@@ -102,9 +102,9 @@ def _perturbed(trainable, seed=0, scale=0.05):
 
 def test_reference_adapters_off_equals_separate_base_exactly(lora_run, base_model):
     run = lora_run
-    assert set(run.frozen) == {"base"}  # LoRA from zero: no second copy of anything
-    batch = run.batch(0)
-    rc, rr = _ref_fn(run)(run.frozen, batch)
+    assert set(run.parts.frozen) == {"base"}  # LoRA from zero: no second copy of anything
+    batch = run.batches.batch(0)
+    rc, rr = _ref_fn(run)(run.parts.frozen, batch)
     # The same computation on a separately loaded base model (no adapter spec at all).
     module = base_model.module()
     rows = concat_preference_batch({k: _np(v) for k, v in batch.items() if k != "loss_scale"})
@@ -131,8 +131,8 @@ def test_reference_adapters_off_equals_separate_base_exactly(lora_run, base_mode
 
 def test_step0_loss_is_log2_and_rewards_zero(lora_run):
     run = lora_run
-    batch = {k: v for k, v in run.batch(0).items() if k != "loss_scale"}
-    out = jax.device_get(run.eval_step(run.state["trainable"], run.frozen, batch))
+    batch = {k: v for k, v in run.batches.batch(0).items() if k != "loss_scale"}
+    out = jax.device_get(run.steps.eval_step(run.steps.state["trainable"], run.parts.frozen, batch))
     n = out["pref/count"]
     assert n == run.cfg.train.per_device_train_batch_size
     np.testing.assert_allclose(out["loss_sum"] / out["tokens"], math.log(2), rtol=1e-6)
@@ -143,9 +143,9 @@ def test_step0_loss_is_log2_and_rewards_zero(lora_run):
 
 def test_target_counts_are_pairs(lora_run):
     run = lora_run
-    np.testing.assert_array_equal(run.targets, np.ones(len(run.data.train)))
+    np.testing.assert_array_equal(run.batches.targets, np.ones(len(run.data.train)))
     packed = pack_preferences(run.data.train[:6], 256, run.data.pad_id)
-    counts = run.dpo.target_counts(packed)
+    counts = run.stage.target_counts(packed)
     assert counts.sum() == 6 and counts.max() > 1
 
 
@@ -184,7 +184,7 @@ def _expected(loss_type, beta, eps, ftx, gamma, pc, pr, rc, rr, lc, lr):
 
 
 def _pair_inputs(run, base_model, batch, trainable):
-    adapter = Adapter(trainable, run.lora_config)
+    adapter = Adapter(trainable, run.parts.lora_config)
     pc, pr, lc, lr = _model_pair_logps(base_model, batch, adapter)
     rc, rr, _, _ = _model_pair_logps(base_model, batch)
     return pc, pr, rc, rr, lc, lr
@@ -195,13 +195,13 @@ def test_step_loss_and_metrics_match_formulas(lora_run, base_model, loss_type, e
     """The jitted DPO loss (one [2B, T] forward + reference pass) against numpy formulas on
     log-probs from `Model.logits`: sums over pairs, loss_scale, every metric."""
     run = lora_run
-    dpo = copy.copy(run.dpo)
+    dpo = copy.copy(run.stage)
     dpo.loss_type, dpo.label_smoothing, dpo.ftx = loss_type, eps, ftx
     dpo.use_reference = loss_type != "orpo"
-    trainable = _perturbed(run.state["trainable"])
-    batch = run.batch(1)
-    loss = jax.jit(dpo.loss_fn(run.model.module(run.adapter_spec), None))
-    scaled, (loss_sum, n, metrics) = loss(trainable, run.frozen, batch, jax.random.key(0))
+    trainable = _perturbed(run.steps.state["trainable"])
+    batch = run.batches.batch(1)
+    loss = jax.jit(dpo.loss_fn(run.parts.model.module(run.parts.adapter_spec), None))
+    scaled, (loss_sum, n, metrics) = loss(trainable, run.parts.frozen, batch, jax.random.key(0))
 
     pc, pr, rc, rr, lc, lr = _pair_inputs(run, base_model, batch, trainable)
     beta = dpo.beta
@@ -236,10 +236,10 @@ def test_step_loss_and_metrics_match_formulas(lora_run, base_model, loss_type, e
 def test_pair_losses_every_type(lora_run, base_model, loss_type, beta, eps, ftx):
     """Loss selection, lengths (ipo/orpo/simpo), ORPO's NLL and pref_ftx on real log-probs."""
     run = lora_run
-    dpo = copy.copy(run.dpo)
+    dpo = copy.copy(run.stage)
     dpo.loss_type, dpo.beta, dpo.label_smoothing, dpo.ftx = loss_type, beta, eps, ftx
     pc, pr, rc, rr, lc, lr = _pair_inputs(
-        run, base_model, run.batch(1), _perturbed(run.state["trainable"])
+        run, base_model, run.batches.batch(1), _perturbed(run.steps.state["trainable"])
     )
     pol = PairLogps(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, lc, lr)), jnp.ones(len(pc)) > 0)
     losses, cr, rwr, _ = dpo._pair_losses(pol, jnp.asarray(rc), jnp.asarray(rr))
@@ -251,13 +251,13 @@ def test_pair_losses_every_type(lora_run, base_model, loss_type, beta, eps, ftx)
 def test_dummy_rows_are_excluded(lora_run):
     run = lora_run
     s = run.data.train
-    loss = jax.jit(run.dpo.loss_fn(run.model.module(run.adapter_spec), None))
-    trainable = _perturbed(run.state["trainable"], seed=1)
+    loss = jax.jit(run.stage.loss_fn(run.parts.model.module(run.parts.adapter_spec), None))
+    trainable = _perturbed(run.steps.state["trainable"], seed=1)
 
     def run_on(rows):
         host = collate(rows, pad_id=run.data.pad_id, length=128)
         _, (loss_sum, n, metrics) = loss(
-            trainable, run.frozen, run.put_batch(host), jax.random.key(0)
+            trainable, run.parts.frozen, run.parts.put_batch(host), jax.random.key(0)
         )
         return float(loss_sum), float(n), {k: float(v) for k, v in metrics.items()}
 
@@ -275,16 +275,16 @@ def test_packed_rows_give_the_same_pair_logps(lora_run):
     run = lora_run
     pairs = run.data.train[:6]
     packed = pack_preferences(pairs, 256, run.data.pad_id)
-    dpo = copy.copy(run.dpo)
+    dpo = copy.copy(run.stage)
     dpo.packed, dpo.pairs_per_row = True, int(max(dpo.target_counts(packed)))
-    trainable = _perturbed(run.state["trainable"], seed=2)
-    module = run.model.module(run.adapter_spec)
-    variables = {"params": run.frozen["base"], "lora": trainable}
+    trainable = _perturbed(run.steps.state["trainable"], seed=2)
+    module = run.parts.model.module(run.parts.adapter_spec)
+    variables = {"params": run.parts.frozen["base"], "lora": trainable}
     got = jax.jit(lambda v, b: dpo._forward(module, v, b, None))(
-        variables, run.put_batch(collate(packed, pad_id=0, length=256))
+        variables, run.parts.put_batch(collate(packed, pad_id=0, length=256))
     )
-    want = jax.jit(lambda v, b: run.dpo._forward(module, v, b, None))(
-        variables, run.put_batch(collate(pairs, pad_id=0, length=128))
+    want = jax.jit(lambda v, b: run.stage._forward(module, v, b, None))(
+        variables, run.parts.put_batch(collate(pairs, pad_id=0, length=128))
     )
     # Slot k of packed row r holds pair rows[r][k] (the packer's deterministic assignment).
     rows = pack_lengths([len(preference_units(e)) for e in pairs], 256)
@@ -301,7 +301,7 @@ def test_packed_rows_give_the_same_pair_logps(lora_run):
 
 def test_add_to_batch_slices_per_host(lora_run):
     run = lora_run
-    dpo = copy.copy(run.dpo)
+    dpo = copy.copy(run.stage)
     n = len(run.data.train)
     table = np.arange(n * 2, dtype=np.float32).reshape(n, 1, 2)
     dpo._tables = {"train": table}
@@ -315,7 +315,7 @@ def test_add_to_batch_slices_per_host(lora_run):
         want = np.where(idx >= 0, table[np.maximum(idx, 0), 0, 0], 0.0)
         np.testing.assert_array_equal(out["ref_chosen_logps"][:, 0], want)
         assert out["ref_rejected_logps"].shape == (3, 1)
-    assert run.dpo.add_to_batch({"x": 1}, b, (0, 0)) == {"x": 1}  # not cached: unchanged
+    assert run.stage.add_to_batch({"x": 1}, b, (0, 0)) == {"x": 1}  # not cached: unchanged
 
 
 # ----------------------------------------------------------------------------- start points
@@ -329,21 +329,21 @@ def test_nonzero_initial_adapter_reference_is_initial_model(tiny_model_dir, base
     start = Adapter(_perturbed(init_lora(jax.random.key(4), base_model.params, lcfg), 4, 0.2), lcfg)
     save_peft_adapter(start, tmp_path / "start")
     run = _setup(tiny_model_dir, tmp_path / "run", adapter_name_or_path=str(tmp_path / "start"))
-    assert set(run.frozen) == {"base", "ref_trainable"}
-    batch = run.batch(0)
+    assert set(run.parts.frozen) == {"base", "ref_trainable"}
+    batch = run.batches.batch(0)
     ref = _ref_fn(run)
-    rc, rr = ref(run.frozen, batch)
+    rc, rr = ref(run.parts.frozen, batch)
     pc, pr, _, _ = _model_pair_logps(base_model, batch, jaxlora.load_adapter(tmp_path / "start"))
     np.testing.assert_allclose(_np(rc)[:, 0], pc, rtol=1e-5)
     np.testing.assert_allclose(_np(rr)[:, 0], pr, rtol=1e-5)
     bc, _, _, _ = _model_pair_logps(base_model, batch)
     assert np.abs(_np(rc)[:, 0] - bc).max() > 1e-2  # not the base's
     # Step 0: policy == reference; training the policy leaves the reference where it was.
-    state, out = run.train_step(run.state, run.frozen, batch)
+    state, out = run.steps.train_step(run.steps.state, run.parts.frozen, batch)
     out = jax.device_get(out)
     np.testing.assert_allclose(out["loss_sum"] / out["tokens"], math.log(2), rtol=1e-6)
-    state, out = run.train_step(state, run.frozen, batch)
-    np.testing.assert_array_equal(_np(ref(run.frozen, batch)[0]), _np(rc))
+    state, out = run.steps.train_step(state, run.parts.frozen, batch)
+    np.testing.assert_array_equal(_np(ref(run.parts.frozen, batch)[0]), _np(rc))
     assert abs(float(jax.device_get(out)["pref/rewards/margins"])) > 1e-6
     # Cached: the precomputed reference is the initial model too (same data order, same rows).
     cached = _setup(
@@ -352,39 +352,43 @@ def test_nonzero_initial_adapter_reference_is_initial_model(tiny_model_dir, base
         adapter_name_or_path=str(tmp_path / "start"),
         precompute_ref_logps=True,
     )
-    assert set(cached.frozen) == {"base"}
-    np.testing.assert_allclose(_np(cached.batch(0)["ref_chosen_logps"])[:, 0], pc, rtol=1e-5)
+    assert set(cached.parts.frozen) == {"base"}
+    np.testing.assert_allclose(
+        _np(cached.batches.batch(0)["ref_chosen_logps"])[:, 0], pc, rtol=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_full_finetuning_reference_is_a_frozen_copy(tiny_model_dir, tmp_path):
     run = _setup(tiny_model_dir, tmp_path / "run", finetuning_type="full", learning_rate=1e-4)
-    assert set(run.frozen) == {"base", "ref_trainable"}
-    batch = run.batch(0)
+    assert set(run.parts.frozen) == {"base", "ref_trainable"}
+    batch = run.batches.batch(0)
     ref = _ref_fn(run)
-    rc0, _ = ref(run.frozen, batch)
-    state, out = run.train_step(run.state, run.frozen, batch)
+    rc0, _ = ref(run.parts.frozen, batch)
+    state, out = run.steps.train_step(run.steps.state, run.parts.frozen, batch)
     out = jax.device_get(out)
     np.testing.assert_allclose(out["loss_sum"] / out["tokens"], math.log(2), rtol=1e-6)
     assert abs(out["pref/rewards/margins"]) < 1e-5
-    state, out = run.train_step(state, run.frozen, batch)
-    np.testing.assert_array_equal(_np(ref(run.frozen, batch)[0]), _np(rc0))  # not donated
+    state, out = run.steps.train_step(state, run.parts.frozen, batch)
+    np.testing.assert_array_equal(_np(ref(run.parts.frozen, batch)[0]), _np(rc0))  # not donated
     assert abs(float(jax.device_get(out)["pref/rewards/margins"])) > 1e-6
     # Cached: computed from the initial params before any step, and no copy is kept.
     cached = _setup(
         tiny_model_dir, tmp_path / "cached", finetuning_type="full", precompute_ref_logps=True
     )
-    assert cached.frozen == {"base": {}}
-    np.testing.assert_allclose(_np(cached.batch(0)["ref_chosen_logps"]), _np(rc0), rtol=1e-5)
+    assert cached.parts.frozen == {"base": {}}
+    np.testing.assert_allclose(
+        _np(cached.batches.batch(0)["ref_chosen_logps"]), _np(rc0), rtol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- cache
 
 
 def _steps(run, n=2):
-    state, outs = run.state, []
+    state, outs = run.steps.state, []
     for m in range(n):
-        state, out = run.train_step(state, run.frozen, run.batch(m))
+        state, out = run.steps.train_step(state, run.parts.frozen, run.batches.batch(m))
         outs.append({k: float(v) for k, v in jax.device_get(out).items()})
     return outs, run.evaluate(state)
 
@@ -395,17 +399,17 @@ def test_cached_reference_logps(tiny_model_dir, tmp_path):
     live_out = _steps(live)
 
     first = _setup(tiny_model_dir, tmp_path / "a", precompute_ref_logps=True)
-    assert not first.dpo.cache_hit and first.dpo.cache_path.is_file()
-    assert first.dpo.reference_traces == 1  # the precompute pass only
-    assert set(first.frozen) == {"base"}
+    assert not first.stage.cache_hit and first.stage.cache_path.is_file()
+    assert first.stage.reference_traces == 1  # the precompute pass only
+    assert set(first.parts.frozen) == {"base"}
     first_out = _steps(first)
-    assert first.dpo.reference_traces == 1  # the train/eval steps traced no reference forward
+    assert first.stage.reference_traces == 1  # the train/eval steps traced no reference forward
 
     second = _setup(tiny_model_dir, tmp_path / "b", precompute_ref_logps=True)
-    assert second.dpo.cache_hit and second.dpo.cache_path == first.dpo.cache_path
-    assert second.dpo.reference_traces == 0
+    assert second.stage.cache_hit and second.stage.cache_path == first.stage.cache_path
+    assert second.stage.reference_traces == 0
     assert _steps(second) == first_out  # identical, bit for bit
-    assert second.dpo.reference_traces == 0
+    assert second.stage.reference_traces == 0
     # Cached vs live reference: the same numbers up to batch-shape rounding.
     for a, b in zip(first_out[0], live_out[0], strict=True):
         for k in a:
@@ -413,12 +417,12 @@ def test_cached_reference_logps(tiny_model_dir, tmp_path):
 
     # Changing the data or the template invalidates the cache.
     other_data = _setup(tiny_model_dir, tmp_path / "c", precompute_ref_logps=True, max_samples=20)
-    assert not other_data.dpo.cache_hit and other_data.dpo.cache_path != first.dpo.cache_path
+    assert not other_data.stage.cache_hit and other_data.stage.cache_path != first.stage.cache_path
     other_tmpl = _setup(
         tiny_model_dir, tmp_path / "d", precompute_ref_logps=True, system="Answer briefly."
     )
-    assert not other_tmpl.dpo.cache_hit
-    assert other_tmpl.dpo.cache_path not in (first.dpo.cache_path, other_data.dpo.cache_path)
+    assert not other_tmpl.stage.cache_hit
+    assert other_tmpl.stage.cache_path not in (first.stage.cache_path, other_data.stage.cache_path)
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -434,13 +438,13 @@ def test_gradient_accumulation_equals_big_batch(tiny_model_dir, tmp_path):
         gradient_accumulation_steps=2,
         max_steps=2,
     )
-    s_big, s_acc = big.state, acc.state
+    s_big, s_acc = big.steps.state, acc.steps.state
     for step in range(2):
-        s_big, out = big.train_step(s_big, big.frozen, big.batch(step))
+        s_big, out = big.steps.train_step(s_big, big.parts.frozen, big.batches.batch(step))
         want = jax.device_get(out)
         got = []
         for m in (2 * step, 2 * step + 1):
-            s_acc, o = acc.train_step(s_acc, acc.frozen, acc.batch(m))
+            s_acc, o = acc.steps.train_step(s_acc, acc.parts.frozen, acc.batches.batch(m))
             got.append(jax.device_get(o))
         for k in want:
             if k.startswith("pref/") or k in ("loss_sum", "tokens"):
@@ -515,13 +519,13 @@ def test_packed_run_equals_unpacked_run(tiny_model_dir, tmp_path):
     packed = _setup(
         tiny_model_dir, tmp_path / "packed", packing=True, precompute_ref_logps=True, **kw
     )
-    assert packed.dpo.packed and packed.dpo.pairs_per_row > 1
-    assert packed.targets.sum() == 8 and len(packed.data.train) < 8
+    assert packed.stage.packed and packed.stage.pairs_per_row > 1
+    assert packed.batches.targets.sum() == 8 and len(packed.data.train) < 8
     outs = []
     for run in (plain, packed):
-        state, got = run.state, []
+        state, got = run.steps.state, []
         for _ in range(2):
-            state, out = run.train_step(state, run.frozen, run.batch(0))
+            state, out = run.steps.train_step(state, run.parts.frozen, run.batches.batch(0))
             got.append({k: float(v) for k, v in jax.device_get(out).items()})
         outs.append(got)
     for a, b in zip(*outs, strict=True):

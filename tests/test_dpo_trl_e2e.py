@@ -19,7 +19,7 @@ import pytest
 
 from jaxlora.config import config_from_dict
 from jaxlora.peft.lora import Adapter, LoraConfig, init_lora
-from jaxlora.train.setup import RunSetup
+from jaxlora.train.setup import build_run
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
@@ -75,14 +75,16 @@ def _jaxlora(model_dir, root, data, precompute: bool) -> dict[str, float]:
             overwrite_output_dir=True,
         )
     )
-    run = RunSetup(cfg, log=lambda s: None)
-    assert set(run.frozen) == {"base"}  # zero-init run: the reference is the base, adapters off
+    run = build_run(cfg, log=lambda s: None)
+    assert set(run.parts.frozen) == {
+        "base"
+    }  # zero-init run: the reference is the base, adapters off
     policy = load_peft_adapter(root / "adapter").params  # the non-zero adapter as the policy
-    loss = run.dpo.loss_fn(run.model.module(run.adapter_spec), None)
-    batch = run.batch(0)  # all pairs; loss_scale = 1 / n_pairs
+    loss = run.stage.loss_fn(run.parts.model.module(run.parts.adapter_spec), None)
+    batch = run.batches.batch(0)  # all pairs; loss_scale = 1 / n_pairs
 
     def scaled(p):
-        return loss(p, run.frozen, batch, jax.random.key(0))
+        return loss(p, run.parts.frozen, batch, jax.random.key(0))
 
     (value, (loss_sum, n, metrics)), grads = jax.value_and_grad(scaled, has_aux=True)(policy)
     assert float(n) == len(PAIRS)

@@ -103,8 +103,8 @@ def test_overfit_run_stops_early_exports_best_and_is_diagnosed(model_dir, tmp_pa
     assert res.best_eval_loss == pytest.approx(best)
     # The exported model is the best checkpoint, not the last state.
     import jaxlora
-    from jaxlora.evaluate.inference import teacher_forced_loss
-    from jaxlora.train.setup import load_data
+    from jaxlora.evaluate.scoring import teacher_forced_loss
+    from jaxlora.train.batches import load_data
 
     exported = jaxlora.load_model(out / "model", dtype="float32")
     cfg = config_from_dict(_flat(out))

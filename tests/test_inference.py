@@ -14,19 +14,17 @@ import pytest
 import jaxlora
 from jaxlora.data.formats import Conversation
 from jaxlora.errors import UserError
-from jaxlora.evaluate import inference
+from jaxlora.evaluate import inference, scoring
 from jaxlora.evaluate.generate import generate
 from jaxlora.evaluate.inference import (
-    METRIC_KEYS,
     chat_once,
     chat_session,
-    evaluate,
-    format_comparison_table,
     format_prompt,
     load_conversations,
     predict,
     stop_token_ids,
 )
+from jaxlora.evaluate.scoring import METRIC_KEYS, evaluate, format_comparison_table
 from jaxlora.losses import logprobs_from_logits
 from jaxlora.peft.lora import Adapter, LoraConfig, init_lora, parse_targets
 
@@ -145,7 +143,7 @@ def test_teacher_forced_loss_matches_logits(model, examples):
 
     tok = model.tokenizer
     enc, _ = encode_conversations(examples[:2], tok, resolve_template(tok), cutoff_len=None)
-    got = inference.teacher_forced_loss(model, None, enc, pad_id=0, batch_size=4)
+    got = scoring.teacher_forced_loss(model, None, enc, pad_id=0, batch_size=4)
     nll, n = 0.0, 0.0
     for ex in enc:
         lp = np.asarray(logprobs_from_logits(model.logits(ex.input_ids[None]), ex.input_ids[None]))

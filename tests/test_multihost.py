@@ -179,6 +179,7 @@ def _worker(
     from jaxlora.models.llama import Decoder
     from jaxlora.parallel import sharding as sh
     from jaxlora.peft.lora import LoraConfig, init_lora
+    from jaxlora.train import step_setup
     from jaxlora.train.optim import make_optimizer
     from jaxlora.train.steps import lm_loss_fn, make_train_step
 
@@ -226,7 +227,7 @@ def _worker(
         local["loss_scale"] = np.float32(1.0 / mask[:, 1:].sum())  # global count, same on all
         batch = sh.put_batch(mesh, local)
         if step is None:
-            kw = sh.train_step_jit_kwargs(st_shard, pshard, sh.batch_shardings(mesh, local))
+            kw = step_setup.train_step_jit_kwargs(st_shard, pshard, sh.batch_shardings(mesh, local))
             step = make_train_step(lm_loss_fn(module, cfg, "lora", None), tx, **kw)
         with sh.mesh_context(mesh):
             state, m = step(state, params, batch)

@@ -411,7 +411,7 @@ class _Recorder:
 
         def build_run(cfg, log=print):
             run = build(cfg, log=log)
-            batch, step = run.batch, run.train_step
+            batch, step = run.batches.batch, run.steps.train_step
             seen = {"m": None}
 
             def poisoned_batch(m):
@@ -429,7 +429,7 @@ class _Recorder:
                 return state, out
 
             recording_step.lower = step.lower  # the pre-flight memory check compiles AOT
-            run.batch, run.train_step = poisoned_batch, recording_step
+            run.batches.batch, run.steps.train_step = poisoned_batch, recording_step
             return run
 
         save = RunCheckpoints.save

@@ -178,6 +178,7 @@ def _worker(out_dir: str) -> None:  # pragma: no cover - runs in the subprocess
     from jaxlora.models.llama import Decoder
     from jaxlora.parallel import sharding as sh
     from jaxlora.peft.lora import LoraConfig, init_lora
+    from jaxlora.train import step_setup
     from jaxlora.train.optim import make_optimizer
     from jaxlora.train.steps import lm_loss_fn, make_eval_step, make_train_step
 
@@ -259,10 +260,12 @@ def _worker(out_dir: str) -> None:  # pragma: no cover - runs in the subprocess
         lora = jax.jit(init_adapter, out_shardings=ashard)(params)
         state, st_shard = sh.init_train_state(mesh, tx, lora, ashard, seed=1)
         bshard = sh.batch_shardings(mesh, batches[0])
-        step = make_train_step(loss_fn, tx, **sh.train_step_jit_kwargs(st_shard, pshard, bshard))
+        step = make_train_step(
+            loss_fn, tx, **step_setup.train_step_jit_kwargs(st_shard, pshard, bshard)
+        )
         if (d, f, t) == (2, 2, 2):
             # Eval (its own jit kwargs) on the initial adapter = the reference's first loss.
-            ekw = sh.eval_step_jit_kwargs(ashard, pshard, bshard)
+            ekw = step_setup.eval_step_jit_kwargs(ashard, pshard, bshard)
             with sh.mesh_context(mesh):
                 ev = make_eval_step(loss_fn, **ekw)(
                     state["trainable"], params, sh.put_batch(mesh, batches[0])

@@ -2,7 +2,7 @@
 
 Why this file exists: throughput claims need the step users actually train with. The benchmark
 builds the model, the trainable/frozen split, the optimiser and the jitted train step with the
-training code itself (`RunSetup`'s builders, see `_BenchRun`), feeds it random token batches of
+training code itself (the train builders, see `BenchRun`), feeds it random token batches of
 exactly `per_device_train_batch_size x cutoff_len` rows per device, and times it. It prints a
 human table and, last, ONE JSON line that scripts parse:
 
@@ -35,62 +35,30 @@ donated aliases); otherwise "max_rss" = the process's peak resident set size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.bench import flops as flops_lib
+from jaxlora.bench.shapes import (
+    RANDOM_PREFIX,
+    RandomBatches,
+    random_model,
+    random_shape_config,
+)
 from jaxlora.config import Config
 from jaxlora.errors import UserError
 from jaxlora.io.model import Model
-from jaxlora.models.config import config_from_hf
-from jaxlora.models.llama import Decoder
-from jaxlora.train.setup import RunSetup
-
-RANDOM_PREFIX = "random:"
-
-# Built-in shapes for `random:<name>` (HF config.json fields).
-SHAPES: dict[str, dict[str, Any]] = {
-    # Meta-Llama-3-8B (config.json of the HF release).
-    "llama3-8b": {
-        "model_type": "llama",
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-    },
-    # The CPU peer-baseline model (shared/research/peer-baseline.md): 56.4M params.
-    "tiny-llama": {
-        "model_type": "llama",
-        "vocab_size": 32000,
-        "hidden_size": 512,
-        "intermediate_size": 1408,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-    },
-}
+from jaxlora.train.model_parts import ModelParts
+from jaxlora.train.step_setup import Steps
 
 JSON_KEYS = (
     "tokens_per_s",
@@ -104,145 +72,78 @@ JSON_KEYS = (
 )
 
 
-# ----------------------------------------------------------------------------- model
+@dataclasses.dataclass
+class BenchRun:
+    """The training builders for a config without data, run directory or checkpoints: the same
+    mesh, base-model placement, trainable/frozen split, optimiser and jitted train step as
+    `jaxlora train` builds (`jaxlora.train.model_parts`, `jaxlora.train.step_setup`), fed by
+    `RandomBatches`."""
 
+    cfg: Config
+    parts: ModelParts
+    steps: Steps
+    batcher: RandomBatches
+    rows: int  # global rows per step
 
-def random_shape_config(spec: str, source: str = "") -> dict[str, Any]:
-    """The HF config dict named by `random:<name>` or `random:<path to config.json>`."""
-    name = spec[len(RANDOM_PREFIX) :]
-    if name in SHAPES:
-        return dict(SHAPES[name])
-    candidates = [Path(name)]
-    if source and not Path(name).is_absolute():
-        candidates.append(Path(source).parent / name)  # relative to the YAML file
-    for path in candidates:
-        if path.is_dir():
-            path = path / "config.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: not valid JSON ({e})") from None
-    raise UserError(
-        f"model_name_or_path `{spec}`: expected random:<shape> with shape one of "
-        f"{', '.join(SHAPES)}, or random:<path to an HF config.json>; {name!r} is neither"
-    )
+    model = property(lambda self: self.parts.model)
+    frozen = property(lambda self: self.parts.frozen)
+    lora_config = property(lambda self: self.parts.lora_config)
+    state = property(lambda self: self.steps.state)
+    train_step = property(lambda self: self.steps.train_step)
 
-
-def random_model(raw: dict[str, Any], dtype: Any, seed: int = 0, mesh: Any = None) -> Model:
-    """A `Model` with random normal(0.02) weights made on device (no host copy).
-
-    With a multi-device `mesh`, every leaf is created directly in its training sharding
-    (`sharding.param_shardings`), so no device ever holds the whole model.
-    """
-    cfg = config_from_hf(raw, "random model config")
-    module = Decoder(cfg, dtype=dtype, param_dtype=dtype)
-    ids = jnp.zeros((1, 8), jnp.int32)
-
-    def init(key):
-        return nn.unbox(module.init(key, ids)["params"])
-
-    out_shardings = None
-    if mesh is not None and mesh.size > 1:
-        from jaxlora.io.hf import abstract_params
-        from jaxlora.parallel import sharding
-
-        shapes, logical = abstract_params(cfg, dtype)
-        out_shardings = sharding.param_shardings(mesh, logical, shapes)
-    params = jax.jit(init, out_shardings=out_shardings)(jax.random.key(seed))
-    return Model(config=cfg, params=params, dtype=dtype, raw_config=raw)
-
-
-# ----------------------------------------------------------------------------- step
-
-
-class _RandomBatches:
-    """Stands in for the data `Batcher`: `get(epoch, step)` is a host batch of random full rows."""
-
-    def __init__(self, rows: int, seq_len: int, vocab: int, seed: int):
-        self.rows, self.seq_len, self.vocab, self.seed = rows, seq_len, vocab, seed
-
-    def get(self, epoch: int, step: int) -> dict:
-        rng = np.random.default_rng([self.seed, epoch, step])
-        return random_batch(rng, self.rows, self.seq_len, self.vocab)
-
-
-class _BenchRun(RunSetup):
-    """A `RunSetup` without data, run directory or checkpoints: the same mesh, base-model
-    placement, trainable/frozen split, optimiser and jitted train step as `jaxlora train` builds
-    for this config (its `_load_shardings` / `_build_*` methods), fed by `_RandomBatches`."""
-
-    def __init__(self, cfg: Config, total_steps: int):
-        from jaxlora.parallel import sharding
-
-        self.cfg = cfg
-        self.mode = cfg.finetune.finetuning_type
-        # Frozen base in the compute dtype for LoRA, fp32 otherwise (as RunSetup).
-        compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
-        base_dtype = compute if self.mode == "lora" else jnp.float32
-        m = cfg.mesh
-        self.mesh = sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
-        self.model = self._load_model(base_dtype)
-        self.model.dtype = compute
-        self._build_trainable()
-        self.dpo = None
-        self.total_steps = total_steps
-        self.rows = cfg.train.per_device_train_batch_size * sharding.batch_shards(self.mesh)
-        vocab = self.model.config.vocab_size
-        self.batcher = _RandomBatches(self.rows, cfg.data.cutoff_len, vocab, cfg.train.seed)
-        self._build_optimizer()
-        self._build_steps()
-
-    def _load_model(self, dtype: Any) -> Model:
-        """Random weights for `random:` specs (made in their shardings), else as training."""
-        cfg = self.cfg
-        spec = str(cfg.model.model_name_or_path)
-        if spec.startswith(RANDOM_PREFIX):
-            if cfg.model.quantization_bit:
-                raise UserError(
-                    "quantization_bit needs checkpoint weights; benchmark QLoRA with a model "
-                    "directory (e.g. one written by jaxlora.io.tiny.make_tiny_model)"
-                )
-            from jaxlora.io.hf import abstract_params
-
-            raw = random_shape_config(spec, cfg.source)
-            model = random_model(raw, dtype, cfg.train.seed, self.mesh)
-            self.param_logical = abstract_params(model.config)[1]
-            return model
-        from jaxlora.io.model import resolve_model_path
-        from jaxlora.train.methods import load_base_model
-
-        path = resolve_model_path(spec)
-        self.model = load_base_model(cfg, path, dtype, shardings=self._load_shardings(path))
-        self._shard_frozen_params()
-        return self.model
+    def put_batch(self, host: dict) -> dict:
+        return self.parts.put_batch(host)
 
     def compile_step(self, batch: dict) -> Any:
         """AOT-compiled train step (traced under the mesh context, as the loop's first call)."""
         from jaxlora.parallel import sharding
 
-        with sharding.mesh_context(self.mesh):
-            return self.train_step.lower(self.state, self.frozen, batch).compile()
+        with sharding.mesh_context(self.parts.mesh):
+            return self.steps.train_step.lower(self.state, self.frozen, batch).compile()
 
 
-def build_bench_run(cfg: Config, total_steps: int = 100) -> _BenchRun:
+def load_bench_parts(cfg: Config) -> ModelParts:
+    """Model parts for `cfg`: random weights for `random:` specs (made in their shardings), else
+    the checkpoint loaded as training loads it."""
+    from jaxlora.train.model_parts import (
+        build_model_parts,
+        compute_dtypes,
+        make_mesh,
+        split_model,
+    )
+
+    spec = str(cfg.model.model_name_or_path)
+    if not spec.startswith(RANDOM_PREFIX):
+        from jaxlora.io.model import resolve_model_path
+
+        return build_model_parts(cfg, resolve_model_path(spec), None)
+    if cfg.model.quantization_bit:
+        raise UserError(
+            "quantization_bit needs checkpoint weights; benchmark QLoRA with a model "
+            "directory (e.g. one written by jaxlora.io.tiny.make_tiny_model)"
+        )
+    from jaxlora.io.hf import abstract_params
+
+    compute, base_dtype = compute_dtypes(cfg)
+    mesh = make_mesh(cfg)
+    raw = random_shape_config(spec, cfg.source)
+    model = random_model(raw, base_dtype, cfg.train.seed, mesh)
+    return split_model(cfg, mesh, model, abstract_params(model.config)[1], compute)
+
+
+def build_bench_run(cfg: Config, total_steps: int = 100) -> BenchRun:
     """The training step builders for `cfg`, on random full-row batches."""
-    return _BenchRun(cfg, total_steps)
+    from jaxlora.parallel import sharding
+    from jaxlora.train.stage import LMStage
+    from jaxlora.train.step_setup import build_steps
 
-
-def random_batch(rng: np.random.Generator, rows: int, seq_len: int, vocab: int) -> dict:
-    """A fully packed batch: random ids, every token a target, one segment per row."""
-    ids = rng.integers(0, vocab, size=(rows, seq_len), dtype=np.int32)  # [B, T]
-    ones = np.ones((rows, seq_len), np.int32)
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len))
-    return {
-        "input_ids": ids,
-        "loss_mask": ones,
-        "segment_ids": ones.copy(),
-        "positions": np.ascontiguousarray(positions),
-        # Token-mean loss over the micro-batch (the loop's k / targets rule with k = 1).
-        "loss_scale": np.float32(1.0 / (rows * (seq_len - 1))),
-    }
+    parts = load_bench_parts(cfg)
+    rows = cfg.train.per_device_train_batch_size * sharding.batch_shards(parts.mesh)
+    vocab = parts.model.config.vocab_size
+    batcher = RandomBatches(rows, cfg.data.cutoff_len, vocab, cfg.train.seed)
+    example = dict(batcher.get(0, 0), loss_scale=np.float32(1.0))
+    steps = build_steps(cfg, parts, LMStage(parts, "sft"), example, total_steps)
+    return BenchRun(cfg, parts, steps, batcher, rows)
 
 
 # ----------------------------------------------------------------------------- measurements

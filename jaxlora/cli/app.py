@@ -72,9 +72,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_data_stats(args) -> int:
+    from jaxlora.data.loading import resolve_demo_names as resolve_dataset
     from jaxlora.data.stats import data_stats, format_stats, plot_length_histogram
     from jaxlora.io.model import load_tokenizer, resolve_model_path
-    from jaxlora.train.setup import resolve_dataset
 
     cfg = _load_cfg(args)
     if cfg.data.dataset is None:

@@ -93,7 +93,8 @@ def run_predict(args) -> int:
 
 
 def run_eval(args) -> int:
-    from jaxlora.evaluate.inference import evaluate, format_comparison_table, load_conversations
+    from jaxlora.evaluate.inference import load_conversations
+    from jaxlora.evaluate.scoring import evaluate, format_comparison_table
 
     model, adapter, tok, adir = load_for_inference(args.model, args.adapter, args.dtype)
     variants = {"base": None} if adapter is None else {"base": None, "adapter": adapter}
@@ -119,8 +120,8 @@ def run_eval(args) -> int:
 
 def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
     """Greedy answers of the trained adapter to the first `n` training prompts."""
+    from jaxlora.data.loading import resolve_demo_names as resolve_dataset
     from jaxlora.evaluate.inference import chat_once, load_conversations, split_reference
-    from jaxlora.train.setup import resolve_dataset
 
     model, adapter, tok, adir = load_for_inference(
         cfg.model.model_name_or_path, str(run_dir), "float32" if not cfg.train.bf16 else "bfloat16"

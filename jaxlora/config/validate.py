@@ -8,8 +8,7 @@ runs before any model is loaded or compiled and raises `UserError` naming the ke
 the command line) it came from.
 
 `jaxlora.config.parse._build` calls `_validate`; this module imports only `jaxlora.config.schema`
-(the
-dataclasses) and `jaxlora.errors`, so there is no import cycle.
+(the dataclasses) and `jaxlora.errors`, so there is no import cycle.
 """
 
 from __future__ import annotations

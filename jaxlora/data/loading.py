@@ -83,6 +83,26 @@ def _from_registry(name: str, entry: Any, dataset_dir: Path, formatting: str) ->
     )
 
 
+def resolve_demo_names(name: str | None) -> str | None:
+    """`demo:<name>` items of a comma list -> the bundled demo file's path; others unchanged."""
+    if name is None:
+        return None
+    demo = Path(__file__).resolve().parents[1] / "demo_data"
+    parts = []
+    for item in str(name).split(","):
+        item = item.strip()
+        if item.startswith("demo:"):
+            path = demo / f"{item[5:]}.json"
+            if not path.is_file():
+                avail = sorted(p.stem for p in demo.glob("*.json"))
+                raise UserError(
+                    f"unknown demo dataset {item!r}; available: demo:" + ", demo:".join(avail)
+                )
+            item = str(path)
+        parts.append(item)
+    return ",".join(parts)
+
+
 def resolve_datasets(
     dataset: str | list[str],
     dataset_dir: str | Path | None = None,

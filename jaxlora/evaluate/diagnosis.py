@@ -2,9 +2,9 @@
 
 Why this module exists: the decision rules are pure functions over `metrics.jsonl` records plus
 the flat config (numpy only, no files, no plotting), so they live apart from
-`jaxlora.evaluate.report`,
-which reads the metrics, draws `loss.png` and writes `report.md`. `diagnose` classifies the run
-into the states practitioners use — failed, diverged, underfitting, overfitting (with the step
+`jaxlora.evaluate.report`, which reads the metrics, draws `loss.png` and writes `report.md`.
+`diagnose` classifies the run into the states practitioners use — failed, diverged, underfitting,
+overfitting (with the step
 where eval loss turned), converged, or too short to judge — with the evidence and concrete next
 values computed from the config ("learning_rate 2e-4 → 5e-5").
 

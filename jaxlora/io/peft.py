@@ -9,9 +9,9 @@ and adapters made by PEFT load here. Key layout (PEFT strips the adapter name wh
 
 rsLoRA and DoRA are plain config flags (`use_rslora`, `use_dora`). PiSSA adapters are exported
 already converted to a LoRA on the original base (`jaxlora.peft.lora.pissa_to_lora`), so their
-config
-says `init_lora_weights: true`. PEFT adapters saved WITHOUT that conversion (init "pissa", "olora",
-"corda", "loftq", "lora_ga") only make sense on a base PEFT rewrites when loading them; they are
+config says `init_lora_weights: true`. PEFT adapters saved WITHOUT that conversion (init "pissa",
+"olora", "corda", "loftq", "lora_ga") only make sense on a base PEFT rewrites when loading them;
+they are
 refused with a message saying how to convert them.
 """
 

@@ -4,8 +4,9 @@ Why this file exists: the trainer never branches on the number of devices. Every
 logical axis names (`nn.with_logical_partitioning` in the model: "vocab", "embed", "q_heads",
 "kv_heads", "mlp", "norm", scan axis "layers"); ONE table, `LOGICAL_RULES`, maps them to the mesh
 axes ("data", "fsdp", "tensor"). From that table this module derives the sharding of the frozen
-base, the adapter, the optimiser state and the batch, and the `in_shardings`/`out_shardings` of the
-jitted train/eval steps (the pjit model: `jax.jit` partitions the step, XLA inserts collectives).
+base, the adapter, the optimiser state and the batch; `jaxlora.train.step_setup` turns them into the
+`in_shardings`/`out_shardings` of the jitted steps (the pjit model: `jax.jit` partitions the step,
+XLA inserts collectives).
 
 Divisibility rule (per leaf, deterministic): a dimension is sharded over its mesh axes only when
 its size is divisible by the product of their sizes; otherwise trailing mesh axes of that rule are
@@ -414,45 +415,3 @@ def _local_batch_blocks(mesh: Mesh) -> int:
     shards = batch_shards(mesh)
     index_map = batch_sharding(mesh).devices_indices_map((shards, 1))
     return len({index_map[d][0].start for d in mesh.devices.flat if d.process_index == pid})
-
-
-# ----------------------------------------------------------------------------- jit kwargs
-
-
-def _mesh_of(*trees: Any) -> Mesh:
-    for tree in trees:
-        for leaf in jax.tree_util.tree_leaves(tree):
-            if isinstance(leaf, NamedSharding):
-                return leaf.mesh
-    raise ValueError("no NamedSharding found to take the mesh from")
-
-
-def train_step_jit_kwargs(
-    state_shardings: Any, frozen_shardings: Any, batch_shardings: Any
-) -> dict:
-    """`jax.jit` kwargs for `steps.make_train_step`: step(state, frozen, batch) -> (state, metrics).
-
-    The state comes back in its own shardings (so its donated buffers are reused); metrics are
-    scalars, replicated.
-    """
-    rep = replicated(_mesh_of(state_shardings, batch_shardings))
-    return {
-        "in_shardings": (state_shardings, frozen_shardings, batch_shardings),
-        "out_shardings": (state_shardings, rep),
-    }
-
-
-def eval_step_jit_kwargs(
-    trainable_shardings: Any, frozen_shardings: Any, batch_shardings: Any
-) -> dict:
-    """`jax.jit` kwargs for `steps.make_eval_step`: eval(trainable, frozen, batch) -> metrics."""
-    rep = replicated(_mesh_of(trainable_shardings, batch_shardings))
-    return {
-        "in_shardings": (trainable_shardings, frozen_shardings, batch_shardings),
-        "out_shardings": rep,
-    }
-
-
-def spec_tree(shardings: Any) -> Any:
-    """The PartitionSpecs of a sharding tree (for logs and tests)."""
-    return jax.tree_util.tree_map(lambda s: s.spec, shardings)

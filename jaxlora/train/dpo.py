@@ -1,4 +1,4 @@
-"""DPO (and reference-free ORPO / SimPO) on top of `RunSetup`: reference model, pairs, loss.
+"""DPO (and reference-free ORPO / SimPO) as a training stage: reference model, pairs, loss.
 
 Why this file exists: a preference step differs from an SFT step in four ways, and all four live
 here (the cache's storage in `jaxlora.train.ref_cache`) so the training loop stays stage-agnostic:
@@ -7,7 +7,7 @@ here (the cache's storage in `jaxlora.train.ref_cache`) so the training loop sta
    the same weights, called without the "lora" collection, under `stop_gradient`, inside the same
    jitted step (no second copy). If the adapter does not start at zero (`adapter_name_or_path`,
    PiSSA), the reference is the INITIAL model, so a frozen copy of the initial adapter is kept.
-   Full fine-tuning: a frozen copy of the initial params. `run.frozen` becomes
+   Full fine-tuning: a frozen copy of the initial params. `parts.frozen` becomes
    `{"base": <what the policy forward needs>, "ref_trainable": <initial trainable copy>?}`; only
    this module's loss consumes it.
 2. **Pairs, not tokens.** `target_counts` gives pairs per sample, so the trainer's token-weighted
@@ -95,7 +95,8 @@ def _reference_copy(tree: Any, mode: str, dtype: Any, tied: bool) -> Any:
 
 
 def _place_like_policy(run: Any, tree: Any) -> Any:
-    """Shard the reference copy on the run's mesh exactly as the policy's trainable tree."""
+    """Shard the reference copy on the run's mesh exactly as the policy's trainable tree
+    (`run`: the run's `ModelParts`)."""
     mesh = getattr(run, "mesh", None)
     if mesh is None or mesh.size == 1:
         return tree
@@ -117,7 +118,13 @@ def _adapter_nonzero(adapter: Any) -> bool:
 class DPOSetup:
     """Preference-stage state for one run; see the module docstring."""
 
-    def __init__(self, run: Any, log: Callable[[str], None] = print):
+    has_perplexity = False  # a preference loss has no perplexity
+    generation_samples = False
+
+    def __init__(self, parts: Any, data: Any, log: Callable[[str], None] = print):
+        """`parts`: the run's `ModelParts` (its `frozen` is replaced here); `data`: its
+        `DataBundle`."""
+        run = parts
         cfg, f = run.cfg, run.cfg.finetune
         self.mode = run.mode
         self.model_config = run.model.config
@@ -127,8 +134,8 @@ class DPOSetup:
         self.ftx = float(f.pref_ftx)
         self.simpo_gamma = float(f.simpo_gamma)
         self.use_reference = not f.reference_free
-        samples = list(run.data.train) + list(run.data.eval)
-        self.packed = _is_packed(run.data.train)
+        samples = list(data.train) + list(data.eval)
+        self.packed = _is_packed(data.train)
         self.pairs_per_row = max(map(_pairs_in_row, samples)) if self.packed else 1
         self.reference_traces = 0  # Python side effect: counts traces of the reference pass
         self.cache_path: Path | None = None
@@ -150,6 +157,7 @@ class DPOSetup:
             initial = run.trainable if needs_initial else None
             self._tables, self.cache_path, self.cache_hit = dpo_cache.cached_tables(
                 run,
+                data,
                 base,
                 initial,
                 self.reference_fn,
@@ -195,7 +203,7 @@ class DPOSetup:
         return out
 
     def frozen_shardings(self, base_shardings: Any, trainable_shardings: Any) -> dict:
-        """Shardings of `run.frozen` from the policy's: the reference copy is sharded like the
+        """Shardings of `parts.frozen` from the policy's: the reference copy is sharded like the
         trainable tree it was copied from."""
         out = {"base": base_shardings}
         if "ref_trainable" in self.frozen_keys:

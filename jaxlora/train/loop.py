@@ -30,7 +30,7 @@ from jaxlora.errors import UserError
 from jaxlora.parallel import distributed
 from jaxlora.train import preflight
 from jaxlora.train.preemption import PreemptionGuard
-from jaxlora.train.setup import RunSetup, build_run
+from jaxlora.train.setup import Run, build_run
 from jaxlora.train.tracking import MetricsLog
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command to resume
@@ -73,12 +73,13 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
         run.close()
 
 
-def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> TrainResult:
+def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResult:
     cfg, tcfg = run.cfg, run.cfg.train
     k = tcfg.gradient_accumulation_steps
-    total_micro = run.total_steps * k
+    batches, steps = run.batches, run.steps
+    total_micro = batches.total_steps * k
     ckpt = run.checkpoints
-    state = run.state
+    state = steps.state
     start_micro, meta = 0, {}
     resume_step = ckpt.latest_step()
     if resume_step is not None:
@@ -88,7 +89,7 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
     main = distributed.is_main_process()
     if start_micro < total_micro:
         est = preflight.estimate(
-            run.train_step, state, run.frozen, run.preflight_batch(start_micro)
+            steps.train_step, state, run.parts.frozen, batches.preflight_batch(start_micro)
         )
         log(est.summary())
         preflight.check(cfg, est)
@@ -102,22 +103,23 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
     stopped_early = False
     preempted = False
     step = start_micro // k
-    bar = run.progress_bar(total=run.total_steps, initial=step, enabled=progress and main)
+    bar = run.progress_bar(total=batches.total_steps, initial=step, enabled=progress and main)
     t_window, tok_window = time.perf_counter(), 0
     pending: list[dict] = []
     with PreemptionGuard() as guard:
         for m in range(start_micro, total_micro):
-            batch = run.batch(m)
-            tok_window += run.batch_tokens(m)
-            state, out = run.train_step(state, run.frozen, batch)
+            batch = batches.batch(m)
+            tok_window += batches.batch_tokens(m)
+            state, out = steps.train_step(state, run.parts.frozen, batch)
             pending.append((m, out))
             if (m + 1) % k:
                 continue
             step = (m + 1) // k
             bar.update(1)
-            is_log = step % tcfg.logging_steps == 0 or step == run.total_steps
-            is_eval = run.eval_every and (step % run.eval_every == 0 or step == run.total_steps)
-            is_save = step % tcfg.save_steps == 0 or step == run.total_steps
+            is_log = step % tcfg.logging_steps == 0 or step == batches.total_steps
+            every = batches.eval_every
+            is_eval = every and (step % every == 0 or step == batches.total_steps)
+            is_save = step % tcfg.save_steps == 0 or step == batches.total_steps
             # Multi-host: agreeing on the flag is a collective, so only at logging steps.
             stop_now = (jax.process_count() == 1 or is_log) and guard.should_stop()
             if is_log or is_eval or is_save or stop_now:
@@ -125,7 +127,7 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
                 for (bad_m, _), d in zip(pending, fetched, strict=True):
                     if d["finite"] < 0.5:
                         skipped += 1
-                        epoch, batch_idx = run._position(bad_m)
+                        epoch, batch_idx = batches.position(bad_m)
                         where = (
                             f"optimiser step {bad_m // k + 1} (micro-step {bad_m}: epoch "
                             f"{epoch}, batch {batch_idx})"
@@ -158,10 +160,10 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
                 s = window.sums
                 scalars = {
                     "train/loss": s["loss_sum"] / s["tokens"],
-                    "train/lr": float(run.schedule(step - 1)),
+                    "train/lr": float(steps.schedule(step - 1)),
                     "train/grad_norm": s["grad_norm_sum"] / max(s["n"], 1e-9),
                     "train/tokens_per_s": tok_window / max(dt, 1e-9),
-                    "train/epoch": m / run.steps_per_epoch,
+                    "train/epoch": m / batches.steps_per_epoch,
                 }
                 # Preference metrics arrive as sums over pairs plus "pref/count".
                 n_pairs = max(s.get("sum/pref/count", 0.0), 1.0)
@@ -180,7 +182,7 @@ def _loop(run: RunSetup, *, progress: bool, log: Callable[[str], None]) -> Train
                 ev = run.evaluate(state)
                 metrics.log(step, ev)
                 n_gen = tcfg.generation_eval_samples
-                if n_gen and main and cfg.finetune.stage == "sft":
+                if n_gen and main:
                     text = run.sample_generations(state, n_gen)
                     if text:
                         metrics.text("eval/generations", text, step)

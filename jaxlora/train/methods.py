@@ -283,7 +283,7 @@ def lora_config_for(cfg: Config) -> LoraConfig:
 
 def rebuild_split(cfg: Config, model_path: str | Path) -> Split:
     """The split a finished run started from (same base dtype and quantisation as
-    `run_setup`), e.g. to export a checkpoint: PiSSA's initial adapter and residual are
+    `jaxlora.train.setup`), e.g. to export a checkpoint: PiSSA's initial adapter and residual are
     recomputed deterministically from the base, the seed and `pissa_iter`."""
     compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
     dtype = compute if cfg.finetune.finetuning_type == "lora" else jnp.float32

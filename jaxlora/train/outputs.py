@@ -28,16 +28,16 @@ def export_run_outputs(run: Any, trainable: Any) -> None:
         return
     cfg = run.cfg
     tmpl = run.data.report.chat_template or None
-    base = str(run.model.path)
+    base = str(run.parts.model.path)
     from jaxlora.train.methods import adapter_for_export, params_for_export
 
-    if run.mode == "lora":
-        adapter = adapter_for_export(run.split, trainable)
+    if run.parts.mode == "lora":
+        adapter = adapter_for_export(run.parts.split, trainable)
         export_adapter(
             adapter,
             run.run_dir / "adapter",
             base_model=base,
-            tokenizer=run.model.tokenizer,
+            tokenizer=run.parts.model.tokenizer,
             chat_template=tmpl,
             overwrite=True,
         )
@@ -45,8 +45,8 @@ def export_run_outputs(run: Any, trainable: Any) -> None:
         export_merged(
             base,
             run.run_dir / "model",
-            params=params_for_export(run.split, trainable),
-            tokenizer=run.model.tokenizer,
+            params=params_for_export(run.parts.split, trainable),
+            tokenizer=run.parts.model.tokenizer,
             chat_template=tmpl,
             overwrite=True,
         )

@@ -88,12 +88,12 @@ def _gather_rows(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=tiled))
 
 
-def fingerprint(run: Any, initial: Any, packed: bool) -> str:
+def fingerprint(run: Any, data: Any, initial: Any, packed: bool) -> str:
     """sha256 over everything the reference log-probs depend on (see the module docstring).
 
     `initial` is the initial trainable tree the reference uses, or None for the adapters-off base.
     """
-    cfg, report = run.cfg, run.data.report
+    cfg, report = run.cfg, data.report
     model_dir = Path(run.model.path) if run.model.path else None
     files = {}
     if model_dir is not None:
@@ -114,8 +114,8 @@ def fingerprint(run: Any, initial: Any, packed: bool) -> str:
         # LoRA reference = base + initial adapter; full/freeze copies come from the files.
         "ref_adapter": _tree_digest(initial) if run.mode == "lora" and initial else None,
         "adapter_spec": repr(run.adapter_spec) if initial is not None else None,
-        "data": data_fingerprint(run.data.train, run.data.eval),
-        "n": [len(run.data.train), len(run.data.eval)],
+        "data": data_fingerprint(data.train, data.eval),
+        "n": [len(data.train), len(data.eval)],
         "template": [report.template_name, report.chat_template],
         "lengths": [cfg.data.cutoff_len, cfg.data.max_prompt_length, packed],
     }
@@ -128,12 +128,12 @@ def cache_file(key: str) -> Path:
     return cache_root() / "ref_logps" / f"{key[:32]}.npz"
 
 
-def expected_shapes(run: Any, pairs_per_row: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(data: Any, pairs_per_row: int) -> dict[str, tuple[int, ...]]:
     """Table shape per split the run has: [N, pairs_per_row, 2]."""
     p = pairs_per_row
-    out = {"train": (len(run.data.train), p, 2)}
-    if run.data.eval:
-        out["eval"] = (len(run.data.eval), p, 2)
+    out = {"train": (len(data.train), p, 2)}
+    if data.eval:
+        out["eval"] = (len(data.eval), p, 2)
     return out
 
 
@@ -168,7 +168,12 @@ def save_tables(path: Path, key: str, tables: dict[str, np.ndarray]) -> None:
 
 
 def precompute_tables(
-    run: Any, frozen: dict, reference_fn: ReferenceFactory, packed: bool, pairs_per_row: int
+    run: Any,
+    data: Any,
+    frozen: dict,
+    reference_fn: ReferenceFactory,
+    packed: bool,
+    pairs_per_row: int,
 ) -> dict[str, np.ndarray]:
     """Reference log-probs of every train/eval sample: [N, pairs_per_row, 2] (chosen,
     rejected), batched and jitted like the eval step."""
@@ -182,13 +187,15 @@ def precompute_tables(
         batch_size = per_device * jax.device_count()
     module = run.model.module(run.adapter_spec)
     rows = per_device * (1 if packed else 2)
-    chunk = fused_ce_positions(rows, run.model.config.vocab_size, None)  # as RunSetup, per device
+    chunk = fused_ce_positions(
+        rows, run.model.config.vocab_size, None
+    )  # as the step builder, per device
     fn = jax.jit(reference_fn(module, chunk))
     tables = {}
-    for split, samples in (("train", run.data.train), ("eval", run.data.eval)):
+    for split, samples in (("train", data.train), ("eval", data.eval)):
         if not samples:
             continue
-        batcher = run.in_order_batcher(samples, batch_size)
+        batcher = data.in_order_batcher(samples, batch_size)
         table = np.zeros((len(samples), pairs_per_row, 2), np.float32)
         for step in range(len(batcher)):
             idx = batcher.global_indices(0, step)
@@ -204,6 +211,7 @@ def precompute_tables(
 
 def cached_tables(
     run: Any,
+    data: Any,
     base: Any,
     initial: Any,
     reference_fn: ReferenceFactory,
@@ -217,9 +225,9 @@ def cached_tables(
     `base` is the frozen base params, `initial` the initial trainable tree the reference needs
     (None: the adapters-off base).
     """
-    key = fingerprint(run, initial, packed)
+    key = fingerprint(run, data, initial, packed)
     path = cache_file(key)
-    tables = load_tables(path, key, expected_shapes(run, pairs_per_row))
+    tables = load_tables(path, key, expected_shapes(data, pairs_per_row))
     # A hit must be unanimous, or the hosts would run different programs.
     hit = not distributed.agree_on_flag(tables is None)
     if hit:
@@ -229,11 +237,11 @@ def cached_tables(
     frozen = {"base": base}
     if initial is not None:
         frozen["ref_trainable"] = initial
-    tables = precompute_tables(run, frozen, reference_fn, packed, pairs_per_row)
+    tables = precompute_tables(run, data, frozen, reference_fn, packed, pairs_per_row)
     save_tables(path, key, tables)
     log(
-        f"reference log-probs: computed for {len(run.data.train)} train / "
-        f"{len(run.data.eval)} eval samples in {time.perf_counter() - t0:.1f}s, "
+        f"reference log-probs: computed for {len(data.train)} train / "
+        f"{len(data.eval)} eval samples in {time.perf_counter() - t0:.1f}s, "
         f"cached at {path}"
     )
     return tables, path, False

@@ -1,0 +1,224 @@
+"""Data for a run: tokenised samples (`DataBundle`) and the micro-batch schedule (`Batches`).
+
+Why this file exists: the loop's whole position is one micro-step counter `m`; everything that
+turns `m` into a device batch (epoch/step, the shuffled global rows, this host's slice, the
+stage's extra columns, the token-weighted `loss_scale`) lives here, built once from the config.
+The stage (`jaxlora.train.stage`) says how samples count as targets and what to add to a batch,
+so nothing here branches on SFT vs DPO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora import data as data_lib
+from jaxlora.config import Config
+from jaxlora.data.batching import Batcher
+from jaxlora.data.loading import resolve_demo_names
+from jaxlora.errors import UserError
+from jaxlora.parallel import sharding
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: list
+    eval: list
+    report: Any
+    pad_id: int
+    cutoff_len: int = 1024
+
+    def in_order_batcher(self, samples: list, batch_size: int) -> Batcher:
+        """Unshuffled global batches of `samples` (eval, reference pre-pass), this host's rows."""
+        return Batcher(
+            samples,
+            batch_size=batch_size,
+            pad_id=self.pad_id,
+            cutoff_len=self.cutoff_len,
+            shuffle=False,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+
+def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
+    """Read, render, tokenise and (maybe) pack the train/eval sets the stage needs."""
+    d, f = cfg.data, cfg.finetune
+    if d.dataset is None:
+        raise UserError(
+            "config key `dataset` is required for training (a file, a comma list, or demo:<name>)"
+        )
+    common = dict(
+        dataset=resolve_demo_names(d.dataset),
+        dataset_dir=d.dataset_dir,
+        cutoff_len=d.cutoff_len,
+        max_samples=d.max_samples,
+        val_size=d.val_size,
+        seed=cfg.train.seed,
+        eval_dataset=resolve_demo_names(d.eval_dataset),
+    )
+    if f.stage == "pt":
+        train, evals, report = data_lib.load_text_dataset(
+            tokenizer, formatting=d.formatting, **common
+        )
+    else:
+        if tokenizer is None:
+            raise UserError(
+                f"{cfg.model.model_name_or_path}: the model directory has no tokenizer files"
+            )
+        chat = dict(
+            formatting=d.formatting,
+            packing=bool(cfg.packing_enabled),
+            template=cfg.model.template,
+            chat_template=cfg.model.chat_template,
+            system=d.system,
+        )
+        if f.stage == "dpo":
+            train, evals, report = data_lib.load_preference_dataset(
+                tokenizer, max_prompt_length=d.max_prompt_length, **chat, **common
+            )
+        else:
+            train, evals, report = data_lib.load_sft_dataset(
+                tokenizer, train_on_prompt=d.train_on_prompt, **chat, **common
+            )
+    return DataBundle(train, evals, report, data_lib.pad_id(tokenizer), d.cutoff_len)
+
+
+def target_counts(samples: list) -> np.ndarray:
+    """Per sample: the number of loss targets (what the token-weighted loss divides by)."""
+    out = []
+    for s in samples:
+        m = np.asarray(s.loss_mask)[1:]
+        seg = getattr(s, "segment_ids", None)
+        if seg is not None:  # packed: no target across a segment boundary
+            seg = np.asarray(seg)
+            m = m * ((seg[1:] == seg[:-1]) & (seg[1:] > 0))
+        out.append(int(m.sum()))
+    return np.asarray(out, np.int64)
+
+
+def forward_tokens(sample) -> int:
+    """Tokens a sample puts through the forward pass (a DPO pair: prompt twice + both answers)."""
+    if hasattr(sample, "chosen_ids"):
+        return 2 * len(sample.prompt_ids) + len(sample.chosen_ids) + len(sample.rejected_ids)
+    return len(sample)
+
+
+def put_batch(mesh: Any, host: dict) -> dict:
+    """A host batch on the devices: plain arrays on one device, global arrays on a mesh."""
+    if mesh.size == 1:
+        return {k: jnp.asarray(v) for k, v in host.items()}
+    return sharding.put_batch(mesh, host)
+
+
+@dataclasses.dataclass
+class Batches:
+    """Micro-step m -> device batch, plus the run's length (steps, epochs, eval cadence)."""
+
+    data: DataBundle
+    stage: Any  # jaxlora.train.stage: target_counts / add_to_batch
+    mesh: Any
+    batcher: Batcher
+    targets: np.ndarray  # [N] loss targets per train sample (tokens, or pairs for DPO)
+    accumulation: int  # gradient_accumulation_steps
+    steps_per_epoch: int  # micro-batches per epoch
+    total_steps: int  # optimiser steps of the whole run
+    eval_every: int  # 0: no evaluation
+    eval_batcher: Batcher | None
+
+    def position(self, m: int) -> tuple[int, int]:
+        """(epoch, batch index) of micro-step m."""
+        return divmod(m, self.steps_per_epoch)
+
+    def batch_tokens(self, m: int) -> int:
+        """Real (non-pad) tokens of global micro-batch m, for tokens/s."""
+        idx = self.batcher.global_indices(*self.position(m))
+        return int(sum(forward_tokens(self.data.train[i]) for i in idx if i >= 0))
+
+    def _group_targets(self, m: int) -> int:
+        k = self.accumulation
+        g0 = (m // k) * k
+        total = 0
+        for mm in range(g0, g0 + k):
+            idx = self.batcher.global_indices(*self.position(mm))
+            total += int(self.targets[idx[idx >= 0]].sum())
+        return max(total, 1)
+
+    def host_batch(self, m: int) -> dict:
+        """This host's rows of micro-batch m with the stage's extra columns (numpy)."""
+        position = self.position(m)
+        return self.stage.add_to_batch(self.batcher.get(*position), self.batcher, position)
+
+    def batch(self, m: int) -> dict:
+        """Device batch m; `loss_scale` = k / targets of its accumulation group, so the summed
+        losses of k micro-batches equal the mean over the group's targets."""
+        host = self.host_batch(m)
+        host["loss_scale"] = np.float32(self.accumulation / self._group_targets(m))
+        return put_batch(self.mesh, host)
+
+    def preflight_batch(self, m: int) -> dict:
+        """Batch m padded to the longest shape the run can produce (for the memory check)."""
+        host = self.host_batch(m)
+        t_max = self.batcher.fixed_length or self.data.cutoff_len
+        out = {}
+        for k, v in host.items():
+            if getattr(v, "ndim", 0) == 2 and v.shape[1] < t_max:
+                v = np.pad(v, ((0, 0), (0, t_max - v.shape[1])))
+            out[k] = v
+        out["loss_scale"] = np.float32(1.0)
+        return put_batch(self.mesh, out)
+
+    def example(self) -> dict:
+        """Host batch 0 with a `loss_scale`: the shapes/dtypes the steps are jitted for."""
+        host = self.host_batch(0)
+        host["loss_scale"] = np.float32(1.0)
+        return host
+
+    def eval_batches(self):
+        """Device batches of the eval set, in order (each with the stage's columns)."""
+        for step, batch in enumerate(self.eval_batcher.epoch(0)):
+            batch = self.stage.add_to_batch(batch, self.eval_batcher, (0, step), split="eval")
+            yield put_batch(self.mesh, batch)
+
+
+def build_batches(cfg: Config, data: DataBundle, mesh: Any, stage: Any) -> Batches:
+    """The shuffled train order, run length and eval batcher for `cfg` on `mesh`."""
+    tcfg = cfg.train
+    shards = sharding.batch_shards(mesh)  # data x fsdp; tensor replicas share rows
+    batcher = Batcher(
+        data.train,
+        batch_size=tcfg.per_device_train_batch_size * shards,
+        pad_id=data.pad_id,
+        cutoff_len=data.cutoff_len,
+        seed=tcfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    steps_per_epoch = len(batcher)
+    k = tcfg.gradient_accumulation_steps
+    if tcfg.max_steps > 0:
+        total = tcfg.max_steps
+    else:
+        per_epoch = max(steps_per_epoch // k, 1)
+        total = max(int(math.ceil(tcfg.num_train_epochs * per_epoch)), 1)
+    eval_every, eval_batcher = 0, None
+    if cfg.eval_enabled and data.eval:
+        eval_every = tcfg.resolved_eval_steps
+        eval_batcher = data.in_order_batcher(data.eval, tcfg.resolved_eval_batch_size * shards)
+    return Batches(
+        data=data,
+        stage=stage,
+        mesh=mesh,
+        batcher=batcher,
+        targets=stage.target_counts(data.train),
+        accumulation=k,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        eval_every=eval_every,
+        eval_batcher=eval_batcher,
+    )

@@ -1,0 +1,100 @@
+"""The model side of a run: mesh, base weights in their shardings, trainable/frozen split.
+
+Why this file exists: `jaxlora train`, `jaxlora bench` and the benchmarks must build exactly the
+same model state for a config (mesh, base placement, quantisation, method split), so it is one
+builder whose output is plain data (`ModelParts`). The stage (`jaxlora.train.stage`) may replace
+`frozen` (the DPO reference copy); the step builder consumes `trainable` into the optimiser state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.config import Config
+from jaxlora.io.hf import abstract_params
+from jaxlora.io.model import Model
+from jaxlora.models.config import load_hf_config
+from jaxlora.parallel import sharding
+from jaxlora.train.methods import Split, load_base_model, split_trainable
+
+
+@dataclasses.dataclass
+class ModelParts:
+    cfg: Config
+    mesh: Any
+    model: Model  # .params: the frozen base (LoRA: PiSSA residual); .dtype: compute dtype
+    param_logical: Any  # logical axis names of every base param (sharding rules)
+    split: Split  # export needs it: PiSSA conversion, freeze slices
+    trainable: Any  # initial trainable tree (fp32); None once moved into the optimiser state
+    frozen: Any  # what the step's forward reads besides the trainable tree
+
+    @property
+    def mode(self) -> str:  # "lora" | "full" | "freeze"
+        return self.split.mode
+
+    @property
+    def lora_config(self):
+        return self.split.lora_config
+
+    @property
+    def adapter_spec(self):
+        return self.split.adapter_spec
+
+    def put_batch(self, host: dict) -> dict:
+        from jaxlora.train.batches import put_batch
+
+        return put_batch(self.mesh, host)
+
+
+def compute_dtypes(cfg: Config) -> tuple[Any, Any]:
+    """(compute dtype, frozen-base dtype): LoRA keeps the base in the compute dtype, the other
+    methods load fp32 (their trainable weights are cast from it)."""
+    compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
+    return compute, compute if cfg.finetune.finetuning_type == "lora" else jnp.float32
+
+
+def make_mesh(cfg: Config) -> Any:
+    m = cfg.mesh
+    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+
+
+def load_placed(cfg: Config, model_path: Path, mesh: Any, dtype: Any) -> tuple[Model, Any]:
+    """(base model on the mesh, param logical axes). Unquantised bases load straight into their
+    shardings (each device reads its slices); quantised ones are built leaf by leaf on one device
+    and then placed."""
+    shapes, logical = abstract_params(load_hf_config(model_path)[0])
+    quantised = bool(cfg.model.quantization_bit)
+    target = None
+    if mesh.size > 1 and not quantised:
+        target = sharding.param_shardings(mesh, logical, shapes)
+    model = load_base_model(cfg, model_path, dtype, shardings=target)
+    if mesh.size > 1 and quantised:
+        placed = sharding.param_shardings(mesh, logical, model.params)
+        model.params = jax.device_put(model.params, placed)
+    return model, logical
+
+
+def split_model(cfg: Config, mesh: Any, model: Model, logical: Any, compute: Any) -> ModelParts:
+    """Trainable/frozen split of a loaded base for `cfg.finetune.finetuning_type`."""
+    model.dtype = compute
+    split = split_trainable(cfg, model.params)
+    if split.mode == "lora":
+        model.params = split.frozen  # PiSSA: the residual; frees the original base
+    return ModelParts(cfg, mesh, model, logical, split, split.trainable, split.frozen)
+
+
+def build_model_parts(
+    cfg: Config, model_path: Path, tokenizer: Any, log: Callable[[str], None] = print
+) -> ModelParts:
+    """Mesh, base model (placed, maybe quantised), tokenizer attached, trainable split."""
+    compute, base_dtype = compute_dtypes(cfg)
+    mesh = make_mesh(cfg)
+    model, logical = load_placed(cfg, model_path, mesh, base_dtype)
+    model.tokenizer = tokenizer
+    return split_model(cfg, mesh, model, logical, compute)
