@@ -531,4 +531,8 @@ def test_packed_run_equals_unpacked_run(tiny_model_dir, tmp_path):
     for a, b in zip(*outs, strict=True):
         assert a["pref/count"] == b["pref/count"] == 8
         for k in a:
+            if k == "pref/rewards/accuracies":
+                # A count of `chosen > rejected`: after one small step some margins are ~1e-7,
+                # so packed vs unpacked fp32 rounding may flip a few; the sums below are exact.
+                continue
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
