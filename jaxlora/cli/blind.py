@@ -62,9 +62,9 @@ def _side(model: str, adapter_dir: Path | None) -> dict:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from jaxlora.cli.inference import _adapter_dir, load_for_inference
+    from jaxlora.data.loading import resolve_demo_names as resolve_dataset
     from jaxlora.evaluate.blind_prepare import load_prompt_sets, prepare
     from jaxlora.io.peft import check_adapter_fits, load_peft_adapter
-    from jaxlora.data.loading import resolve_demo_names as resolve_dataset
 
     sets = [(n, d) for n, d in (("task", args.dataset), ("general", args.general_dataset)) if d]
     if not sets:

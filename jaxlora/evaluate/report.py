@@ -196,9 +196,11 @@ def render_report(
     config: dict,
     png_name: str,
     blind: list[str] = (),
+    history: list[dict] = (),
 ) -> str:
     """report.md text: headline state, summary, curve, advice, evidence, metrics, key settings,
-    and links to blind evaluations (`blind`: report paths relative to the run)."""
+    the settings changed on resume (`history`: lines of config_history.jsonl) and links to blind
+    evaluations (`blind`: report paths relative to the run)."""
     d = diagnosis
     lines = [f"# Run report: {d.state.upper().replace('_', ' ')}", "", f"**{d.summary}**", ""]
     lines += [f"![loss curve]({png_name})", "", "## What to change next", ""]
@@ -219,6 +221,19 @@ def render_report(
         "early_stopping_patience",
     )
     lines += ["", "## Settings", ""] + [f"- {k}: {config[k]}" for k in keys if k in config]
+    if history:
+        lines += [
+            "",
+            "## Config history",
+            "",
+            "Settings changed when the run was resumed "
+            "(the steps before each resume ran with the old value):",
+            "",
+        ]
+        for h in history:
+            changed = h.get("changed") or {}
+            what = ", ".join(f"`{k}` {_cell(a)} → {_cell(b)}" for k, (a, b) in changed.items())
+            lines.append(f"- step {h.get('resumed_at_step')}: {what or 'resumed, no change'}")
     if blind:
         lines += ["", "## Blind evaluations", ""] + [f"- [{b}]({b})" for b in blind]
     lines += ["", "Thresholds and rules: `jaxlora/diagnosis.py`.", ""]
@@ -233,8 +248,24 @@ def write_report(run_dir: str | Path, records: list[dict], config: dict) -> Path
         records, run_dir / "loss.png", title=f"jaxlora training loss — {d.state.replace('_', ' ')}"
     )
     out = run_dir / "report.md"
-    text = render_report(d, records, config, "loss.png", blind_reports(run_dir))
+    history = config_history(run_dir)
+    text = render_report(d, records, config, "loss.png", blind_reports(run_dir), history)
     atomic_write_bytes(out, text.encode("utf-8"))
+    return out
+
+
+def config_history(run_dir: str | Path) -> list[dict]:
+    """The resumes recorded in `config_history.jsonl` (written by jaxlora.train.run_dir)."""
+    path = Path(run_dir) / "config_history.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                raise UserError(f"{path}, line {n}: not valid JSON") from None
     return out
 
 

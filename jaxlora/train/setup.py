@@ -24,7 +24,7 @@ from jaxlora.errors import UserError
 from jaxlora.io.run_state import RunCheckpoints
 from jaxlora.train.batches import Batches, DataBundle, build_batches, load_data
 from jaxlora.train.model_parts import ModelParts, build_model_parts
-from jaxlora.train.run_dir import claim_run_dir, write_header
+from jaxlora.train.run_dir import check_resume, claim_run_dir, write_header
 from jaxlora.train.stage import make_stage
 from jaxlora.train.step_setup import Steps, build_steps
 
@@ -126,6 +126,7 @@ def build_run(cfg: Config, log: Callable[[str], None] = print) -> Run:
 
     for key, why in cfg.ignored.items():
         log(f"note: ignoring `{key}` ({why})")
+    check_resume(cfg)  # a changed model/method shape on resume: refused before anything loads
     model_path = resolve_model_path(cfg.model.model_name_or_path)
     if not model_path.is_dir():
         raise UserError(
@@ -140,7 +141,7 @@ def build_run(cfg: Config, log: Callable[[str], None] = print) -> Run:
     batches = build_batches(cfg, data, parts.mesh, stage)
     steps = build_steps(cfg, parts, stage, batches.example(), batches.total_steps)
     run_dir, resuming = claim_run_dir(cfg, log)
-    write_header(run_dir, cfg, data.report)
+    write_header(run_dir, cfg, data.report, resuming, log)
     tcfg = cfg.train
     keep_best = bool(batches.eval_every) and (
         tcfg.load_best_model_at_end or tcfg.early_stopping_patience is not None
