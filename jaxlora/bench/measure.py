@@ -57,6 +57,7 @@ from jaxlora.bench.shapes import (
 from jaxlora.config import Config
 from jaxlora.errors import UserError
 from jaxlora.io.model import Model
+from jaxlora.train import compile_cache
 from jaxlora.train.model_parts import ModelParts
 from jaxlora.train.step_setup import Steps
 
@@ -352,6 +353,7 @@ def run_bench_cli(
     """`jaxlora bench`: print the table, then the JSON line (last line of stdout)."""
     for key, why in cfg.ignored.items():
         print(f"note: ignoring `{key}` ({why})", file=sys.stderr)
+    compile_cache.enable(cfg.train.compile_cache)
     result = run_bench(cfg, steps=steps, warmup=warmup, matmul_sizes=matmul_sizes)
     print(format_table(result))
     print(json.dumps(result), flush=True)

@@ -121,6 +121,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.lower_for:
+        from jaxlora.bench.lower import run_lower_cli
+
+        return run_lower_cli(_load_cfg(args), args.lower_for, args.hlo_out)
+    if args.hlo_out:
+        from jaxlora.errors import UserError
+
+        raise UserError("--hlo-out needs --lower-for tpu|cuda")
     from jaxlora.bench.measure import run_bench_cli
 
     return run_bench_cli(_load_cfg(args), steps=args.steps, warmup=args.warmup)
@@ -197,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--lower-for",
+        choices=("tpu", "cuda"),
+        default=None,
+        help="lower the train step for this platform on this host (no device, no weights)",
+    )
+    p.add_argument("--hlo-out", default=None, help="with --lower-for: write the StableHLO here")
     p.set_defaults(fn=cmd_bench)
 
     from jaxlora.cli import blind, serve
@@ -204,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     blind.add_parser(sub)
     return ap
+
+
+def _show_attention_log() -> None:
+    """The one-time "which attention kernel runs, and why" lines go to stderr."""
+    import logging
+
+    log = logging.getLogger("jaxlora.attention")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error("unrecognized arguments: " + " ".join(extra))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _show_attention_log()
     try:
         return int(args.fn(args) or 0)
     except UserError as e:

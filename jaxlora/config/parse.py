@@ -64,7 +64,7 @@ _IGNORED_BY_REASON: dict[str, tuple[str, ...]] = {
     "checkpoints always hold what exact resume needs, as safetensors/orbax": (
         "save_only_model", "save_safetensors",
     ),
-    "attention backend is chosen by `attention` (auto|xla|cudnn)": ("flash_attn",),
+    "the kernel is chosen by `attention` (auto|xla|cudnn|pallas|splash|block)": ("flash_attn",),
     "activation memory is set with `remat` (none|full|dots|dots_no_batch)": (
         "gradient_checkpointing", "disable_gradient_checkpointing", "use_reentrant_gc",
         "use_unsloth_gc",

@@ -47,8 +47,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # dots: save matmul outputs only; dots_no_batch: save only matmuls without batch dims
     # (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     "remat": ("none", "full", "dots", "dots_no_batch"),
-    # auto: jax.nn.dot_product_attention picks (cuDNN flash on GPU); xla / cudnn force one.
-    "attention": ("auto", "xla", "cudnn"),
+    # Attention kernel (jaxlora/models/attention.py). auto: TPU splash, GPU cuDNN flash (bf16/
+    # fp16; else the Pallas GPU kernel), CPU block-causal for T >= 256; any case a kernel
+    # cannot serve falls back (block on CPU, else dense xla) with a logged reason.
+    # xla: dense jax.nn.dot_product_attention (the reference); cudnn: cuDNN flash (GPU);
+    # pallas: Pallas/Triton flash with segment ids (GPU); splash: Pallas splash (TPU);
+    # block: the CPU block-causal kernel (plain XLA ops; runs anywhere).
+    "attention": ("auto", "xla", "cudnn", "pallas", "splash", "block"),
     "formatting": ("auto", "alpaca", "sharegpt", "messages", "preference", "text"),
     "stage": ("sft", "dpo", "pt"),
     "finetuning_type": ("lora", "full", "freeze"),
@@ -73,6 +78,9 @@ class ModelArgs:
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "auto"
+    # Run the Pallas kernels (pallas, splash) in the Pallas interpreter: any backend, same
+    # numerics, slow. For checking a kernel on a CPU; never for training speed.
+    attention_interpret: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,9 @@ class TrainArgs:
     max_nonfinite_skips: int = 10
     generation_eval_samples: int = 0
     plot_loss: bool = True
+    # Persistent XLA compilation cache under $JAXLORA_CACHE/xla (default ~/.cache/jaxlora/xla),
+    # so a rerun or resume of the same step does not compile again; false turns it off.
+    compile_cache: bool = True
 
     @property
     def resolved_eval_batch_size(self) -> int:

@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io.model import adapter_variables
+from jaxlora.models.attention import AttentionSpec
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import AdapterSpec
 from jaxlora.models.llama import Decoder, head_kernel
@@ -160,9 +161,10 @@ def _head_logits(params: dict, cfg: ModelConfig, dtype: Any, h: jax.Array) -> ja
 
 
 @functools.lru_cache(maxsize=32)
-def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None):
-    """The jitted prefill + decode loop for one (architecture, dtype, adapter settings)."""
-    module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=spec)
+def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None, attention: AttentionSpec):
+    """The jitted prefill + decode loop for one (architecture, dtype, adapter settings, attention
+    kernel). Prefill runs the selected kernel over the prompt block; decode steps run dense."""
+    module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=spec, attention=attention)
     window = cfg.sliding_window
 
     def run(
@@ -208,7 +210,7 @@ def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None):
             variables,
             tokens,
             positions,
-            None,
+            real.astype(jnp.int32),  # segment ids: 1 = prompt token, 0 = left padding
             kv_cache=init_cache(cfg, b, s, dtype),
             cache_index=jnp.int32(0),
             attn_mask=mask,
@@ -270,7 +272,8 @@ def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None):
 def decode_fn(model, adapter=None):
     """The jitted function `generate` uses for this model (and adapter settings); exposed so
     callers and tests can inspect its compilation cache (`decode_fn(m)._cache_size()`)."""
-    return _decode_fn(model.config, model.dtype, None if adapter is None else adapter.spec)
+    spec = None if adapter is None else adapter.spec
+    return _decode_fn(model.config, model.dtype, spec, model.attention)
 
 
 # ----------------------------------------------------------------------------- host side

@@ -44,9 +44,9 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 @functools.lru_cache(maxsize=16)
-def _loss_fn(cfg, dtype, spec):
+def _loss_fn(cfg, dtype, spec, attention):
     """Jitted teacher-forced loss: (sum of target NLL, target count) for one batch."""
-    module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=spec)
+    module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=spec, attention=attention)
 
     def f(params, lora, batch):
         variables = {"params": params, **lora}  # lora: adapter_variables(adapter)
@@ -73,7 +73,8 @@ def teacher_forced_loss(model, adapter, examples, *, pad_id: int, batch_size: in
 
     Batches are padded to `batch_size` rows and lengths to multiples of 64 (few compilations).
     """
-    fn = _loss_fn(model.config, model.dtype, None if adapter is None else adapter.spec)
+    spec = None if adapter is None else adapter.spec
+    fn = _loss_fn(model.config, model.dtype, spec, model.attention)
     lora = adapter_variables(adapter)
     total, count = 0.0, 0.0
     for start in range(0, len(examples), batch_size):

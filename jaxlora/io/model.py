@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io import hf
+from jaxlora.models.attention import DEFAULT_ATTENTION, AttentionSpec
 from jaxlora.models.config import ModelConfig, load_hf_config
 from jaxlora.models.linear import AdapterSpec
 from jaxlora.models.llama import Decoder
@@ -63,9 +64,15 @@ def adapter_variables(adapter: Any) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _forward_fn(cfg: ModelConfig, dtype: Any, adapter: AdapterSpec | None):
-    """One jitted forward per (architecture, dtype, adapter spec); traced once per shape."""
-    module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=adapter)
+def _forward_fn(
+    cfg: ModelConfig,
+    dtype: Any,
+    adapter: AdapterSpec | None,
+    attention: AttentionSpec = DEFAULT_ATTENTION,
+):
+    """One jitted forward per (architecture, dtype, adapter spec, attention kernel); traced once
+    per shape."""
+    module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=adapter, attention=attention)
 
     def fwd(params, extra, input_ids, positions, segment_ids):
         # extra: {} or {"lora": adapter tree} or {"prompt": virtual tokens} (adapter_variables)
@@ -82,8 +89,10 @@ class Model:
     path: Path | None = None
     dtype: Any = jnp.bfloat16
     raw_config: dict | None = None
+    attention: AttentionSpec = AttentionSpec()  # the `attention:` kernel choice, every mode
 
     def module(self, adapter: AdapterSpec | None = None, **kw) -> Decoder:
+        kw.setdefault("attention", self.attention)
         return Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype, adapter=adapter, **kw)
 
     def logits(
@@ -109,7 +118,7 @@ class Model:
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         spec = None if lora is None else lora.spec
-        fwd = _forward_fn(self.config, self.dtype, spec)
+        fwd = _forward_fn(self.config, self.dtype, spec, self.attention)
         return fwd(
             self.params,
             adapter_variables(lora),

@@ -1,16 +1,33 @@
-"""Attention core for training on CPU: block-causal, with a recomputing (flash-style) backward.
+"""Attention for every mode: which kernel runs (`attention:`), and the CPU block-causal kernel.
 
-Why this file exists: on XLA:CPU `jax.nn.dot_product_attention` computes all T x T scores of
-every head, and autodiff inside the scanned layers saves the fp32 probabilities of every layer
-([L, B, N, T, T]: zero-filled, stacked and read back each step). Here
+Why this file exists: the model has one attention call (`Attention` in `models/llama.py`); this
+module decides, once per traced shape, which kernel serves it and says so in one log line:
+
+  kernel   where         what                                                     file
+  xla      anywhere      dense `jax.nn.dot_product_attention` (the reference)     here
+  block    CPU           block-causal, recomputing backward (below)               here
+  splash   TPU           Pallas splash attention, segment ids, GQA, window        models/flash.py
+  pallas   GPU           Pallas/Triton flash attention, segment ids               models/flash.py
+  cudnn    GPU           cuDNN flash via jax.nn.dot_product_attention(cudnn)      models/flash.py
+
+`auto` picks per platform: TPU -> splash; GPU -> cudnn for bf16/fp16, else pallas; CPU ->
+block for T >= 256 (dense is as fast below). A kernel that cannot serve a case (fp32 on cuDNN,
+a sliding window on the Pallas GPU kernel, T not a multiple of 128 for splash, ...) falls back
+to the next candidate (block on CPU, else xla) and the log line gives the reason. Decode steps
+with a KV cache always run dense (one query row: nothing to tile). `interpret=True` runs the
+Pallas kernels in the Pallas interpreter on any backend (CPU tests); `platform` overrides the
+backend the choice is made for (lowering a TPU/GPU step on a CPU host).
+
+The CPU block kernel: on XLA:CPU the dense path computes all T x T scores of every head, and
+autodiff inside the scanned layers saves the fp32 probabilities of every layer ([L, B, N, T, T]).
+Here
 
   * query block [s, e) attends only to keys [0, e): the keys after it are masked by causality
     anyway, so skipping them is exact and the score work drops to (n+1)/(2n) of T x T;
   * the forward keeps only the output and the per-row log-sum-exp; the backward recomputes each
     block's probabilities from them (one extra Q K^T per block) instead of saving them.
 
-GPUs/TPUs keep `jax.nn.dot_product_attention` (cuDNN / XLA fused kernels); decode with a KV cache
-and short sequences too. The math, per query block (GQA: G query heads share one KV head):
+The math, per query block (GQA: G query heads share one KV head):
 
     S = scale * Q K^T + bias,  P = exp(S - lse),  O = P V
     dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = scale * dS K,  dK = scale * dS^T Q,
@@ -19,28 +36,142 @@ and short sequences too. The math, per query block (GQA: G query heads share one
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
+from jaxlora.models import flash
+
+log = logging.getLogger("jaxlora.attention")
+
+KERNELS = ("auto", "xla", "cudnn", "pallas", "splash", "block")
 # Query rows per block. 128 keeps a block's fp32 scores ([B, N, 128, <= T]) cache-sized.
 ATTENTION_BLOCK = 128
 _NEG = -1e30  # additive bias of a masked key (finite: a fully masked row stays finite)
+_PLATFORM_KERNELS = {"tpu": ("splash",), "gpu": ("cudnn", "pallas"), "cpu": ("block",)}
+_KERNEL_PLATFORM = {"splash": "tpu", "cudnn": "gpu", "pallas": "gpu", "block": "cpu"}
+_announced: set[tuple] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """The `attention` / `attention_interpret` settings as the model sees them (hashable)."""
+
+    kernel: str = "auto"
+    interpret: bool = False  # Pallas kernels in the interpreter (any backend; slow)
+    platform: str | None = None  # None = jax.default_backend(); "tpu"/"gpu" when lowering
+
+
+DEFAULT_ATTENTION = AttentionSpec()
+
+
+def _platform(spec: AttentionSpec) -> str:
+    p = (spec.platform or jax.default_backend()).lower()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(p, p)
+
+
+def _unsupported(kernel, platform, spec, t, dtype, head_dim, window) -> str | None:
+    """Why `kernel` cannot run this case, or None when it can."""
+    if kernel == "xla":
+        return None
+    if kernel == "block":
+        return None  # plain XLA ops: runs anywhere (tuned for, and auto-picked on, CPU)
+    if platform != _KERNEL_PLATFORM[kernel] and not (kernel != "cudnn" and spec.interpret):
+        return f"{kernel} needs a {_KERNEL_PLATFORM[kernel].upper()} (platform {platform})"
+    if kernel == "splash" and t % flash.SPLASH_LANES:
+        return f"splash needs T % {flash.SPLASH_LANES} == 0 (T = {t})"
+    if kernel == "pallas":
+        if window is not None:
+            return "the Pallas GPU kernel has no sliding window"
+        if t % 16:
+            return f"the Pallas GPU kernel needs T % 16 == 0 (T = {t})"
+    if kernel == "cudnn":
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            return f"cuDNN flash attention is bf16/fp16 only (compute dtype {jnp.dtype(dtype)})"
+        if head_dim % 8 or head_dim > 256:
+            return f"cuDNN flash attention needs head_dim % 8 == 0 and <= 256 ({head_dim})"
+        if t % 2:
+            return f"cuDNN flash attention with a mask needs an even T (T = {t})"
+    return None
+
+
+def select(spec: AttentionSpec, t: int, dtype, head_dim: int, window: int | None):
+    """(kernel, reason): the kernel serving an uncached T x T call, and why (for the log)."""
+    platform = _platform(spec)
+    if spec.kernel == "auto":
+        wanted = _PLATFORM_KERNELS.get(platform, ())
+        if platform == "cpu" and t < 2 * ATTENTION_BLOCK:
+            return "xla", f"auto on cpu: T = {t} < {2 * ATTENTION_BLOCK}, dense is as fast"
+    else:
+        wanted = (spec.kernel,)
+    reasons = []
+    for kernel in wanted:
+        why = _unsupported(kernel, platform, spec, t, dtype, head_dim, window)
+        if why is None:
+            return kernel, f"{spec.kernel} on {platform}"
+        reasons.append(why)
+    fallback = "block" if platform == "cpu" and t >= 2 * ATTENTION_BLOCK else "xla"
+    if not reasons:
+        return fallback, f"auto on {platform}: no flash kernel for this platform"
+    return fallback, "fallback: " + "; ".join(reasons)
+
+
+def _announce(spec: AttentionSpec, kernel: str, reason: str, shape: tuple) -> None:
+    key = (spec, kernel, reason)
+    if key not in _announced:
+        _announced.add(key)
+        level = logging.WARNING if reason.startswith("fallback") else logging.INFO
+        log.log(level, "attention: %s kernel for q %s (%s)", kernel, shape, reason)
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *, cached: bool
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    segment_ids: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    window: int | None = None,
+    spec: AttentionSpec = DEFAULT_ATTENTION,
 ) -> jax.Array:
-    """q [B,T,N,Dh], k/v [B,S,K,Dh], boolean mask [B,1,T,S] -> [B,T,N,Dh] in q's dtype.
+    """q [B,T,N,Dh], k/v [B,S,K,Dh] -> [B,T,N,Dh] in q's dtype.
 
-    The block path needs a causal mask (key s never visible to query t < s) and T == S, which
-    holds for every mask `llama.attention_mask` builds; `cached` (decode) always goes dense.
+    Self-attention over a fresh sequence passes `segment_ids` [B, T] (0 = padding; packed
+    samples never see each other), causal with the optional sliding `window`. A call with an
+    explicit boolean `mask` [B, 1, T, S] instead (decode over a KV cache) runs dense.
     """
-    t, s = q.shape[1], k.shape[1]
-    if not cached and t == s and t >= 2 * ATTENTION_BLOCK and jax.default_backend() == "cpu":
-        return block_causal_attention(q, k, v, mask, scale, ATTENTION_BLOCK)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    if mask is not None or segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    t = q.shape[1]
+    kernel, reason = select(spec, t, q.dtype, q.shape[-1], window)
+    _announce(spec, kernel, reason, q.shape)
+    if kernel == "splash":
+        return flash.splash(q, k, v, segment_ids, scale, window, spec.interpret)
+    if kernel == "pallas":
+        return flash.pallas_gpu(q, k, v, segment_ids, scale, spec.interpret)
+    if kernel == "cudnn":
+        return flash.cudnn(q, k, v, segment_ids, scale, window)
+    dense_mask = causal_mask(segment_ids, window)
+    if kernel == "block":
+        return block_causal_attention(q, k, v, dense_mask, scale, ATTENTION_BLOCK)
+    return jax.nn.dot_product_attention(q, k, v, mask=dense_mask, scale=scale)
+
+
+def causal_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """Boolean [B, 1, T, T]: causal, same segment, key not padding (segment 0), within window."""
+    t = segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
+    causal = k_idx <= q_idx
+    if sliding_window is not None:
+        causal = causal & (q_idx - k_idx < sliding_window)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+    valid = (segment_ids != 0)[:, None, :]
+    return (causal[None] & same & valid)[:, None]
 
 
 def _blocks(t: int, block: int) -> list[tuple[int, int]]:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.models import prompt as vt
-from jaxlora.models.attention import attention
+from jaxlora.models.attention import AttentionSpec, attention, causal_mask
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import AdapterSpec, Linear
 
@@ -86,15 +86,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
     """Boolean [B, 1, T, T]: causal, same segment, key not padding (segment 0), within window."""
-    t = segment_ids.shape[1]
-    q_idx = jnp.arange(t)[:, None]
-    k_idx = jnp.arange(t)[None, :]
-    causal = k_idx <= q_idx
-    if sliding_window is not None:
-        causal = causal & (q_idx - k_idx < sliding_window)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
-    valid = (segment_ids != 0)[:, None, :]
-    return (causal[None] & same & valid)[:, None]
+    return causal_mask(segment_ids, sliding_window)
 
 
 def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
@@ -128,6 +120,7 @@ class Attention(nn.Module):
     param_dtype: Any
     adapter: AdapterSpec | None
     deterministic: bool
+    attention: AttentionSpec = AttentionSpec()
 
     def _linear(self, features: int, bias: bool, axes: tuple[str, str], name: str) -> Linear:
         return Linear(
@@ -142,7 +135,7 @@ class Attention(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, prefix=None):
+    def __call__(self, x, cos, sin, mask, segment_ids, cache=None, cache_index=None, prefix=None):
         cfg = self.cfg
         b, t, _ = x.shape
         nh, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -159,22 +152,35 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         new_cache = None
+        kw = dict(scale=hd**-0.5, window=cfg.sliding_window, spec=self.attention)
         if cache is not None:
-            # Decode: write this step's keys/values at cache_index, attend over the whole cache.
+            # Write this step's keys/values at cache_index. Prefill (segment ids given, the
+            # cache empty before it) attends within the fresh block with the selected kernel;
+            # decode attends over the whole cache with the cache mask (dense).
             ck, cv = cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_cache = (k, v)
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+            new_cache = (
+                jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0)),
+                jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0)),
+            )
+            if segment_ids is None or prefix is not None:
+                k, v = (c.astype(self.dtype) for c in new_cache)  # over the cache, its mask
+            else:
+                mask = None
         if prefix is not None:
             # Virtual tokens: n keys/values in front, visible to every query (also padding
-            # queries, whose outputs nobody reads; this keeps their softmax finite).
+            # queries, whose outputs nobody reads; this keeps their softmax finite). No flash
+            # kernel takes extra always-visible keys: this runs dense.
+            if mask is None:
+                mask = causal_mask(segment_ids, cfg.sliding_window)
             pk, pv = (jnp.broadcast_to(p, (b, *p.shape[1:])).astype(k.dtype) for p in prefix)
             n = pk.shape[1]
             k = jnp.concatenate([pk, k], axis=1)  # [B, n+S, K, Dh]
             v = jnp.concatenate([pv, v], axis=1)
             mask = jnp.concatenate([jnp.ones((*mask.shape[:3], n), bool), mask], axis=-1)
-        out = attention(q, k, v, mask, hd**-0.5, cached=cache is not None)  # [B, T, N, Dh]
+        if mask is not None:
+            out = attention(q, k, v, mask=mask, **kw)  # [B, T, N, Dh]
+        else:
+            out = attention(q, k, v, segment_ids=segment_ids, **kw)
         out = out.reshape(b, t, nh * hd)
         out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
         return out, new_cache
@@ -210,9 +216,10 @@ class DecoderLayer(nn.Module):
     param_dtype: Any
     adapter: AdapterSpec | None
     deterministic: bool
+    attention: AttentionSpec = AttentionSpec()
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache, cache_index, prefix=None):
+    def __call__(self, x, cos, sin, mask, segment_ids, cache, cache_index, prefix=None):
         cfg = self.cfg
         sub = dict(
             cfg=cfg,
@@ -223,8 +230,8 @@ class DecoderLayer(nn.Module):
         )
         norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(**norm, name="input_layernorm")(x)
-        h, new_cache = Attention(**sub, name="self_attn")(
-            h, cos, sin, mask, cache, cache_index, prefix
+        h, new_cache = Attention(**sub, attention=self.attention, name="self_attn")(
+            h, cos, sin, mask, segment_ids, cache, cache_index, prefix
         )
         x = x + h
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
@@ -243,6 +250,7 @@ class Decoder(nn.Module):
     deterministic: bool = True
     remat: str = "none"
     scan_unroll: int = 1
+    attention: AttentionSpec = AttentionSpec()  # kernel choice (models/attention.py)
 
     def setup(self):
         cfg = self.cfg
@@ -263,7 +271,7 @@ class Decoder(nn.Module):
             layer,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
             length=cfg.num_hidden_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -273,6 +281,7 @@ class Decoder(nn.Module):
             param_dtype=self.param_dtype,
             adapter=self.adapter,
             deterministic=self.deterministic,
+            attention=self.attention,
         )
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not cfg.tie_word_embeddings:
@@ -291,26 +300,29 @@ class Decoder(nn.Module):
         *,
         kv_cache: tuple[jax.Array, jax.Array] | None = None,  # ([L, B, S, K, Dh]) x 2
         cache_index: jax.Array | None = None,
-        attn_mask: jax.Array | None = None,  # [B, 1, T, S] overrides the segment mask
+        attn_mask: jax.Array | None = None,  # [B, 1, T, S] cache mask (decode; dense)
         return_hidden: bool = False,
     ):
+        """Without a cache, attention is causal within `segment_ids` (all ones if None). With a
+        cache: `attn_mask` is the mask over the cache; prefill into an empty cache may also
+        pass `segment_ids` (0 = left padding) so the flash kernel serves it."""
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         prefix = self._virtual_prefix()
         if prefix is not None:
             positions = positions + prefix[0].shape[2]  # real tokens follow the n virtual ones
-        if attn_mask is None:
-            if segment_ids is None:
-                segment_ids = jnp.ones((b, t), jnp.int32)
-            attn_mask = attention_mask(segment_ids, self.cfg.sliding_window)
+        if attn_mask is None and segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
         rope_len = t if kv_cache is None else kv_cache[0].shape[2]
         # The barrier keeps cos/sin as two buffers: otherwise XLA fuses (recomputes) the
         # trigonometry into every q/k RoPE fusion, per head, in every layer and in the backward.
         cos, sin = jax.lax.optimization_barrier(rope_cos_sin(self.cfg, positions, rope_len))
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x, new_cache = self.layers(x, cos, sin, attn_mask, kv_cache, cache_index, prefix)
+        x, new_cache = self.layers(
+            x, cos, sin, attn_mask, segment_ids, kv_cache, cache_index, prefix
+        )
         x = self.norm(x)  # [B, T, D]
         if return_hidden:
             out = x

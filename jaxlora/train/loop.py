@@ -28,7 +28,7 @@ import jax
 from jaxlora.config import Config, config_to_dict
 from jaxlora.errors import UserError
 from jaxlora.parallel import distributed
-from jaxlora.train import preflight
+from jaxlora.train import compile_cache, preflight
 from jaxlora.train.preemption import PreemptionGuard
 from jaxlora.train.setup import Run, build_run
 from jaxlora.train.tracking import MetricsLog
@@ -66,6 +66,7 @@ def _fetch(pending: list[dict]) -> list[dict[str, float]]:
 def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) training as configured; returns where the outputs are."""
     distributed.maybe_initialize()
+    compile_cache.enable(cfg.train.compile_cache)
     run = build_run(cfg, log=log)
     try:
         return _loop(run, progress=progress, log=log)

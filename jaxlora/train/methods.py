@@ -33,6 +33,7 @@ from jaxlora.config import Config
 from jaxlora.errors import UserError, did_you_mean
 from jaxlora.io.model import Model, load_model
 from jaxlora.models import quant
+from jaxlora.models.attention import AttentionSpec
 from jaxlora.models.linear import AdapterSpec
 from jaxlora.peft.lora import (
     Adapter,
@@ -337,9 +338,18 @@ def load_base_model(
     """The base model as training needs it: `dtype` weights, or (quantization_bit 4 / 8) NF4 /
     int8 projection kernels quantised while loading, so no bf16 copy is ever on device.
 
-    `shardings` (unquantised loads): each device reads only its slice of every tensor."""
+    `shardings` (unquantised loads): each device reads only its slice of every tensor.
+    The model carries the config's attention kernel choice into every module built from it."""
     bits = cfg.model.quantization_bit
     if not bits:
-        return load_model(model_path, dtype=dtype, shardings=shardings)
-    transform = quantizing_transform(int(bits), double_quant=cfg.model.double_quantization)
-    return load_model(model_path, dtype=dtype, host_transform=transform)
+        model = load_model(model_path, dtype=dtype, shardings=shardings)
+    else:
+        transform = quantizing_transform(int(bits), double_quant=cfg.model.double_quantization)
+        model = load_model(model_path, dtype=dtype, host_transform=transform)
+    model.attention = attention_spec(cfg)
+    return model
+
+
+def attention_spec(cfg: Config, platform: str | None = None) -> AttentionSpec:
+    """The model-side view of `attention` / `attention_interpret` (platform: lowering target)."""
+    return AttentionSpec(cfg.model.attention, cfg.model.attention_interpret, platform)

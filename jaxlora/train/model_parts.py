@@ -21,7 +21,7 @@ from jaxlora.io.hf import abstract_params
 from jaxlora.io.model import Model
 from jaxlora.models.config import load_hf_config
 from jaxlora.parallel import sharding
-from jaxlora.train.methods import Split, load_base_model, split_trainable
+from jaxlora.train.methods import Split, attention_spec, load_base_model, split_trainable
 
 
 @dataclasses.dataclass
@@ -83,6 +83,7 @@ def load_placed(cfg: Config, model_path: Path, mesh: Any, dtype: Any) -> tuple[M
 def split_model(cfg: Config, mesh: Any, model: Model, logical: Any, compute: Any) -> ModelParts:
     """Trainable/frozen split of a loaded base for `cfg.finetune.finetuning_type`."""
     model.dtype = compute
+    model.attention = attention_spec(cfg)  # the `attention:` kernel, in every module built
     split = split_trainable(cfg, model.params)
     if split.mode == "lora":
         model.params = split.frozen  # PiSSA: the residual; frees the original base

@@ -143,4 +143,5 @@ def build_steps(
             return step.lower(*args)
 
     train_step.lower = lower
+    train_step.jitted = step  # `bench --lower-for` exports it for another platform
     return Steps(tx, schedule, state, state_sh, train_step, eval_step)
