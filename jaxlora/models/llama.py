@@ -352,5 +352,5 @@ class Decoder(nn.Module):
         causal = jnp.tril(jnp.ones((n, n), bool))[None, None]  # [1, 1, n, n]
         shape = (self.cfg.num_hidden_layers, 1, n, self.cfg.num_key_value_heads, self.cfg.head_dim)
         cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-        _, (keys, values) = self.layers(emb, cos, sin, causal, cache, jnp.int32(0), None)
+        _, (keys, values) = self.layers(emb, cos, sin, causal, None, cache, jnp.int32(0), None)
         return keys, values
