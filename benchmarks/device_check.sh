@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One-shot accelerator check for a lent GPU box (budget: <= 8 minutes, no network).
+#
+# Expects JAX with CUDA, flax, optax, orbax-checkpoint, transformers, tensorboard, sacrebleu
+# preinstalled (our reference image: JAX 0.11.2 + CUDA 13, transformers 5.17). jaxlora is NOT
+# pip-installed: it runs from this checkout via PYTHONPATH. `datasets`, `tensorboardX`,
+# `rouge-score` and `jieba` are not needed: jaxlora imports them lazily and `jaxlora bench` /
+# this script never reach them.
+#
+# Steps (each writes one JSON line per result under $OUT when OUT is set, else under ./device_check):
+#   1. versions: python, jax, jaxlib, device kind, cuDNN (devices.json)
+#   2. attention kernels vs dense XLA at T = 2048 packed, bf16, fwd + q/k/v grads, Llama-3-8B head
+#      layout (32 q / 8 kv heads, head_dim 128): cudnn, pallas, block (kernels.jsonl)
+#   3. jaxlora bench, Llama-3-8B shape, random weights, LoRA r16, seq 4096 packed (bench_lora.json)
+#   4. jaxlora bench, same shape, QLoRA NF4 (needs checkpoint weights: a random 8B-shape HF
+#      checkpoint is written to $SCRATCH first, ~16 GB bf16; skipped when under 4 minutes are
+#      left) (bench_qlora.json)
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$REPO/device_check}"
+SCRATCH="${SCRATCH:-/tmp/jaxlora-device-check}"
+mkdir -p "$OUT" "$SCRATCH"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export JAXLORA_CACHE="$SCRATCH/cache"
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+left() { echo $((480 - ($(date +%s) - START))); }
+
+echo "== 1. versions"
+"$PY" - <<'EOF' | tee "$OUT/devices.json"
+import json, platform, jax, jaxlib
+info = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()]}
+try:
+    from jax._src.lib import cuda_versions
+    info["cudnn"] = cuda_versions.cudnn_get_version() if cuda_versions else None
+except Exception as e:  # noqa: BLE001
+    info["cudnn"] = f"unknown ({type(e).__name__})"
+print(json.dumps(info))
+EOF
+
+echo "== 2. attention kernels vs XLA (T=2048 packed, bf16, fwd + grads)"
+timeout 150 "$PY" "$REPO/benchmarks/kernel_check.py" --t 2048 --batch 2 \
+  --kernels cudnn,pallas,block || echo '{"step": "kernels", "error": "failed or timed out"}' >>"$OUT/kernels.jsonl"
+
+bench() {  # name, timeout, config, overrides...
+  local name=$1 limit=$2 cfg=$3
+  shift 3
+  echo "== bench $name ($*)"
+  timeout "$limit" "$PY" -m jaxlora.cli bench "$cfg" "$@" --steps 8 --warmup 2 >"$SCRATCH/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$SCRATCH/$name.log"
+  if [ $rc -eq 0 ]; then
+    tail -n 1 "$SCRATCH/$name.log" >"$OUT/bench_$name.json"
+  else
+    echo "{\"bench\": \"$name\", \"error\": \"exit $rc\", \"log_tail\": $("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-1500:]))' <"$SCRATCH/$name.log")}" >"$OUT/bench_$name.json"
+  fi
+}
+
+echo "== 3. LoRA r16, Llama-3-8B shape, seq 4096 packed (left: $(left)s)"
+bench lora 200 "$REPO/configs/bench-llama3-8b-shape.yaml"
+
+echo "== 4. QLoRA NF4, Llama-3-8B shape (left: $(left)s)"
+if [ "$(left)" -lt 240 ]; then
+  echo '{"bench": "qlora", "skipped": "under 4 minutes left"}' | tee "$OUT/bench_qlora.json"
+else
+  CKPT="$SCRATCH/llama3-8b-shape"
+  if [ ! -f "$CKPT/config.json" ]; then
+    timeout $(( $(left) - 150 )) "$PY" - "$CKPT" <<'EOF' || echo "checkpoint writing failed"
+import sys
+from jaxlora.io.tiny import make_tiny_model
+# Llama-3-8B shape (bench/shapes.py "llama3-8b"), random weights, bf16 on disk.
+make_tiny_model(sys.argv[1], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                rope_theta=500000.0, max_position_embeddings=8192, dtype="bfloat16",
+                template="llama3")
+EOF
+  fi
+  if [ -f "$CKPT/config.json" ]; then
+    bench qlora $(( $(left) - 10 )) "$REPO/configs/bench-llama3-8b-shape.yaml" \
+      "model_name_or_path=$CKPT" quantization_bit=4 remat=full
+  else
+    echo '{"bench": "qlora", "skipped": "no checkpoint"}' | tee "$OUT/bench_qlora.json"
+  fi
+fi
+echo "== done in $(( $(date +%s) - START ))s; results in $OUT"
+ls -l "$OUT"
