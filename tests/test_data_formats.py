@@ -359,7 +359,7 @@ def test_file_level_errors(tmp_path, chatml_tokenizer):
     # a LLaMA-Factory name jaxlora does not ship falls back to the tokenizer's template.
     with pytest.raises(UserError, match=r"'chatml3': unknown template.*did you mean `chatml`"):
         resolve_template(chatml_tokenizer, template="chatml3")
-    assert resolve_template(chatml_tokenizer, template="mistral").name == "tokenizer"
+    assert resolve_template(chatml_tokenizer, template="yi").name == "tokenizer"
     with pytest.raises(UserError, match=r"'chatm': unknown template.*did you mean `chatml`"):
         load_sft_dataset(
             chatml_tokenizer.__class__(tokenizer_object=chatml_tokenizer.backend_tokenizer),

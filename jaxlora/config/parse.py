@@ -130,10 +130,29 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "optim": ((*_NOOP, "adamw_torch", "adamw_hf", "adamw_torch_fused"), "the optimiser is AdamW"),
     "lr_scheduler_kwargs": ((*_NOOP, "{}"), "schedules take no extra arguments"),
 }
+_UNSET = object()  # an alias translation's "this value sets nothing" (`load_in_4bit: false`)
+
+
+def _flag(name: str, value_if_true: Any) -> Any:
+    return lambda v, where: value_if_true if _to_bool(name, v, where) else _UNSET
+
+
 # Old or alternative names read as a jaxlora key: name -> (key, value translation or None).
+# PAI Model Gallery (Alibaba Cloud) names the same knobs differently; `apply_chat_template:
+# false` means the data already holds the special tokens (`template: raw`, see data.templates).
 _ALIASES: dict[str, tuple[str, Any]] = {
     "evaluation_strategy": ("eval_strategy", None),  # HF's pre-4.46 name
     "pure_bf16": ("full_precision_master", lambda v, where: not _to_bool("pure_bf16", v, where)),
+    "lora_dim": ("lora_rank", None),
+    "load_in_4bit": ("quantization_bit", _flag("load_in_4bit", 4)),
+    "load_in_8bit": ("quantization_bit", _flag("load_in_8bit", 8)),
+    "dpo_beta": ("pref_beta", None),
+    "seq_length": ("cutoff_len", None),
+    "system_prompt": ("system", None),
+    "apply_chat_template": (
+        "template",
+        lambda v, where: _UNSET if _to_bool("apply_chat_template", v, where) else "raw",
+    ),
 }
 _COMMAND_LINE = "command line"
 
@@ -216,8 +235,14 @@ def _normalise(raw: dict[str, Any], where: str) -> dict[str, Any]:
             target, translate = _ALIASES[key]
             if target in raw:
                 raise UserError(f"{where}: `{key}` and `{target}` are both set; keep `{target}`")
-            out[target] = translate(value, where) if translate else value
+            value_for_target = translate(value, where) if translate else value
             out[f"__alias__.{key}"] = value
+            if value_for_target is _UNSET:
+                continue
+            if target in out:  # two aliases of one key (`load_in_4bit` and `load_in_8bit`)
+                other = next(a for a in raw if a != key and _ALIASES.get(a, ("",))[0] == target)
+                raise UserError(f"{where}: `{key}` and `{other}` both set `{target}`; keep one")
+            out[target] = value_for_target
         else:
             out[key] = value
     return out
@@ -254,6 +279,8 @@ def _build(raw: dict[str, Any], origins: dict[str, str], source: str) -> Config:
         else:
             hint = did_you_mean(key, [*_KEYS, *_IGNORED, *_UNSUPPORTED, *_ALIASES, "mesh"])
             raise UserError(f"{where}: unknown config key `{key}`{hint}")
+    if "dataset_dir" not in groups["data"] and Path("data").is_dir():
+        groups["data"]["dataset_dir"] = "data"  # LLaMA-Factory's default, when it exists here
     try:
         cfg = Config(
             model=ModelArgs(**groups["model"]),

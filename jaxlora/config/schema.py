@@ -86,7 +86,9 @@ class ModelArgs:
 @dataclass(frozen=True)
 class DataArgs:
     dataset: str | None = None  # path, comma list of paths/registered names, or demo:<name>
-    dataset_dir: str | None = None  # None = relative paths resolve against the cwd
+    # None = relative paths resolve against the cwd; unset and ./data exists: "data" (as in
+    # LLaMA-Factory)
+    dataset_dir: str | None = None
     eval_dataset: str | None = None
     formatting: str = "auto"
     cutoff_len: int = 1024

@@ -135,9 +135,9 @@ def resolve_datasets(
             if ddir is not None:
                 choices += [p.name for p in ddir.iterdir() if p.suffix in SUFFIXES]
             where = f" or in {ddir}/dataset_info.json" if reg else ""
-            raise UserError(
-                f"dataset {name!r} not found: no such file{where}{did_you_mean(name, choices)}"
-            )
+            # A name close to one in the registry in use is meant, before any demo or file.
+            hint = did_you_mean(name, list(reg)) or did_you_mean(name, choices)
+            raise UserError(f"dataset {name!r} not found: no such file{where}{hint}")
         specs.append(SourceSpec(path=str(found), label=str(found), formatting=fmt))
     return specs
 

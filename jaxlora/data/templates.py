@@ -61,6 +61,64 @@ LLAMA3_TEMPLATE = (
     "{%- endif %}"
 )
 
+# `apply_chat_template: false` (PAI Model Gallery): the data already holds every special token,
+# so a conversation renders as the plain concatenation of its message contents (system first if
+# any, then the turns in order) with nothing added: no role markers, BOS, EOS or separators. The
+# loss covers the assistant contents (as with any template), the whole text is tokenised once,
+# so special-token strings written in the data become their single token ids.
+RAW_TEMPLATE = "{%- for message in messages %}{{- message['content'] }}{%- endfor %}"
+
+
+def _slots(text: str) -> str:
+    """A LLaMA-Factory slot string ("Human: {c}<EOS>\nAssistant:") as a Jinja expression;
+    {c} is the content, <BOS>/<EOS> the tokenizer's bos/eos token strings."""
+    import re
+
+    parts = []
+    for piece in re.split(r"(\{c\}|<BOS>|<EOS>)", text):
+        if piece == "{c}":
+            parts.append("content")
+        elif piece in ("<BOS>", "<EOS>"):
+            parts.append("(bos_token or '')" if piece == "<BOS>" else "(eos_token or '')")
+        elif piece:
+            parts.append(json.dumps(piece))
+    return " + ".join(parts) or "''"
+
+
+def _lf_template(
+    user: str, assistant: str = "{c}<EOS>", system: str = "{c}", prefix: str = "", fuse=False
+) -> str:
+    """Jinja equal to a LLaMA-Factory `register_template(...)` text format: `prefix` once, the
+    system slot (or, `fuse` = its Llama2Template, the system slot prepended to the first user
+    message), user slots (which end with the assistant header, so the generation prompt adds
+    nothing) and assistant slots. Roles other than user/assistant are refused by name."""
+    sys_expr = _slots(system).replace("content", "system_message")
+    user_expr = _slots(user)
+    if fuse:
+        user_expr = user_expr.replace(
+            "content", "((" + sys_expr + ") if loop.first and system_message else '') + content", 1
+        )
+    return (
+        ("{{- " + _slots(prefix) + " }}" if prefix else "")
+        + "{%- if messages and messages[0]['role'] == 'system' %}"
+        "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+        "{%- else %}{%- set system_message = '' %}{%- set loop_messages = messages %}{%- endif %}"
+        + ("" if fuse else "{%- if system_message %}{{- " + sys_expr + " }}{%- endif %}")
+        + "{%- for message in loop_messages %}{%- set content = message['content'] %}"
+        "{%- if message['role'] == 'user' %}{{- " + user_expr + " }}"
+        "{%- elif message['role'] == 'assistant' %}{{- " + _slots(assistant) + " }}"
+        "{%- else %}{{- raise_exception('this template renders user and assistant messages "
+        "only, not ' + message['role']) }}{%- endif %}{%- endfor %}"
+    )
+
+
+_CHATML_USER = "<|im_start|>user\n{c}<|im_end|>\n<|im_start|>assistant\n"
+_CHATML_SYSTEM = "<|im_start|>system\n{c}<|im_end|>\n"
+_VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
 # name -> (jinja source, default system prompt or None)
 BUILTIN_TEMPLATES: dict[str, tuple[str, str | None]] = {
     "chatml": (CHATML_TEMPLATE, None),
@@ -69,11 +127,56 @@ BUILTIN_TEMPLATES: dict[str, tuple[str, str | None]] = {
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     ),
     "llama3": (LLAMA3_TEMPLATE, None),
+    "raw": (RAW_TEMPLATE, None),
+    # LLaMA-Factory's text formats of the same names (src/llamafactory/data/template.py).
+    "default": (
+        _lf_template("Human: {c}<EOS>\nAssistant:", "{c}<EOS>\n", system="System: {c}<EOS>\n"),
+        None,
+    ),
+    "empty": (_lf_template("{c}", "{c}"), None),
+    "alpaca": (
+        _lf_template("### Instruction:\n{c}\n\n### Response:\n", "{c}<EOS>\n\n"),
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n",
+    ),
+    "vicuna": (_lf_template("USER: {c} ASSISTANT:"), _VICUNA_SYSTEM),
+    "llama2": (
+        _lf_template("<BOS>[INST] {c} [/INST]", system="<<SYS>>\n{c}\n<</SYS>>\n\n", fuse=True),
+        None,
+    ),
+    "mistral": (
+        _lf_template("[INST] {c}[/INST]", " {c}<EOS>", system="{c}\n\n", prefix="<BOS>", fuse=True),
+        None,
+    ),
+    "gemma": (
+        _lf_template(
+            "<start_of_turn>user\n{c}<end_of_turn>\n<start_of_turn>model\n",
+            "{c}<end_of_turn>\n",
+            system="{c}\n\n",
+            prefix="<BOS>",
+            fuse=True,
+        ),
+        None,
+    ),
+    # qwen3: LLaMA-Factory's ReasoningTemplate with thinking on trains an empty thought block
+    # before an answer that has none; here every assistant turn without one gets it.
+    "qwen3": (
+        _lf_template(_CHATML_USER, "{c}<|im_end|>\n", system=_CHATML_SYSTEM).replace(
+            '{{- content + "<|im_end|>\\n" }}',
+            "{{- ('' if '<think>' in content else '<think>\\n\\n</think>\\n\\n') + content"
+            " + '<|im_end|>\\n' }}",
+        ),
+        None,
+    ),
+    "qwen3_nothink": (
+        _lf_template(_CHATML_USER, "{c}<|im_end|>\n", system=_CHATML_SYSTEM),
+        None,
+    ),
 }
 
 # LLaMA-Factory's registered template names that jaxlora does not ship: with one of these a
-# LLaMA-Factory config runs unchanged on the tokenizer's own template. Any other unknown name is
-# a typo and gets an error with a suggestion instead of a silent fallback.
+# LLaMA-Factory config runs on the tokenizer's own template, with a warning. Any other unknown
+# name is a typo and gets an error with a suggestion instead of a silent fallback.
 LLAMAFACTORY_TEMPLATES = frozenset(
     """alpaca aquila atom baichuan baichuan2 bailing belle bluelm breeze chatglm2 chatglm3
     chatml_de codegeex2 codegeex4 cohere cpm cpm3 cpm4 dbrx deepseek deepseek3 deepseekr1
@@ -143,13 +246,19 @@ def resolve_template(
         _check_special_tokens(tokenizer, source, template)
         return ChatTemplate(source, system if system is not None else default_system, template)
     if own and template in LLAMAFACTORY_TEMPLATES:
-        log.info("template %r is not built in; using the tokenizer's own chat template", template)
+        log.warning(
+            "template %r (LLaMA-Factory) is not built into jaxlora; training with the "
+            "tokenizer's own chat template instead (built in: %s)",
+            template,
+            ", ".join(sorted(BUILTIN_TEMPLATES)),
+        )
         return ChatTemplate(own, system, "tokenizer")
-    known = (*BUILTIN_TEMPLATES, *LLAMAFACTORY_TEMPLATES)
     if template in LLAMAFACTORY_TEMPLATES:
         hint = "jaxlora does not ship it and the tokenizer has no chat template of its own"
-    else:
-        hint = f"unknown template{did_you_mean(str(template), known)}"
+    else:  # suggest a built-in name first, a LLaMA-Factory one only when none is close
+        name = str(template)
+        close = did_you_mean(name, BUILTIN_TEMPLATES) or did_you_mean(name, LLAMAFACTORY_TEMPLATES)
+        hint = f"unknown template{close}"
     own_hint = "`template: auto` uses the tokenizer's own template; " if own else ""
     raise UserError(
         f"config key `template`: {template!r}: {hint}; {own_hint}built-in templates are "
@@ -159,7 +268,8 @@ def resolve_template(
 
 def _check_special_tokens(tokenizer: Any, source: str, name: str) -> None:
     """Warn when a built-in template's markers are not single tokens of this tokenizer."""
-    markers = ["<|im_start|>", "<|im_end|>"] if "<|im_start|>" in source else ["<|eot_id|>"]
+    known = ("<|im_start|>", "<|im_end|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>")
+    markers = [m for m in known if m in source]
     vocab = tokenizer.get_vocab()
     missing = [m for m in markers if m not in vocab]
     if missing:
