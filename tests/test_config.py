@@ -289,7 +289,7 @@ def test_lenient_coercions() -> None:
             "`lr_scheduler_type` must be one of cosine, linear, constant, constant_with_warmup;"
             " got 'cosin' (did you mean `cosine`?)",
         ),
-        ({"stage": "kto"}, "`stage` must be one of sft, dpo, pt; got 'kto'"),
+        ({"stage": "ppo"}, "`stage` must be one of sft, dpo, kto, pt; got 'ppo'"),
         ({"finetuning_type": "oft"}, "`finetuning_type` must be one of lora, full, freeze"),
         ({"pref_loss": "kto_pair"}, "`pref_loss` must be one of sigmoid, hinge, ipo, robust"),
         ({"remat": "everything"}, "`remat` must be one of none, full, dots, dots_no_batch"),
@@ -346,8 +346,9 @@ def test_out_of_range_values(d: dict, expected: str) -> None:
         ({"quantization_bit": 3}, "`quantization_bit` must be 4 (NF4) or 8 (int8); got 3"),
         (
             {"quantization_bit": 4, "finetuning_type": "full"},
-            "`quantization_bit` quantises the frozen base for QLoRA and needs "
-            "`finetuning_type: lora`; got `finetuning_type: full`",
+            "`quantization_bit` quantises the frozen base (QLoRA) and needs a method that keeps "
+            "the base frozen (lora, prompt_tuning, prefix_tuning, adapter); got "
+            "`finetuning_type: full`",
         ),
         (
             {"use_dora": True, "finetuning_type": "freeze"},

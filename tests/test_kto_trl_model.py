@@ -15,7 +15,8 @@ import pytest
 
 import jaxlora
 from jaxlora.data import load_feedback_dataset, make_batches
-from jaxlora.train.kto import kto_batch_loss, kto_metric_means, sequence_logps
+from jaxlora.train.kto import kto_batch_loss, sequence_logps
+from jaxlora.train.tracking import preference_means
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -139,7 +140,7 @@ def test_kto_batch_loss_matches_trl_on_real_models(
     )
     assert float(n) == 6
     np.testing.assert_allclose(float(loss_sum) / float(n), trl_loss, rtol=1e-4, atol=1e-6)
-    ours = kto_metric_means({k: float(v) for k, v in sums.items()})
+    ours = preference_means({k: float(v) for k, v in sums.items()})
     for key in (
         "rewards/chosen",
         "rewards/rejected",

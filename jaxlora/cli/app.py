@@ -39,7 +39,7 @@ def _print_samples(cfg, run_dir: Path) -> None:
     """A few answers from the trained adapter, so the user sees what was learned."""
     from jaxlora.cli.inference import sample_answers
 
-    if cfg.finetune.stage in ("pt", "dpo") or not (run_dir / "adapter").is_dir():
+    if cfg.finetune.stage in ("pt", "dpo", "kto") or not (run_dir / "adapter").is_dir():
         return
     for prompt, answer in sample_answers(cfg, run_dir, n=3):
         print(f"\n> {prompt}\n{answer}")
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="SFT / DPO / pretraining as configured")
+    p = sub.add_parser("train", help="SFT / DPO / KTO / pretraining as configured")
     _add_config(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_train)

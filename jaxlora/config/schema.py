@@ -22,7 +22,7 @@ finetune: FinetuneArgs, train: TrainArgs, mesh: MeshArgs)`.
 
 LLaMA-Factory / HF keys that jaxlora does not need (`do_train`, `report_to`, `deepspeed`, ...) are
 accepted and recorded in `cfg.ignored` (key -> one-line reason) for the CLI to print as warnings.
-Keys naming features jaxlora does not implement (`use_galore: true`, `stage: kto`, ...) are errors
+Keys naming features jaxlora does not implement (`use_galore: true`, `stage: ppo`, ...) are errors
 unless set to a no-op value. Validation rules are listed in `jaxlora.config.validate._validate`.
 """
 
@@ -55,8 +55,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # block: the CPU block-causal kernel (plain XLA ops; runs anywhere).
     "attention": ("auto", "xla", "cudnn", "pallas", "splash", "block"),
     "formatting": ("auto", "alpaca", "sharegpt", "messages", "preference", "text"),
-    "stage": ("sft", "dpo", "pt"),
-    "finetuning_type": ("lora", "full", "freeze"),
+    # sft: supervised answers; dpo: chosen/rejected pairs (also ORPO/SimPO via pref_loss);
+    # kto: one answer per prompt with a thumbs up/down (kto_tag); pt: raw text.
+    "stage": ("sft", "dpo", "kto", "pt"),
+    # lora (QLoRA with quantization_bit): low-rank adapters on the linear layers; full: every
+    # weight; freeze: the last/first n layers; prompt_tuning / prefix_tuning: n virtual tokens
+    # (PEFT's formats); adapter: bottleneck adapters after attention and/or the MLP.
+    "finetuning_type": ("lora", "full", "freeze", "prompt_tuning", "prefix_tuning", "adapter"),
+    "prompt_tuning_init": ("random", "text"),
+    # houlsby: an adapter after attention and one after the MLP; pfeiffer: after the MLP only.
+    "adapter_placement": ("houlsby", "pfeiffer"),
+    "adapter_non_linearity": ("relu", "gelu", "swish", "tanh"),
     "pref_loss": ("sigmoid", "hinge", "ipo", "robust", "orpo", "simpo"),
     "lr_scheduler_type": ("cosine", "linear", "constant", "constant_with_warmup"),
     "eval_strategy": ("steps", "no"),
@@ -64,6 +73,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Every linear layer of a Llama-family block, in the order `lora_target: all` expands to.
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+# Methods that train a small tree next to a frozen base (which may be quantised).
+FROZEN_BASE_METHODS = ("lora", "prompt_tuning", "prefix_tuning", "adapter")
 
 
 @dataclass(frozen=True)
@@ -116,12 +127,24 @@ class FinetuneArgs:
     loraplus_lr_embedding: float = 1e-6
     freeze_trainable_layers: int = 2  # > 0: last n layers; < 0: first |n| layers
     freeze_trainable_modules: str = "all"
-    pref_beta: float = 0.1
+    pref_beta: float = 0.1  # DPO / KTO beta: how far the policy may move from the reference
     pref_loss: str = "sigmoid"
     pref_ftx: float = 0.0  # weight of the SFT loss mixed into DPO
     dpo_label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     precompute_ref_logps: bool = False
+    kto_chosen_weight: float = 1.0  # KTO: weight of desirable (thumbs-up) rows' losses
+    kto_rejected_weight: float = 1.0  # KTO: weight of undesirable (thumbs-down) rows' losses
+    # prompt_tuning / prefix_tuning (PEFT's names)
+    num_virtual_tokens: int = 20  # virtual tokens in front of every sequence
+    prompt_tuning_init: str = "random"  # prompt_tuning: random | text (embeddings of a text)
+    prompt_tuning_init_text: str | None = None  # the text for prompt_tuning_init: text
+    prefix_projection: bool = False  # prefix_tuning: train through a reparameterisation MLP
+    encoder_hidden_size: int | None = None  # that MLP's hidden size (None = model hidden size)
+    # adapter (bottleneck adapters: x + up(act(down(x))), up-projection initialised to zero)
+    adapter_size: int = 64  # bottleneck width
+    adapter_non_linearity: str = "relu"
+    adapter_placement: str = "houlsby"
     full_precision_master: bool = True  # full/freeze FT: fp32 master weights (else bf16)
 
     @property

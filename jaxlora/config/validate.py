@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from jaxlora.config.schema import Config
+from jaxlora.config.schema import FROZEN_BASE_METHODS, Config, FinetuneArgs
 from jaxlora.errors import UserError
 
 # key -> (low, low_exclusive, high_exclusive or None, note); None values (unset) are not checked.
@@ -29,6 +29,11 @@ _RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "loraplus_lr_embedding": (0, False, None, ""),
     "pref_beta": (0, True, None, ""),
     "pref_ftx": (0, False, None, ""),
+    "kto_chosen_weight": (0, True, None, ""),
+    "kto_rejected_weight": (0, True, None, ""),
+    "num_virtual_tokens": (1, False, None, ""),
+    "encoder_hidden_size": (1, False, None, ""),
+    "adapter_size": (1, False, None, ""),
     "dpo_label_smoothing": (0, False, 0.5, ""),
     "simpo_gamma": (0, False, None, ""),
     "cutoff_len": (8, False, None, ""),
@@ -114,22 +119,25 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:  # key -> file 
                 ["quantization_bit"],
                 f"`quantization_bit` must be 4 (NF4) or 8 (int8); got {m.quantization_bit}",
             )
-        if f.finetuning_type != "lora":
+        if f.finetuning_type not in FROZEN_BASE_METHODS:
             fail(
                 ["quantization_bit", "finetuning_type"],
-                "`quantization_bit` quantises the "
-                "frozen base for QLoRA and needs `finetuning_type: lora`; got "
+                "`quantization_bit` quantises the frozen base (QLoRA) and needs a method that "
+                "keeps the base frozen (lora, prompt_tuning, prefix_tuning, adapter); got "
                 f"`finetuning_type: {f.finetuning_type}`",
             )
     if f.finetuning_type != "lora":
-        for key in ("use_rslora", "use_dora", "pissa_init", "loraplus_lr_ratio",
-                    "adapter_name_or_path"):  # fmt: skip
+        keys = ["use_rslora", "use_dora", "pissa_init", "loraplus_lr_ratio"]
+        if f.finetuning_type not in FROZEN_BASE_METHODS:
+            keys.append("adapter_name_or_path")
+        for key in keys:
             value = getattr(m if key == "adapter_name_or_path" else f, key)
             if value not in (None, False):
                 fail(
                     [key, "finetuning_type"],
                     f"`{key}` is only valid with `finetuning_type: "
-                    f"lora`; got `finetuning_type: {f.finetuning_type}`",
+                    f"lora`{_OR_ADAPTERS if key == 'adapter_name_or_path' else ''}; got "
+                    f"`finetuning_type: {f.finetuning_type}`",
                 )
     if f.pissa_init and m.adapter_name_or_path is not None:
         fail(
@@ -150,8 +158,12 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:  # key -> file 
             f"(stage: dpo with pref_loss sigmoid/hinge/ipo/robust); got stage: {f.stage}, "
             f"pref_loss: {f.pref_loss}",
         )
-    if d.formatting == "preference" and f.stage != "dpo":
-        fail(["formatting", "stage"], f"`formatting: preference` needs `stage: dpo`; got {f.stage}")
+    if d.formatting == "preference" and f.stage not in ("dpo", "kto"):
+        fail(["formatting", "stage"],
+             f"`formatting: preference` needs `stage: dpo` or `kto`; got {f.stage}")  # fmt: skip
+    if f.stage == "kto":
+        _validate_kto(cfg, fail)
+    _validate_method_keys(cfg, fail)
     if d.formatting == "text" and f.stage != "pt":
         fail(
             ["formatting", "stage"],
@@ -187,3 +199,49 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:  # key -> file 
                 fail([key], f"`{key}` {no_eval}")
             if t.eval_strategy == "no":
                 fail([key, "eval_strategy"], f"`{key}` needs evaluation; got `eval_strategy: no`")
+
+
+def _validate_kto(cfg: Config, fail: Callable[[list[str], str], None]) -> None:
+    """KTO's reference point z0 comes from mismatched rows of the same batch (prompt i with
+    answer i-1), so a device's batch needs two rows, and a packed row would mix them."""
+    t = cfg.train
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        size = getattr(t, key)
+        if size is not None and size < 2:
+            fail([key], f"`stage: kto` needs `{key}` >= 2 (its KL estimate pairs each prompt "
+                 f"with another row's answer in the same batch); got {size}")  # fmt: skip
+    if cfg.data.packing:
+        fail(["packing", "stage"], "`stage: kto` cannot pack rows (each prompt is paired with "
+             "another row's answer for the KL estimate); remove `packing: true`")  # fmt: skip
+
+
+_OR_ADAPTERS = " (or prompt_tuning, prefix_tuning, adapter)"
+
+# finetuning_type -> keys that only it reads
+_METHOD_KEYS = {
+    "prompt_tuning": ("prompt_tuning_init", "prompt_tuning_init_text"),
+    "prefix_tuning": ("prefix_projection", "encoder_hidden_size"),
+    "adapter": ("adapter_size", "adapter_non_linearity", "adapter_placement"),
+}
+
+
+def _validate_method_keys(cfg: Config, fail: Callable[[list[str], str], None]) -> None:
+    """Prompt / prefix / adapter settings given to another method would be silently unused."""
+    f = cfg.finetune
+    defaults = FinetuneArgs()
+    for method, keys in _METHOD_KEYS.items():
+        if f.finetuning_type == method:
+            continue
+        for key in keys:
+            if getattr(f, key) != getattr(defaults, key):
+                fail([key, "finetuning_type"], f"`{key}` is only read by `finetuning_type: "
+                     f"{method}`; got `finetuning_type: {f.finetuning_type}`")  # fmt: skip
+    if f.finetuning_type == "prompt_tuning":
+        if (f.prompt_tuning_init == "text") != bool(f.prompt_tuning_init_text):
+            fail(["prompt_tuning_init", "prompt_tuning_init_text"],
+                 "`prompt_tuning_init: text` and `prompt_tuning_init_text` go together (the "
+                 "virtual tokens start as that text's embeddings)")  # fmt: skip
+    if f.encoder_hidden_size is not None and not f.prefix_projection:
+        fail(["encoder_hidden_size", "prefix_projection"],
+             "`encoder_hidden_size` sizes the `prefix_projection` MLP; set "
+             "`prefix_projection: true` or drop it")  # fmt: skip

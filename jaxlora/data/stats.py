@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from jaxlora.data.encode import encode_conversations, encode_preferences, encode_texts
+from jaxlora.data.feedback import encode_feedback
 from jaxlora.data.packing import pack_lengths
 from jaxlora.data.pipeline import (
     _check_args,
+    _feedback_convert,
     _pref_convert,
     _sft_convert,
     _sources,
@@ -118,11 +120,14 @@ def data_stats(
         if stage == "dpo":
             pairs, _, report = _sources("dpo", _pref_convert, formatting=formatting, **src)
             _, counts = encode_preferences(pairs, tokenizer, tmpl, cutoff_len=None)
+        elif stage == "kto":
+            rows, _, report = _sources("kto", _feedback_convert, formatting=formatting, **src)
+            _, counts = encode_feedback(rows, tokenizer, tmpl, cutoff_len=None)
         elif stage == "sft":
             convs, _, report = _sources("sft", _sft_convert, formatting=formatting, **src)
             _, counts = encode_conversations(convs, tokenizer, tmpl, cutoff_len=None)
         else:
-            raise ValueError(f"stage must be sft, dpo or pt, got {stage!r}")
+            raise ValueError(f"stage must be sft, dpo, kto or pt, got {stage!r}")
         out = length_stats(counts.prompt_lens, counts.answer_lens, cutoff_len)
         if train_on_prompt:
             out["note"] = "train_on_prompt: prompt tokens are trained too"

@@ -74,12 +74,19 @@ _BUILTIN_SENTENCES = [
 ]
 
 
+# Demo files whose strings train the tokenizer. A fixed list, not every demo file: the corpus is
+# part of the tiny model's identity (its cache key), and later demo files (kto_demo.json: the DPO
+# demo's prompts and answers with thumbs up/down) reuse these strings instead of changing it.
+_CORPUS_FILES = ("dpo_demo.json", "identity_sft.json")
+
+
 def _corpus() -> list[str]:
     """Tokenizer training text: built-in sentences plus the bundled demo data, if present."""
     texts = list(_BUILTIN_SENTENCES)
     demo = Path(__file__).resolve().parents[1] / "demo_data"
-    for path in sorted(demo.glob("*.json")):
-        texts.extend(_strings(json.loads(path.read_text(encoding="utf-8"))))
+    for path in sorted(demo / name for name in _CORPUS_FILES):
+        if path.is_file():
+            texts.extend(_strings(json.loads(path.read_text(encoding="utf-8"))))
     return texts
 
 

@@ -4,7 +4,7 @@ Why this file exists: the loop's whole position is one micro-step counter `m`; e
 turns `m` into a device batch (epoch/step, the shuffled global rows, this host's slice, the
 stage's extra columns, the token-weighted `loss_scale`) lives here, built once from the config.
 The stage (`jaxlora.train.stage`) says how samples count as targets and what to add to a batch,
-so nothing here branches on SFT vs DPO.
+so nothing here branches on SFT vs DPO vs KTO (beyond which loader reads the files).
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
             train, evals, report = data_lib.load_preference_dataset(
                 tokenizer, max_prompt_length=d.max_prompt_length, **chat, **common
             )
+        elif f.stage == "kto":  # not packable (config refuses packing): no `packing` argument
+            chat.pop("packing")
+            train, evals, report = data_lib.load_feedback_dataset(
+                tokenizer, max_prompt_length=d.max_prompt_length, **chat, **common
+            )
         else:
             train, evals, report = data_lib.load_sft_dataset(
                 tokenizer, train_on_prompt=d.train_on_prompt, **chat, **common
@@ -103,9 +108,14 @@ def target_counts(samples: list) -> np.ndarray:
 
 
 def forward_tokens(sample) -> int:
-    """Tokens a sample puts through the forward pass (a DPO pair: prompt twice + both answers)."""
+    """Tokens a sample puts through the forward pass (a DPO pair: prompt twice + both answers;
+    a KTO row: prompt twice + its answer + the mismatched answer of the KL row)."""
     if hasattr(sample, "chosen_ids"):
         return 2 * len(sample.prompt_ids) + len(sample.chosen_ids) + len(sample.rejected_ids)
+    if hasattr(sample, "completion_ids"):
+        kl = sample.kl_completion_ids
+        kl_len = len(sample.completion_ids) if kl is None else len(kl)
+        return 2 * len(sample.prompt_ids) + len(sample.completion_ids) + kl_len
     return len(sample)
 
 

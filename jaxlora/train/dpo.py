@@ -79,7 +79,7 @@ def _stack_rows(batch: dict) -> tuple[jax.Array, ...]:
     return tuple(batch[k] for k in KEYS)
 
 
-def _reference_copy(tree: Any, mode: str, dtype: Any, tied: bool) -> Any:
+def reference_copy(tree: Any, mode: str, dtype: Any, tied: bool) -> Any:
     """A frozen copy (new buffers, so donating the policy never touches it) of the initial
     trainable tree. Full/freeze: the compute dtype except the LM head (the policy's fp32 head
     kernel multiplies in fp32, so the copy keeps it fp32 and step 0 matches bit for bit).
@@ -94,7 +94,7 @@ def _reference_copy(tree: Any, mode: str, dtype: Any, tied: bool) -> Any:
     return jax.tree_util.tree_map_with_path(copy, tree)
 
 
-def _place_like_policy(run: Any, tree: Any) -> Any:
+def place_like_policy(run: Any, tree: Any) -> Any:
     """Shard the reference copy on the run's mesh exactly as the policy's trainable tree
     (`run`: the run's `ModelParts`)."""
     mesh = getattr(run, "mesh", None)
@@ -109,10 +109,27 @@ def _place_like_policy(run: Any, tree: Any) -> Any:
     return jax.device_put(tree, target)
 
 
-def _adapter_nonzero(adapter: Any) -> bool:
+def adapter_nonzero(adapter: Any) -> bool:
     """True when the adapter changes the model (some lora_b is non-zero)."""
     flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
     return any(getattr(p[-1], "key", None) == "lora_b" and bool(jnp.any(x != 0)) for p, x in flat)
+
+
+def reference_needs_copy(parts: Any) -> bool:
+    """Whether the reference (the INITIAL model) needs a frozen copy of the initial trainable
+    tree: full / freeze runs, and LoRA runs whose adapter does not start at zero (continued
+    adapter, PiSSA). A zero-start LoRA, prompt / prefix tuning and bottleneck adapters use the
+    frozen base without their collection (TRL's reference for PEFT models: adapter disabled)."""
+    if parts.mode in ("full", "freeze"):
+        return True
+    if parts.mode != "lora":
+        return False
+    f = parts.cfg.finetune
+    return (
+        bool(parts.cfg.model.adapter_name_or_path)
+        or bool(getattr(f, "pissa_init", False))
+        or adapter_nonzero(parts.trainable)
+    )
 
 
 class DPOSetup:
@@ -125,7 +142,7 @@ class DPOSetup:
         """`parts`: the run's `ModelParts` (its `frozen` is replaced here); `data`: its
         `DataBundle`."""
         run = parts
-        cfg, f = run.cfg, run.cfg.finetune
+        f = run.cfg.finetune
         self.mode = run.mode
         self.model_config = run.model.config
         self.loss_type = f.pref_loss
@@ -144,13 +161,7 @@ class DPOSetup:
         self._check_loss_settings()
 
         base = run.frozen
-        start_nonzero = run.mode == "lora" and (
-            bool(cfg.model.adapter_name_or_path)
-            or bool(getattr(f, "pissa_init", False))
-            or _adapter_nonzero(run.trainable)
-        )
-        # The reference needs the initial trainable tree unless it is the adapters-off base.
-        needs_initial = self.use_reference and (run.mode != "lora" or start_nonzero)
+        needs_initial = self.use_reference and reference_needs_copy(run)
         frozen = {"base": base}
         if self.use_reference and f.precompute_ref_logps:
             # Before the first step `run.trainable` IS the initial model: no copy needed.
@@ -173,8 +184,8 @@ class DPOSetup:
                 )
             if needs_initial:
                 tied = run.model.config.tie_word_embeddings
-                copy = _reference_copy(run.trainable, run.mode, run.model.dtype, tied)
-                frozen["ref_trainable"] = _place_like_policy(run, copy)
+                copy = reference_copy(run.trainable, run.mode, run.model.dtype, tied)
+                frozen["ref_trainable"] = place_like_policy(run, copy)
         run.frozen = frozen
         self.frozen_keys = tuple(frozen)
 

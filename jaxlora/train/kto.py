@@ -13,20 +13,30 @@ in tests/test_kto_trl_model.py):
    per-row weighted losses (`losses.kto_loss`).
 
 Returns SUMS over real rows (dummy padding rows are out) and the row count, so the trainer's
-division by the summed count gives TRL's `losses.nanmean()` per batch.
+division by the summed count gives TRL's `losses.nanmean()` per batch. Metric sums are keyed
+`pref/...` with the counts `pref/count`, `pref/count/chosen`, `pref/count/rejected`, which the
+loop turns into TRL's means (`jaxlora.train.tracking.preference_means`): TensorBoard's
+`train/rewards/chosen`, `train/rewards/margins`, `train/kl`, `train/logps/rejected`, ...
+
+`KTOStage` is the stage object of `stage: kto` (`jaxlora.train.stage` interface): one target per
+row, the reference set up like DPO's (`jaxlora.train.dpo.reference_needs_copy`), and the loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora.data.batching import KEYS
 from jaxlora.data.feedback import KL_PREFIX
 from jaxlora.losses import kto_kl, kto_loss, reduce_logps, token_logprobs
 from jaxlora.models.llama import head_kernel
+from jaxlora.train.dpo import place_like_policy, reference_copy, reference_needs_copy
+from jaxlora.train.steps import variables_for
 
 
 def _rows(batch: dict) -> tuple[jax.Array, ...]:
@@ -62,9 +72,9 @@ def kto_batch_loss(
     """(sum of per-row losses, number of real rows, metric SUMS keyed like TRL's KTO metrics).
 
     `ref_logps` = (matched, mismatched) reference log-probs [B] (from `sequence_logps` on the
-    reference variables under `stop_gradient`, or a cache). Metric sums: `kto/rewards/chosen`
-    and `kto/logps/chosen` over desirable rows with `kto/count/chosen`, likewise rejected;
-    `kto/kl` is z0 times the row count (so dividing by `kto/count` gives z0).
+    reference variables under `stop_gradient`, or a cache). Metric sums: `pref/rewards/chosen`
+    and `pref/logps/chosen` over desirable rows with `pref/count/chosen`, likewise rejected;
+    `pref/kl` is z0 times the row count (so dividing by `pref/count` gives z0).
     """
     pol, pol_kl, present = sequence_logps(
         module, policy_variables, batch, model_config, chunk_size, rngs
@@ -90,28 +100,75 @@ def kto_batch_loss(
     n = jnp.sum(present.astype(jnp.float32))
     logps = jax.lax.stop_gradient(pol)
     metrics = {
-        "kto/rewards/chosen": total(rewards, good),
-        "kto/rewards/rejected": total(rewards, bad),
-        "kto/logps/chosen": total(logps, good),
-        "kto/logps/rejected": total(logps, bad),
-        "kto/count/chosen": jnp.sum(good.astype(jnp.float32)),
-        "kto/count/rejected": jnp.sum(bad.astype(jnp.float32)),
-        "kto/kl": z0 * n,
-        "kto/count": n,
+        "pref/rewards/chosen": total(rewards, good),
+        "pref/rewards/rejected": total(rewards, bad),
+        "pref/logps/chosen": total(logps, good),
+        "pref/logps/rejected": total(logps, bad),
+        "pref/count/chosen": jnp.sum(good.astype(jnp.float32)),
+        "pref/count/rejected": jnp.sum(bad.astype(jnp.float32)),
+        "pref/kl": z0 * n,
+        "pref/count": n,
     }
     return total(losses, present), n, metrics
 
 
-def kto_metric_means(sums: dict[str, float]) -> dict[str, float]:
-    """Metric sums (over one or more batches) → TRL's logged means; margins = chosen - rejected."""
-    out = {}
-    nc, nr = sums.get("kto/count/chosen", 0.0), sums.get("kto/count/rejected", 0.0)
-    for side, cnt in (("chosen", nc), ("rejected", nr)):
-        if cnt > 0:
-            out[f"rewards/{side}"] = sums[f"kto/rewards/{side}"] / cnt
-            out[f"logps/{side}"] = sums[f"kto/logps/{side}"] / cnt
-    if nc > 0 and nr > 0:
-        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-    if sums.get("kto/count", 0.0) > 0:
-        out["kl"] = sums["kto/kl"] / sums["kto/count"]
-    return out
+class KTOStage:
+    """`stage: kto`: rows with a desirable/undesirable label, z0 from the batch's KL rows."""
+
+    has_perplexity = False  # a preference loss has no perplexity
+    generation_samples = False
+
+    def __init__(self, parts: Any, data: Any = None, log: Callable[[str], None] = print):
+        """`parts`: the run's `ModelParts`; its `frozen` becomes {"base", "ref_trainable"?}."""
+        f = parts.cfg.finetune
+        self.mode = parts.mode
+        self.model_config = parts.model.config
+        self.beta = float(f.pref_beta)
+        self.desirable_weight = float(f.kto_chosen_weight)
+        self.undesirable_weight = float(f.kto_rejected_weight)
+        frozen = {"base": parts.frozen}
+        if reference_needs_copy(parts):  # full / freeze / non-zero LoRA start: initial copy
+            tied = parts.model.config.tie_word_embeddings
+            copy = reference_copy(parts.trainable, parts.mode, parts.model.dtype, tied)
+            frozen["ref_trainable"] = place_like_policy(parts, copy)
+        parts.frozen = frozen
+        self.reference_traces = 0  # Python side effect: counts traces of the reference pass
+
+    def target_counts(self, samples: list) -> np.ndarray:
+        """One target per row: the loss is the mean over rows (TRL's `losses.nanmean()`)."""
+        return np.ones(len(samples), np.int64)
+
+    def add_to_batch(self, host: dict, batcher: Any, position: Any, split: str = "train") -> dict:
+        return host  # the Batcher already adds the KL rows and `kto_label`
+
+    def loss_fn(self, module: Any, chunk_size: int | None) -> Callable:
+        """loss(trainable, frozen, batch, rng) -> (loss_sum * loss_scale, (loss_sum, n_rows,
+        metric sums)); the reference forward (dropout off) runs inside the same step."""
+        if chunk_size is not None:
+            chunk_size = max(16, chunk_size // 2)  # sized for B rows; matched + KL rows are 2B
+        ref_module = module.clone(deterministic=True)
+
+        def loss(trainable, frozen, batch, rng):
+            self.reference_traces += 1
+            if "ref_trainable" in frozen:
+                ref_vars = variables_for(self.mode, frozen["ref_trainable"], frozen["base"])
+            else:  # the frozen base without the adapter / virtual-token collection
+                ref_vars = {"params": frozen["base"]}
+            ref, ref_kl, _ = sequence_logps(
+                ref_module, ref_vars, batch, self.model_config, chunk_size
+            )
+            loss_sum, n, metrics = kto_batch_loss(
+                module,
+                variables_for(self.mode, trainable, frozen["base"]),
+                (ref, ref_kl),
+                batch,
+                self.model_config,
+                beta=self.beta,
+                desirable_weight=self.desirable_weight,
+                undesirable_weight=self.undesirable_weight,
+                chunk_size=chunk_size,
+                rngs={"dropout": rng},
+            )
+            return loss_sum * batch.get("loss_scale", 1.0), (loss_sum, n, metrics)
+
+        return loss

@@ -1,6 +1,6 @@
 """The training loop: config -> data -> model + adapter -> jitted steps -> run directory.
 
-One loop serves SFT, continued pre-training and DPO (the stage only changes the data and the
+One loop serves SFT, continued pre-training, DPO and KTO (the stage only changes the data and the
 loss function). The loop is deliberately plain: a micro-step counter `m` is the whole position
 (batch (epoch, step) is a pure function of `m`), the jitted step is dispatched without waiting,
 and the host only synchronises at logging, eval and checkpoint steps.
@@ -31,7 +31,7 @@ from jaxlora.parallel import distributed
 from jaxlora.train import compile_cache, preflight
 from jaxlora.train.preemption import PreemptionGuard
 from jaxlora.train.setup import Run, build_run
-from jaxlora.train.tracking import MetricsLog
+from jaxlora.train.tracking import MetricsLog, preference_means
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command to resume
 
@@ -166,11 +166,10 @@ def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResul
                     "train/tokens_per_s": tok_window / max(dt, 1e-9),
                     "train/epoch": m / batches.steps_per_epoch,
                 }
-                # Preference metrics arrive as sums over pairs plus "pref/count".
-                n_pairs = max(s.get("sum/pref/count", 0.0), 1.0)
-                for x, v in s.items():
-                    if x.startswith("sum/pref/") and x != "sum/pref/count":
-                        scalars["train/" + x[len("sum/pref/") :]] = v / n_pairs
+                # Stage metrics (DPO, KTO) arrive as sums over rows plus "pref/count[/group]".
+                stage_sums = {x[4:]: v for x, v in s.items() if x.startswith("sum/")}
+                for x, v in preference_means(stage_sums).items():
+                    scalars["train/" + x] = v
                 metrics.log(step, scalars)
                 bar.set_postfix(
                     loss=f"{scalars['train/loss']:.4f}",
@@ -234,7 +233,7 @@ def summarise(result: TrainResult, stage: str = "sft") -> str:
     lines = [f"run directory: {result.run_dir}"]
     if result.best_eval_loss is not None:
         line = f"best eval loss: {result.best_eval_loss:.4f}"
-        if stage != "dpo":  # a preference loss has no perplexity
+        if stage not in ("dpo", "kto"):  # a preference loss has no perplexity
             line += f" (perplexity {math.exp(min(result.best_eval_loss, 50)):.2f})"
         lines.append(line)
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from jaxlora.train.model_parts import ModelParts, build_model_parts
 from jaxlora.train.run_dir import check_resume, claim_run_dir, write_header
 from jaxlora.train.stage import make_stage
 from jaxlora.train.step_setup import Steps, build_steps
+from jaxlora.train.tracking import preference_means
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ class Run:
     resuming: bool
 
     def evaluate(self, state: dict) -> dict[str, float]:
-        """Mean eval loss (+ perplexity for LM stages, preference metrics for DPO)."""
+        """Mean eval loss (+ perplexity for LM stages, preference metrics for DPO / KTO)."""
         sums: dict[str, float] = {}
         for batch in self.batches.eval_batches():
             out = self.steps.eval_step(state["trainable"], self.parts.frozen, batch)
@@ -53,10 +54,8 @@ class Run:
         result = {"eval/loss": loss}
         if self.stage.has_perplexity:
             result["eval/perplexity"] = math.exp(min(loss, 50.0))
-        n_rows = max(sums.get("pref/count", 0.0), 1.0)
-        for k, v in sums.items():
-            if k.startswith("pref/") and k != "pref/count":
-                result["eval/" + k[5:]] = v / n_rows
+        for k, v in preference_means(sums).items():
+            result["eval/" + k] = v
         return result
 
     def sample_generations(self, state: dict, n: int, max_new_tokens: int = 64) -> str | None:

@@ -2,7 +2,8 @@
 
 Why this file exists: the loop and the builders are stage-agnostic; a stage object answers the
 few questions that differ. `LMStage` serves SFT and continued pre-training (token-weighted causal
-LM loss); `jaxlora.train.dpo.DPOSetup` serves DPO / ORPO / SimPO (pairs, reference model).
+LM loss); `jaxlora.train.dpo.DPOSetup` serves DPO / ORPO / SimPO (pairs, reference model);
+`jaxlora.train.kto.KTOStage` serves KTO (labelled single answers, KL rows, reference model).
 A new stage implements the same small interface:
 
     target_counts(samples) -> [N] int     what the weighted loss divides by, per sample
@@ -45,9 +46,13 @@ class LMStage:
 def make_stage(
     cfg: Any, parts: ModelParts, data: DataBundle, log: Callable[[str], None] = print
 ) -> Any:
-    """The stage object for `cfg.finetune.stage` (DPO may replace `parts.frozen`)."""
+    """The stage object for `cfg.finetune.stage` (DPO / KTO replace `parts.frozen`)."""
     if cfg.finetune.stage == "dpo":
         from jaxlora.train.dpo import DPOSetup
 
         return DPOSetup(parts, data, log=log)
+    if cfg.finetune.stage == "kto":
+        from jaxlora.train.kto import KTOStage
+
+        return KTOStage(parts, data, log=log)
     return LMStage(parts, cfg.finetune.stage)

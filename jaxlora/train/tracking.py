@@ -15,6 +15,32 @@ from typing import Any
 
 from jaxlora.io.atomic import atomic_write_text
 
+PREF = "pref/"  # stage metric sums: `pref/<name>` plus the row counts `pref/count[/<group>]`
+
+
+def preference_means(sums: dict[str, float]) -> dict[str, float]:
+    """Stage metric SUMS (over rows, one or many batches) -> means, keyed without `pref/`.
+
+    `pref/<...>/<leaf>` is divided by `pref/count/<leaf>` when the stage reports that count (KTO:
+    `rewards/chosen` over the desirable rows only), else by `pref/count` (all rows / pairs). A
+    mean whose count is 0 in this window is left out. Without a `rewards/margins` sum of its own
+    (KTO's chosen and rejected rows are different rows), margins = chosen mean - rejected mean,
+    as TRL's KTOTrainer logs it.
+    """
+    out: dict[str, float] = {}
+    for key, value in sums.items():
+        if not key.startswith(PREF) or key.startswith(PREF + "count"):
+            continue
+        name = key[len(PREF) :]
+        leaf = name.rsplit("/", 1)[-1]
+        count = sums.get(f"{PREF}count/{leaf}", sums.get(f"{PREF}count", 0.0))
+        if count > 0:
+            out[name] = value / count
+    if "rewards/margins" not in out and PREF + "rewards/margins" not in sums:
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
 
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
