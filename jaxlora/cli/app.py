@@ -140,7 +140,12 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _inference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="HF model directory (default: built-in tiny)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="HF model directory, .gguf file, built-in name or hub id (default: the adapter's "
+        "base_model_name_or_path, else the built-in tiny model)",
+    )
     p.add_argument("--adapter", default=None, help="PEFT/jaxlora adapter dir or a run dir")
     p.add_argument("--template", default=None, help="chat template name (default: saved one)")
     p.add_argument("--system", default=None)

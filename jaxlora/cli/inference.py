@@ -25,8 +25,12 @@ def _adapter_dir(path: str | None) -> Path | None:
     raise UserError(f"{p}: neither an adapter directory nor a run directory with adapter/")
 
 
-def load_for_inference(model_path: str, adapter_path: str | None, dtype: str = "bfloat16"):
-    """(model, adapter or None, tokenizer, adapter_dir) ready for generation."""
+def load_for_inference(model_path: str | None, adapter_path: str | None, dtype: str = "bfloat16"):
+    """(model, adapter or None, tokenizer, adapter_dir) ready for generation.
+
+    Without a model, an adapter's own `base_model_name_or_path` (PEFT's convention) names the
+    base; with neither, the built-in tiny model.
+    """
     from jaxlora.io.model import load_model, load_tokenizer
     from jaxlora.io.peft import check_adapter_fits, load_peft_adapter
 
@@ -35,6 +39,10 @@ def load_for_inference(model_path: str, adapter_path: str | None, dtype: str = "
         model_path = json.loads((adir / "adapter_config.json").read_text()).get(
             "base_model_name_or_path"
         )
+        if not model_path:
+            raise UserError(
+                f"{adir}/adapter_config.json has no base_model_name_or_path; pass --model"
+            )
     model = load_model(model_path or "tiny", dtype=dtype)
     adapter = None
     tokenizer = model.tokenizer

