@@ -113,15 +113,20 @@ def test_shipped_config_set_is_complete() -> None:
     names = {p.name for p in SHIPPED}
     assert {
         "quickstart.yaml",
+        "quickstart-tiny.yaml",
         "quickstart-dpo.yaml",
         "qwen2.5-7b-lora-sft.yaml",
         "llama3-8b-lora-sft.yaml",
         "qwen2.5-7b-qlora.yaml",
     } <= names
     quick = load_config(REPO / "configs" / "quickstart.yaml")
-    assert quick.data.dataset == "demo:identity_sft" and quick.model.model_name_or_path == "tiny"
-    assert quick.finetune.lora_rank == 8 and quick.data.cutoff_len == 256
+    assert quick.data.dataset == "demo:identity"
+    assert quick.model.model_name_or_path == "smollm2-135m-instruct"
     assert quick.train.output_dir == "runs/quickstart"
+    tiny = load_config(REPO / "configs" / "quickstart-tiny.yaml")
+    assert tiny.data.dataset == "demo:identity_sft" and tiny.model.model_name_or_path == "tiny"
+    assert tiny.finetune.lora_rank == 8 and tiny.data.cutoff_len == 256
+    assert tiny.train.output_dir == "runs/quickstart-tiny"
     dpo = load_config(REPO / "configs" / "quickstart-dpo.yaml")
     assert dpo.finetune.stage == "dpo" and dpo.finetune.use_ref_model
     assert dpo.data.dataset == "demo:dpo_demo" and dpo.finetune.pref_beta == 0.1

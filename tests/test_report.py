@@ -159,11 +159,39 @@ def test_memorisation_note_when_converged_with_eval():
     assert any("memorisation" in a for a in d.advice)
 
 
-def test_too_short():
-    d = diagnose(_records(_decay(300, 0.5))[:5], CFG)
+def test_too_short_only_when_nothing_can_be_said():
+    d = diagnose(_records(_decay(300, 0.5))[:1], CFG)
     assert d.state == "too_short"
-    assert "logging_steps 10 → 6" in " ".join(d.advice)
+    assert "logging_steps 10 → 1" in " ".join(d.advice)
     assert diagnose([], {}).state == "too_short"
+
+
+def _short_run(train, evals):
+    """A 30-step run: train loss logged every 4 steps (7 points), eval every 8 (4 points)."""
+    recs = [{"step": s, "train/loss": v} for s, v in zip(range(4, 29, 4), train, strict=True)]
+    recs += [{"step": s, "eval/loss": v} for s, v in zip((8, 16, 24, 30), evals, strict=True)]
+    return recs
+
+
+def test_short_run_is_judged_on_the_whole_curve_and_evals():
+    cfg = {**CFG, "logging_steps": 4, "num_train_epochs": 3}
+    # Identity SFT: loss falls fast, eval still falling at the end -> underfitting, not too short.
+    d = diagnose(_short_run([3.4, 2.3, 1.0, 0.6, 0.45, 0.4, 0.38], [1.7, 0.8, 0.5, 0.4]), cfg)
+    assert d.state == "underfitting" and d.evidence["short_run"]
+    assert "short run" in d.summary and "7 train point(s) and 4 eval(s)" in d.summary
+    assert any(a.startswith("logging_steps 4 → 3") for a in d.advice)
+    # Eval flat at the end -> converged; eval turned up -> overfitting at the turn.
+    d = diagnose(_short_run([3.4, 2.3, 1.0, 0.6, 0.45, 0.4, 0.38], [1.7, 0.6, 0.5, 0.5]), cfg)
+    assert d.state == "converged"
+    d = diagnose(_short_run([3.4, 2.3, 1.0, 0.6, 0.3, 0.2, 0.1], [1.7, 0.6, 0.7, 0.9]), cfg)
+    assert d.state == "overfitting" and d.evidence["eval_turn_step"] == 16
+    # A flat short curve is a failure, judged overall.
+    d = diagnose(_short_run([2.0, 2.01, 1.99, 2.0, 2.02, 1.98, 2.0], [2.0, 2.0, 2.0, 2.0]), cfg)
+    assert d.state == "failed"
+    # Evals alone (one train point) still give a direction.
+    recs = [{"step": 28, "train/loss": 0.4}, {"step": 8, "eval/loss": 1.7}]
+    recs.append({"step": 30, "eval/loss": 0.9})
+    assert diagnose(recs, cfg).state == "underfitting"
 
 
 def test_config_values_as_strings_and_missing():

@@ -34,7 +34,7 @@ def _train(out: Path, devices: int, overrides: list[str]) -> list[dict]:
         "-m",
         "jaxlora.cli",
         "train",
-        str(REPO / "configs" / "quickstart.yaml"),
+        str(REPO / "configs" / "quickstart-tiny.yaml"),
         "--no-progress",
         f"output_dir={out}",
         *overrides,

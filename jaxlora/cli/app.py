@@ -48,8 +48,16 @@ def _print_samples(cfg, run_dir: Path) -> None:
 def cmd_export(args) -> int:
     from jaxlora.train.outputs import export_from_run
 
-    out = export_from_run(args.run, args.out, merged=args.merged, overwrite=args.overwrite)
+    out = export_from_run(
+        args.run,
+        args.out,
+        merged=args.merged,
+        overwrite=args.overwrite,
+        gguf_type=args.gguf_type if args.gguf else None,
+    )
     kind = "merged model" if args.merged else "PEFT adapter"
+    if args.gguf:
+        kind = f"merged GGUF ({args.gguf_type}) + Ollama Modelfile"
     print(f"wrote {kind} to {out}")
     return 0
 
@@ -167,10 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("export", help="PEFT adapter (default) or merged HF model from a run")
+    p = sub.add_parser("export", help="PEFT adapter (default), merged HF model or GGUF from a run")
     p.add_argument("run", help="run directory, or an adapter directory")
     p.add_argument("--out", required=True)
     p.add_argument("--merged", action="store_true", help="merge into the base weights")
+    p.add_argument(
+        "--gguf", action="store_true", help="merged model as model.gguf (llama.cpp) + Modelfile"
+    )
+    p.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "q8_0"))
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_export)
 

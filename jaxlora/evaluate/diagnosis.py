@@ -10,8 +10,11 @@ values computed from the config ("learning_rate 2e-4 → 5e-5").
 
 Rules, in priority order (thresholds below, each with its reason):
 1. non-finite loss / grad norm, or smoothed loss above EXPLODE_RATIO × initial → diverged
-2. fewer than MIN_TRAIN_POINTS finite train points → too_short
-3. train loss rising over the last third, or barely below its initial level overall → failed
+2. fewer than two finite train points and fewer than two evals → too_short (nothing to compare).
+   A short run (fewer than MIN_TRAIN_POINTS train points) is still judged, on its whole train
+   curve instead of the last third and on its evals, and the summary says so.
+3. train loss rising over the last third (short run: overall), or barely below its initial
+   level overall → failed
 4. eval minimum before the end and eval loss risen since by OVERFIT_MIN_RISE → overfitting
    (train-only: final train loss below MEMORISE_LOSS → overfitting, i.e. memorisation)
 5. eval (or, without eval data, train) loss still falling over the last third → underfitting
@@ -28,7 +31,8 @@ import numpy as np
 
 # --- thresholds -----------------------------------------------------------------------------
 # A straight-line fit on fewer than ~8 points (≈ 2–3 in the last third) is dominated by batch
-# noise; below this the run is reported as too short rather than mis-classified.
+# noise; below this the train trend is fitted over the whole curve (a short run's first and last
+# points are far apart in loss, which is what such a fit can see) and evals carry the verdict.
 MIN_TRAIN_POINTS = 8
 # Three evaluations are the fewest that can show a minimum followed by a rise.
 MIN_EVAL_POINTS = 3
@@ -120,9 +124,11 @@ def ema(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _tail_trend(steps: np.ndarray, values: np.ndarray, scale: float) -> tuple[float, float]:
-    """(slope per 100 steps, fitted change over the last third as a fraction of `scale`)."""
-    start = steps[-1] - (steps[-1] - steps[0]) * TAIL_FRACTION
+def _tail_trend(
+    steps: np.ndarray, values: np.ndarray, scale: float, fraction: float = TAIL_FRACTION
+) -> tuple[float, float]:
+    """(slope per 100 steps, fitted change over the last `fraction` as a fraction of `scale`)."""
+    start = steps[-1] - (steps[-1] - steps[0]) * fraction
     mask = steps >= start
     if mask.sum() < 2:
         mask[-2:] = True
@@ -179,48 +185,64 @@ def diagnose(records: list[dict], config: dict) -> Diagnosis:
         return _finish(
             "diverged", f"Diverged: non-finite loss or gradient at step {nan_steps[0]}.", ev, config
         )
-    if len(ts) < MIN_TRAIN_POINTS:
-        msg = f"Too short to judge: {len(ts)} logged training points (need {MIN_TRAIN_POINTS})."
+    if len(ts) < 2 and len(es) < 2:
+        msg = (
+            f"Too short to judge: {len(ts)} logged training point(s) and {len(es)} eval(s); "
+            "at least two of either are needed to see a direction."
+        )
         return _finish("too_short", msg, ev, config)
-
-    smooth = ema(tl)
-    init = max(_initial_level(tl), 1e-12)  # losses are >= 0; guard the ratios below
-    slope, change = _tail_trend(ts, smooth, init)
-    final = float(smooth[-1])
-    drop = (init - final) / init
-    prev = np.concatenate([[smooth[0]], smooth[:-1]])  # EMA up to the previous point
-    spikes = [int(s) for s in ts[tl > SPIKE_RATIO * prev]]
-    near = np.abs(smooth - final) <= FLAT_TOL * init
-    plateau = int(ts[len(near) - np.argmin(near[::-1])]) if not near.all() else int(ts[0])
-    ev.update(
-        initial_train_loss=init,
-        final_train_loss=final,
-        max_train_loss=float(tl.max()),
-        train_total_drop=drop,
-        train_slope_per_100_steps=slope,
-        train_tail_change=change,
-        loss_spikes=spikes,
-        plateau_step=plateau,
+    short = len(ts) < MIN_TRAIN_POINTS
+    if short:
+        ev["short_run"] = True
+    note = (
+        f" (short run: judged on the whole curve of {len(ts)} train point(s) and {len(es)} eval(s))"
+        if short
+        else ""
     )
-    has_eval = len(es) >= MIN_EVAL_POINTS
     if len(es):
         ev.update(final_eval_loss=float(el[-1]), best_eval_loss=float(el.min()))
         ev["best_eval_step"] = int(es[np.argmin(el)])
-        ev["train_eval_gap"] = float(el[-1] - np.interp(es[-1], ts, smooth))
+    # Without a train curve the evals decide alone; two of them already show a direction.
+    has_eval = len(es) >= (MIN_EVAL_POINTS if len(ts) >= 2 else 2)
     if has_eval:
         ev["eval_slope_per_100_steps"], ev["eval_tail_change"] = _tail_trend(es, el, el[0])
         ev["eval_rise_since_best"] = float((el[-1] - el.min()) / max(el.min(), 1e-12))
-
-    if smooth.max() > EXPLODE_RATIO * init or tl[-1] > EXPLODE_RATIO * init:
-        peak = max(float(smooth.max()), float(tl[-1]))
-        msg = f"Diverged: the training loss exploded to {peak:.3g} ({peak / init:.1f}× its start)."
-        return _finish("diverged", msg, ev, config)
-    if change > FLAT_TOL:
-        msg = f"Failed: the training loss rose over the last third ({change:+.1%} of its start)."
-        return _finish("failed", msg, ev, config)
-    if drop < FAILED_MIN_DROP:
-        msg = f"Failed: the training loss stayed flat ({drop:.1%} below its start at the end)."
-        return _finish("failed", msg, ev, config)
+    if len(ts) >= 2:
+        smooth = ema(tl)
+        init = max(_initial_level(tl), 1e-12)  # losses are >= 0; guard the ratios below
+        slope, change = _tail_trend(ts, smooth, init, 1.0 if short else TAIL_FRACTION)
+        final = float(smooth[-1])
+        drop = (init - final) / init
+        prev = np.concatenate([[smooth[0]], smooth[:-1]])  # EMA up to the previous point
+        spikes = [int(s) for s in ts[tl > SPIKE_RATIO * prev]]
+        near = np.abs(smooth - final) <= FLAT_TOL * init
+        plateau = int(ts[len(near) - np.argmin(near[::-1])]) if not near.all() else int(ts[0])
+        ev.update(
+            initial_train_loss=init,
+            final_train_loss=final,
+            max_train_loss=float(tl.max()),
+            train_total_drop=drop,
+            train_slope_per_100_steps=slope,
+            train_tail_change=change,
+            loss_spikes=spikes,
+            plateau_step=plateau,
+        )
+        if len(es):
+            ev["train_eval_gap"] = float(el[-1] - np.interp(es[-1], ts, smooth))
+        if smooth.max() > EXPLODE_RATIO * init or tl[-1] > EXPLODE_RATIO * init:
+            peak = max(float(smooth.max()), float(tl[-1]))
+            msg = (
+                f"Diverged: the training loss exploded to {peak:.3g} "
+                f"({peak / init:.1f}× its start)."
+            )
+            return _finish("diverged", msg + note, ev, config)
+        if change > FLAT_TOL:
+            where = "overall" if short else "over the last third"
+            msg = f"Failed: the training loss rose {where} ({change:+.1%} of its start)."
+            return _finish("failed", msg + note, ev, config)
+        if drop < FAILED_MIN_DROP:
+            msg = f"Failed: the training loss stayed flat ({drop:.1%} below its start at the end)."
+            return _finish("failed", msg + note, ev, config)
     if has_eval:
         if np.argmin(el) < len(el) - 1 and ev["eval_rise_since_best"] > OVERFIT_MIN_RISE:
             ev["eval_turn_step"] = ev["best_eval_step"]
@@ -228,18 +250,21 @@ def diagnose(records: list[dict], config: dict) -> Diagnosis:
                 f"Overfitting: eval loss turned at step {ev['best_eval_step']} "
                 f"({ev['best_eval_loss']:.4g}) and rose {ev['eval_rise_since_best']:.1%} since."
             )
-            return _finish("overfitting", msg, ev, config)
+            return _finish("overfitting", msg + note, ev, config)
         if ev["eval_tail_change"] < -FLAT_TOL:
             msg = "Underfitting: the eval loss is still falling at the end of training."
-            return _finish("underfitting", msg, ev, config)
-        return _finish("converged", "Converged: the eval loss is flat at the end.", ev, config)
+            return _finish("underfitting", msg + note, ev, config)
+        return _finish(
+            "converged", "Converged: the eval loss is flat at the end." + note, ev, config
+        )
     if final < MEMORISE_LOSS:
         msg = f"Overfitting (no eval data): final train loss {final:.3g} means memorisation."
-        return _finish("overfitting", msg, ev, config)
+        return _finish("overfitting", msg + note, ev, config)
     if change < -FLAT_TOL:
         msg = "Underfitting: the training loss is still falling at the end (no eval data)."
-        return _finish("underfitting", msg, ev, config)
-    return _finish("converged", "Converged: the training loss is flat at the end.", ev, config)
+        return _finish("underfitting", msg + note, ev, config)
+    msg = "Converged: the training loss is flat at the end (no eval data)." + note
+    return _finish("converged", msg, ev, config)
 
 
 def _finish(state: str, summary: str, ev: dict, config: dict) -> Diagnosis:
@@ -296,10 +321,6 @@ def _advice(state: str, ev: dict, config: dict) -> list[str]:
             "check that the loss covers the answer tokens (`jaxlora data stats`: cutoff_len)"
         )
     elif state == "too_short":
-        logging, n = _num(config, "logging_steps"), ev["n_train_points"]
-        if logging and logging > 1 and n:
-            new = max(1, int(logging * n // MIN_TRAIN_POINTS))
-            out.append(f"logging_steps {int(logging)} → {new} (need {MIN_TRAIN_POINTS} points)")
         out.append(length_to(2.0, "train longer to see a trend"))
     elif state == "underfitting":
         if epochs and epochs >= MAX_SENSIBLE_EPOCHS and max_steps <= 0:
@@ -341,12 +362,20 @@ def _advice(state: str, ev: dict, config: dict) -> list[str]:
             if best
             else "no change needed"
         )
-        if ev.get("eval_tail_change") is not None and ev["train_tail_change"] < -FLAT_TOL:
+        if ev.get("eval_tail_change") is not None and ev.get("train_tail_change", 0) < -FLAT_TOL:
             out.append("train loss still falls while eval is flat: more epochs only widen the gap")
         plateau = ev.get("plateau_step", last)
         if last and plateau < PLATEAU_EARLY_FRACTION * last:
             out.append(length_to(plateau / last, f"the loss plateaued by step {plateau}"))
 
+    logging, n = _num(config, "logging_steps"), ev["n_train_points"]
+    if (state == "too_short" or ev.get("short_run")) and logging and logging > 1 and n:
+        new = max(1, int(logging * n // MIN_TRAIN_POINTS))
+        if new < logging:
+            out.append(
+                f"logging_steps {int(logging)} → {new} ({MIN_TRAIN_POINTS}+ train points make "
+                "the trend reliable)"
+            )
     final = ev.get("final_train_loss")
     if final is not None and final < MEMORISE_LOSS and state != "overfitting":
         out.append(

@@ -1,4 +1,4 @@
-"""Exports people load elsewhere: PEFT adapter directories and merged HF checkpoints.
+"""Exports people load elsewhere: PEFT adapter directories, merged HF checkpoints, merged GGUF.
 
 Every output directory is written atomically (temp dir + rename): a crash or a full disk leaves
 either the previous output or nothing, never a half-written directory. The chat template used in
@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxlora.errors import UserError
 from jaxlora.io.atomic import atomic_dir
 from jaxlora.io.hf import save_params_hf
 from jaxlora.io.peft import check_adapter_fits, write_peft_files
@@ -51,6 +52,23 @@ def export_adapter(
     return Path(out_dir)
 
 
+def _merged(base_dir: Path, adapter: Adapter | None, params: dict | None) -> tuple[dict, Any, dict]:
+    """(params, ModelConfig, raw config.json): base re-read in fp32 (never the quantised copy)
+    with the adapter merged in, or `params` as given (full fine-tuning)."""
+    from jaxlora.io.model import load_model
+    from jaxlora.models.config import config_from_hf
+
+    raw = json.loads((base_dir / "config.json").read_text())
+    if params is not None:
+        return params, config_from_hf(raw), raw
+    model = load_model(base_dir, dtype="float32")
+    params = model.params
+    if adapter is not None:
+        check_adapter_fits(adapter, params, "adapter")
+        params = merge(params, adapter)
+    return params, model.config, raw
+
+
 def export_merged(
     base_dir: str | Path,
     out_dir: str | Path,
@@ -64,25 +82,12 @@ def export_merged(
 ) -> Path:
     """A full HF checkpoint: base (re-read from disk, never the quantised copy) + adapter,
     or `params` as given (full fine-tuning)."""
-    from jaxlora.io.model import load_model
-
     base_dir = Path(base_dir)
-    raw = json.loads((base_dir / "config.json").read_text())
+    params, cfg, raw = _merged(base_dir, adapter, params)
     out_dtype = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32"
     np_dtype = {"bfloat16": jax.numpy.bfloat16, "float32": np.float32, "float16": np.float16}[
         out_dtype
     ]
-    if params is None:
-        model = load_model(base_dir, dtype="float32")
-        params = model.params
-        if adapter is not None:
-            check_adapter_fits(adapter, params, "adapter")
-            params = merge(params, adapter)
-        cfg = model.config
-    else:
-        from jaxlora.models.config import config_from_hf
-
-        cfg = config_from_hf(raw)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_params_hf(params, cfg, tmp, dtype=np_dtype)
         raw_out = {**raw, "torch_dtype": out_dtype, "dtype": out_dtype}
@@ -91,4 +96,41 @@ def export_merged(
         if gen.is_file():
             (tmp / gen.name).write_text(gen.read_text())
         _save_tokenizer(tokenizer, tmp, chat_template)
+    return Path(out_dir)
+
+
+def export_gguf(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    adapter: Adapter | None = None,
+    params: dict | None = None,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+    gguf_type: str = "f16",
+    overwrite: bool = False,
+) -> Path:
+    """`model.gguf` (merged, llama.cpp / Ollama) + an Ollama `Modelfile`, written atomically."""
+    from jaxlora.io.gguf_export import GGUF_FILE, GGUF_TYPES, ollama_modelfile, write_gguf
+
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type {gguf_type!r}: use one of {', '.join(GGUF_TYPES)}")
+    base_dir = Path(base_dir)
+    params, cfg, _raw = _merged(base_dir, adapter, params)
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_gguf(
+            tmp / GGUF_FILE,
+            params,
+            cfg,
+            base_dir=base_dir,
+            tokenizer=tokenizer,
+            chat_template=template,
+            qtype=gguf_type,
+            name=Path(out_dir).name,
+        )
+        if template:
+            bos = getattr(tokenizer, "bos_token", None) or ""
+            eos = getattr(tokenizer, "eos_token", None) or ""
+            (tmp / "Modelfile").write_text(ollama_modelfile(template, bos, eos))
     return Path(out_dir)

@@ -190,21 +190,13 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     this puts them back. w: [n_head * head_dim, ...] (HF [out, in] layout, or a bias [out]).
     """
     rows = w.shape[0]
-    return (
-        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's `permute` (the inverse of `unpermute_qk`), for writing GGUF files."""
     rows = w.shape[0]
-    return (
-        w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def hf_tensor_names(cfg: dict[str, Any]) -> list[str]:
@@ -290,10 +282,9 @@ def _convert_tensors(reader, cfg: dict[str, Any], arch: str, out: Path, np_dtype
 
 
 def build_tokenizer(meta: dict[str, Any]):
-    """transformers fast tokenizer from GGUF `tokenizer.*` metadata (byte-level BPE vocabularies)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    """A transformers fast tokenizer from GGUF `tokenizer.*` metadata (byte-level BPE)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     from tokenizers import pre_tokenizers as pt
-    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.get("tokenizer.ggml.model")
@@ -327,13 +318,13 @@ def build_tokenizer(meta: dict[str, Any]):
     if split == QWEN2_SPLIT:
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>...) stay whole and special; user-defined ones stay whole.
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    kinds = list(zip(tokens, types, strict=True))
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
+        [AddedToken(t, special=True, normalized=False) for t, k in kinds if k == TOKEN_CONTROL]
     )
-    tok.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4]
-    )
+    tok.add_tokens([AddedToken(t, normalized=False) for t, k in kinds if k == TOKEN_USER_DEFINED])
 
     def token(name):
         tid = meta.get(f"tokenizer.ggml.{name}_token_id")
@@ -344,7 +335,9 @@ def build_tokenizer(meta: dict[str, Any]):
     if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
         post.append(
             processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+                single=f"{bos} $A",
+                pair=f"{bos} $A {bos} $B",
+                special_tokens=[(bos, tokens.index(bos))],
             )
         )
     tok.post_processor = processors.Sequence(post)

