@@ -224,3 +224,43 @@ def test_comparison_table_handles_inf():
     assert "| rouge-1 ↑ | 1.0000 | 2.0000 | +1.0000 |" in table
     with pytest.raises(UserError):
         format_comparison_table({})
+
+
+def test_chat_second_turn_is_the_history_decoded_greedily(model, monkeypatch):
+    """The second turn of an interactive chat sees [system, user 1, answer 1, user 2] rendered by
+    the template, and its answer equals a plain greedy decode (full forward, no KV cache)."""
+    seen = []
+    real = inference.generate
+
+    def spy(m, ids, **kw):
+        seen.append(list(ids[0]))
+        return real(m, ids, **kw)
+
+    monkeypatch.setattr(inference, "generate", spy)
+    script = iter(["Hello there", "And now?", "/exit"])
+    said = []
+    gen = {"max_new_tokens": 5, "stop_token_ids": ()}
+    tok = model.tokenizer
+    chat_session(
+        model,
+        None,
+        tok,
+        system="You are terse.",
+        gen_kwargs=gen,
+        input_fn=lambda _: next(script),
+        output_fn=said.append,
+    )
+    assert len(seen) == 2 and len(said) == 3  # header once, two answers
+    first = said[1].removeprefix("Assistant: ")
+    history = [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And now?"},
+    ]
+    assert seen[1] == format_prompt(tok, history, system="You are terse.")
+    seq = list(seen[1])
+    for _ in range(gen["max_new_tokens"]):
+        logits = np.asarray(model.logits(np.asarray([seq], np.int32)))
+        seq.append(int(logits[0, -1].argmax()))
+    expected = tok.decode(seq[len(seen[1]) :], skip_special_tokens=True).strip()
+    assert said[2] == f"Assistant: {expected}"

@@ -142,6 +142,9 @@ def cmd_bench(args) -> int:
     return run_bench_cli(_load_cfg(args), steps=args.steps, warmup=args.warmup)
 
 
+_DATASET_HELP = "dataset file, comma list, or demo:NAME (e.g. demo:identity_sft)"
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (LLaMA-Factory style keys)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4")
@@ -156,38 +159,58 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--adapter", default=None, help="PEFT/jaxlora adapter dir or a run dir")
     p.add_argument("--template", default=None, help="chat template name (default: saved one)")
-    p.add_argument("--system", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=256, help="answer length cap (default: %(default)s)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample from the k likeliest (default: 0 = off)"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeats (default: 1 = off)",
+    )
+    p.add_argument("--dtype", default="bfloat16", help="weights dtype (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxlora", description=__doc__.splitlines()[0])
-    ap.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    ap.add_argument(
+        "--debug",
+        action="store_true",
+        help="show tracebacks for user errors (accepted anywhere on the line)",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="SFT / DPO / KTO / pretraining as configured")
     _add_config(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("export", help="PEFT adapter (default), merged HF model or GGUF from a run")
     p.add_argument("run", help="run directory, or an adapter directory")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--merged", action="store_true", help="merge into the base weights")
     p.add_argument(
         "--gguf", action="store_true", help="merged model as model.gguf (llama.cpp) + Modelfile"
     )
-    p.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "q8_0"))
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--gguf-type",
+        default="f16",
+        choices=("f16", "bf16", "q8_0"),
+        help="GGUF tensor type (default: %(default)s)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("report", help="loss plot + diagnosis of a run")
-    p.add_argument("run")
+    p.add_argument("run", help="run directory (output_dir of a training run)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -199,29 +222,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat (or one-shot --prompt)")
     _inference_args(p)
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("predict", help="generate for a dataset -> JSONL")
     _inference_args(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--dataset", required=True, help=_DATASET_HELP)
+    p.add_argument("--out", required=True, help="JSONL file of predictions")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts generated together (default: %(default)s)",
+    )
+    p.add_argument("--max-samples", type=int, default=None, help="use the first N rows only")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("eval", help="loss/perplexity + ROUGE/BLEU, base vs adapter")
     _inference_args(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--general-dataset", default=None, help="general-domain set (forgetting)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--dataset", required=True, help=_DATASET_HELP)
+    p.add_argument(
+        "--general-dataset",
+        default=None,
+        help="general-domain set (forgetting check); demo:NAME works",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts generated together (default: %(default)s)",
+    )
+    p.add_argument("--max-samples", type=int, default=None, help="use the first N rows only")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench", help="tokens/s, step time, MFU, memory for a config")
     _add_config(p)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)"
+    )
     p.add_argument(
         "--lower-for",
         choices=("tpu", "cuda"),
@@ -255,7 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxlora.errors import UserError
 
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    # `--debug` is accepted anywhere (`jaxlora train cfg.yaml --debug`), not only before the
+    # subcommand where argparse would look for it.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     # `key=value` overrides may come after flags (`train cfg.yaml --no-progress lr=1e-4`).
     if extra:
         if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
@@ -263,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error("unrecognized arguments: " + " ".join(extra))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # transformers' "PyTorch was not found" advisory on import: jaxlora uses only its
+    # tokenizers and never needs torch.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _show_attention_log()
     try:
         return int(args.fn(args) or 0)

@@ -27,25 +27,34 @@ def add_parser(sub) -> None:
     q.add_argument("--dataset", default=None, help="prompt set: any format we read, demo:NAME")
     q.add_argument("--general-dataset", default=None, help="general-domain prompts too")
     q.add_argument("--max-samples", type=int, default=None, help="per dataset")
-    q.add_argument("--template", default=None)
-    q.add_argument("--system", default=None)
-    q.add_argument("--max-new-tokens", type=int, default=256)
-    q.add_argument("--temperature", type=float, default=0.0)
-    q.add_argument("--top-p", type=float, default=1.0)
-    q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--dtype", default="bfloat16")
+    q.add_argument("--template", default=None, help="chat template name (default: saved one)")
+    q.add_argument("--system", default=None, help="system prompt for both sides")
+    q.add_argument(
+        "--max-new-tokens", type=int, default=256, help="answer length cap (default: %(default)s)"
+    )
+    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    q.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)"
+    )
+    q.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts generated together (default: %(default)s)",
+    )
+    q.add_argument("--dtype", default="bfloat16", help="weights dtype (default: %(default)s)")
     q.add_argument("--seed", type=int, default=None, help="answer order (default: random)")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     q.set_defaults(fn=run_prepare)
 
     s = bsub.add_parser("serve", help="serve the rating page of a session")
-    s.add_argument("session")
+    s.add_argument("session", help="session directory made by `blind prepare`")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
-    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--port", type=int, default=8765, help="TCP port (default: %(default)s)")
     s.set_defaults(fn=run_serve)
 
     r = bsub.add_parser("report", help="unblind: win/tie/loss, scores, agreement (closes it)")
-    r.add_argument("session")
+    r.add_argument("session", help="session directory to unblind")
     r.set_defaults(fn=run_report)
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jaxlora.data.loading import resolve_demo_names
 from jaxlora.errors import UserError
 
 
@@ -74,7 +75,7 @@ def run_chat(args) -> int:
     if args.prompt is not None:
         print(chat_once(model, adapter, tok, args.prompt, gen_kwargs=_gen_kwargs(args), **common))
         return 0
-    print("jaxlora chat — /reset clears the history, /exit quits")
+    # chat_session prints the one-line header itself.
     chat_session(model, adapter, tok, gen_kwargs=_gen_kwargs(args), **common)
     return 0
 
@@ -83,7 +84,7 @@ def run_predict(args) -> int:
     from jaxlora.evaluate.inference import load_conversations, predict
 
     model, adapter, tok, adir = load_for_inference(args.model, args.adapter, args.dtype)
-    examples = load_conversations(args.dataset, max_samples=args.max_samples)
+    examples = load_conversations(resolve_demo_names(args.dataset), max_samples=args.max_samples)
     rows = predict(
         model,
         adapter,
@@ -110,7 +111,7 @@ def run_eval(args) -> int:
     if args.general_dataset:
         sets.append(("general (forgetting check)", args.general_dataset))
     for title, ds in sets:
-        examples = load_conversations(ds, max_samples=args.max_samples)
+        examples = load_conversations(resolve_demo_names(ds), max_samples=args.max_samples)
         res = evaluate(
             model,
             tok,
@@ -128,14 +129,13 @@ def run_eval(args) -> int:
 
 def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
     """Greedy answers of the trained adapter to the first `n` training prompts."""
-    from jaxlora.data.loading import resolve_demo_names as resolve_dataset
     from jaxlora.evaluate.inference import chat_once, load_conversations, split_reference
 
     model, adapter, tok, adir = load_for_inference(
         cfg.model.model_name_or_path, str(run_dir), "float32" if not cfg.train.bf16 else "bfloat16"
     )
     convs = load_conversations(
-        resolve_dataset(cfg.data.dataset), dataset_dir=cfg.data.dataset_dir, max_samples=n
+        resolve_demo_names(cfg.data.dataset), dataset_dir=cfg.data.dataset_dir, max_samples=n
     )
     out = []
     for conv in convs[:n]:

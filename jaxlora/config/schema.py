@@ -276,6 +276,9 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        mask = os.umask(0o022)  # mkstemp makes 0600; config.yaml gets open()'s mode (0644)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -3,6 +3,10 @@
 Exports, reports and merged checkpoints are written into a hidden temporary sibling and renamed
 into place, so a crash, a full disk or Ctrl-C never leaves a half-written output behind, and an
 existing output is only replaced when the caller allows it.
+
+`tempfile.mkstemp` / `mkdtemp` create 0600 / 0700 (private temp files); the outputs get the
+modes an ordinary `open()` / `mkdir()` would give (0666 / 0777 minus the umask, so 0644 / 0755
+under the usual umask 022) before they are renamed into place.
 """
 
 from __future__ import annotations
@@ -17,6 +21,22 @@ from pathlib import Path
 from jaxlora.errors import UserError
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: POSIX has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: str | Path | int, *, directory: bool = False) -> None:
+    """chmod a (temp) file, fd or directory to what open()/mkdir() would have created."""
+    mode = (0o777 if directory else 0o666) & ~current_umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir; on success it replaces `out_dir`, on error it is removed."""
@@ -29,6 +49,7 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        public_mode(tmp, directory=True)
     except OSError as e:
         raise UserError(f"cannot write to {out.parent}: {e.strerror}") from None
     try:
@@ -61,6 +82,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        public_mode(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

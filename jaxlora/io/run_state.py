@@ -60,10 +60,18 @@ class RunCheckpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=opts, item_names=("state", "meta")
         )
-        best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self.best = ocp.CheckpointManager(
-            self.directory / "best", options=best_opts, item_names=("trainable", "meta")
-        )
+        self._best: ocp.CheckpointManager | None = None
+
+    @property
+    def best(self) -> ocp.CheckpointManager:
+        """The best-weights manager, made on first use: orbax creates its directory, and a run
+        without evaluation must not be left with an empty `checkpoints/best/`."""
+        if self._best is None:
+            best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+            self._best = ocp.CheckpointManager(
+                self.directory / "best", options=best_opts, item_names=("trainable", "meta")
+            )
+        return self._best
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -102,6 +110,8 @@ class RunCheckpoints:
         )
 
     def best_step(self) -> int | None:
+        if self._best is None and not (self.directory / "best").is_dir():
+            return None
         return self.best.latest_step()
 
     def restore_best(self, like_trainable: Any) -> tuple[Any, dict]:
@@ -117,12 +127,14 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
-        self.best.wait_until_finished()
+        if self._best is not None:
+            self._best.wait_until_finished()
 
     def close(self) -> None:
         self.wait()
         self.manager.close()
-        self.best.close()
+        if self._best is not None:
+            self._best.close()
 
 
 def host_floats(tree: Any) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora.data.templates import CHATML_TEMPLATE, LLAMA3_TEMPLATE
+from jaxlora.io.atomic import public_mode
 
 # Bump when the default model's recipe changes; the cache directory name includes it.
 TINY_VERSION = "1"
@@ -357,6 +358,7 @@ def default_model_dir() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
     try:
+        public_mode(tmp, directory=True)  # a shared cache: 0755, not mkdtemp's 0700
         make_tiny_model(tmp, **DEFAULT_MODEL_KWARGS)
         try:
             os.rename(tmp, final)
