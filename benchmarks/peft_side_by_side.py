@@ -21,6 +21,10 @@ hits all of them; each configuration reports the median over rounds of its per-r
 
     python3 benchmarks/peft_side_by_side.py --rounds 3 --steps 10 --warmup 2
 
+`--shape smollm2-135m` runs both halves on the SmolLM2-135M shape instead (30 layers, d=576,
+9 heads / 3 KV heads, head_dim 64, ffn 1536, vocab 49152, tied embeddings), e.g. the issue-16
+setting: `--shape smollm2-135m --batch 8 --seq 256 --modes peft_bf16,jaxlora`.
+
 `--env VAR=value` (repeatable) sets an environment variable for both halves alike, e.g. a
 memory allocator (benchmarks/RESULTS.md: large per-step buffers are page-faulted afresh every
 step under glibc malloc, which both PyTorch and XLA:CPU pay for).
@@ -53,6 +57,22 @@ TINY = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
 )
+# The real-model shape of issue 16 (HuggingFaceTB/SmolLM2-135M's config.json; the same numbers
+# as `random:smollm2-135m` in jaxlora/bench/shapes.py): `--shape smollm2-135m`.
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+SHAPES = {"tiny-llama": TINY, "smollm2-135m": SMOLLM2_135M}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -69,7 +89,8 @@ def peft_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = LlamaConfig(**TINY, attn_implementation="sdpa")
+    shape = SHAPES[args.shape]
+    config = LlamaConfig(**shape, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).float()
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
     model = get_peft_model(model, lora)
@@ -78,7 +99,8 @@ def peft_worker(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     n = args.warmup + args.steps
-    batches = [torch.randint(8, 32000, (args.batch, args.seq), generator=gen) for _ in range(n)]
+    vocab = shape["vocab_size"]
+    batches = [torch.randint(8, vocab, (args.batch, args.seq), generator=gen) for _ in range(n)]
     use_bf16 = args.mode == "bf16"
 
     def step(x: torch.Tensor) -> float:
@@ -156,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="tiny-llama",
+        help="model shape for both halves (jaxlora: model_name_or_path=random:<shape>)",
+    )
     ap.add_argument("--peft-python", default="python3")
     ap.add_argument("--jax-python", default="PYENV_VERSION=3.12.1 python3")
     ap.add_argument("--config", default="configs/bench-tiny-cpu.yaml")
@@ -181,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = item.partition("=")
         peft_env[k] = jax_env[k] = v
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    shape_kw = [f"model_name_or_path=random:{args.shape}"] if args.shape != "tiny-llama" else []
     commands = {}
     for mode in ("bf16", "fp32"):
         worker = [*peft_cmd, str(Path(__file__).resolve()), "--peft-worker", mode, *common]
         worker += ["--threads", str(args.threads), "--batch", str(args.batch)]
+        worker += ["--shape", args.shape]
         commands[f"peft_{mode}"] = (worker + ["--seq", str(args.seq)], peft_env)
     bench = [*jax_cmd, "-m", "jaxlora.cli", "bench", args.config, *common]
     sizes = [f"per_device_train_batch_size={args.batch}", f"cutoff_len={args.seq}"]
-    commands["jaxlora"] = (bench + sizes + list(args.overrides), jax_env)
+    commands["jaxlora"] = (bench + sizes + shape_kw + list(args.overrides), jax_env)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
     runs: dict[str, list[dict]] = {m: [] for m in modes}

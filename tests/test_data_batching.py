@@ -219,7 +219,14 @@ def test_pack_preferences_layout():
 
 
 def test_bucket_length():
-    assert [bucket_length(n, 1024) for n in (1, 64, 65, 130)] == [64, 64, 128, 192]
+    assert [bucket_length(n, 1024) for n in (1, 64, 65, 130, 257, 600)] == [
+        64,
+        64,
+        128,
+        256,
+        512,
+        1024,
+    ]
     assert bucket_length(300, 200) == 200 and bucket_length(10, None, 16) == 16
 
 

@@ -209,6 +209,7 @@ def _finish(cfg: Path, server: Server, tag: str, max_runs: int = 3) -> list[Proc
 
 def _metrics(run: Path) -> list[dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "time/wall_s" not in r]  # the time breakdown: not replayable
     return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in recs]
 
 

@@ -16,9 +16,9 @@ KTO batches (``FeedbackExample``): the plain four arrays hold prompt + the judge
 see ``feedback.with_kl_completions``), and ``kto_label`` [B] int32 (1 desirable, 0 not).
 
 T: packed rows are always ``cutoff_len`` long; unpacked batches are padded to the longest
-sample of the GLOBAL batch rounded up to a multiple of ``bucket_multiple`` (capped at
-``cutoff_len``), so there are only a few distinct shapes and jit does not recompile per step,
-and every host computes the same T.
+sample of the GLOBAL batch rounded up to ``bucket_multiple`` times a power of two (capped at
+``cutoff_len``, see ``bucket_length``), so there are only a few distinct shapes and jit does not
+recompile per step, and every host computes the same T.
 
 Order: epoch e visits the samples in ``default_rng([seed, e]).permutation(n)``; step s of
 epoch e is a pure function of (seed, e, s), so resuming at (epoch, step) is exact. The last
@@ -40,8 +40,17 @@ KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 def bucket_length(n: int, cutoff_len: int | None, multiple: int = 64) -> int:
-    """Round n up to a multiple of ``multiple``, capped at ``cutoff_len``."""
-    t = max(multiple, -(-n // multiple) * multiple)
+    """The padded length for a longest sample of n tokens: ``multiple`` times the smallest power
+    of two that holds n (64, 128, 256, 512, ...), capped at ``cutoff_len``.
+
+    Every distinct length is one more XLA compile of the train step (and of the eval step), and
+    on a short run compiles cost more than padding: doubling buckets give log2(cutoff/multiple)
+    + 1 shapes (4 for cutoff 512) where multiples of 64 gave up to cutoff/64 (8), for at most 2x
+    padding on the longest row of a batch (masked, so the loss is unchanged).
+    """
+    t = multiple
+    while t < n:
+        t *= 2
     return min(t, cutoff_len) if cutoff_len else t
 
 
@@ -156,6 +165,16 @@ class Batcher:
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    def longest_length(self) -> int | None:
+        """The longest T any batch of these samples gets (None for KTO, whose mismatched rows
+        depend on the batch): what the pre-flight memory check compiles for."""
+        if self.fixed_length:
+            return self.fixed_length
+        if isinstance(self.samples[0], FeedbackExample):
+            return None
+        longest = max(len(s) for s in self.samples)
+        return max(bucket_length(longest, self.cutoff_len, self.bucket_multiple), longest)
 
     @property
     def local_batch_size(self) -> int:

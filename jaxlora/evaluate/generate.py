@@ -167,7 +167,7 @@ def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None, attention
     module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=spec, attention=attention)
     window = cfg.sliding_window
 
-    def run(
+    def decode_batch(
         params,
         lora,
         tokens,  # [B, P] int32, left padded
@@ -266,7 +266,7 @@ def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None, attention
         carry = jax.lax.while_loop(cond, body, carry)
         return carry[7], carry[8]  # [B, N] tokens, [B] counts (stop token included)
 
-    return jax.jit(run, static_argnames=("new_bucket", "do_sample"))
+    return jax.jit(decode_batch, static_argnames=("new_bucket", "do_sample"))
 
 
 def decode_fn(model, adapter=None):

@@ -172,9 +172,10 @@ class Batches:
         return put_batch(self.mesh, host)
 
     def preflight_batch(self, m: int) -> dict:
-        """Batch m padded to the longest shape the run can produce (for the memory check)."""
+        """Batch m padded to the longest shape the run will produce (for the memory check; the
+        step compiled for it is kept, so this is the run's own program for that bucket)."""
         host = self.host_batch(m)
-        t_max = self.batcher.fixed_length or self.data.cutoff_len
+        t_max = self.batcher.longest_length() or self.data.cutoff_len
         out = {}
         for k, v in host.items():
             if getattr(v, "ndim", 0) == 2 and v.shape[1] < t_max:

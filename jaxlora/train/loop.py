@@ -31,6 +31,7 @@ from jaxlora.parallel import distributed
 from jaxlora.train import compile_cache, preflight
 from jaxlora.train.preemption import PreemptionGuard
 from jaxlora.train.setup import Run, build_run
+from jaxlora.train.timing import RunClock
 from jaxlora.train.tracking import MetricsLog, preference_means
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, rerun the same command to resume
@@ -43,6 +44,7 @@ class TrainResult:
     best_eval_loss: float | None
     stopped_early: bool
     preempted: bool = False
+    clock: RunClock | None = None  # where the time went; compile counts per program
 
 
 class _Window:
@@ -67,14 +69,18 @@ def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = pr
     """Run (or resume) training as configured; returns where the outputs are."""
     distributed.maybe_initialize()
     compile_cache.enable(cfg.train.compile_cache)
-    run = build_run(cfg, log=log)
+    clock = RunClock().start()
     try:
-        return _loop(run, progress=progress, log=log)
+        run = build_run(cfg, log=log, clock=clock)
+        try:
+            return _loop(run, clock, progress=progress, log=log)
+        finally:
+            run.close()
     finally:
-        run.close()
+        clock.stop()
 
 
-def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResult:
+def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], None]) -> TrainResult:
     cfg, tcfg = run.cfg, run.cfg.train
     k = tcfg.gradient_accumulation_steps
     batches, steps = run.batches, run.steps
@@ -89,9 +95,10 @@ def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResul
         log(f"resuming from checkpoint at step {resume_step} ({ckpt.directory})")
     main = distributed.is_main_process()
     if start_micro < total_micro:
-        est = preflight.estimate(
-            steps.train_step, state, run.parts.frozen, batches.preflight_batch(start_micro)
-        )
+        with clock.phase("setup"):
+            est = preflight.estimate(
+                steps.train_step, state, run.parts.frozen, batches.preflight_batch(start_micro)
+            )
         log(est.summary())
         preflight.check(cfg, est)
     metrics = MetricsLog(run.run_dir, resume_step=resume_step, enabled=main)
@@ -107,11 +114,16 @@ def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResul
     bar = run.progress_bar(total=batches.total_steps, initial=step, enabled=progress and main)
     t_window, tok_window = time.perf_counter(), 0
     pending: list[dict] = []
+    # One small program for the logged learning rate; called eagerly, the optax schedule's
+    # jnp ops compile one by one (about ten tiny XLA programs).
+    lr_at = jax.jit(steps.schedule)
     with PreemptionGuard() as guard:
         for m in range(start_micro, total_micro):
-            batch = batches.batch(m)
-            tok_window += batches.batch_tokens(m)
-            state, out = steps.train_step(state, run.parts.frozen, batch)
+            with clock.phase("data"):
+                batch = batches.batch(m)
+                tok_window += batches.batch_tokens(m)
+            with clock.phase("step"):
+                state, out = steps.train_step(state, run.parts.frozen, batch)
             pending.append((m, out))
             if (m + 1) % k:
                 continue
@@ -124,7 +136,10 @@ def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResul
             # Multi-host: agreeing on the flag is a collective, so only at logging steps.
             stop_now = (jax.process_count() == 1 or is_log) and guard.should_stop()
             if is_log or is_eval or is_save or stop_now:
-                fetched = _fetch([out for _, out in pending])
+                with clock.phase("step"):  # the host waits here for the dispatched steps
+                    fetched = _fetch([out for _, out in pending])
+                    if is_eval or is_save:  # so their device time is not billed to eval/save
+                        jax.block_until_ready(state)
                 for (bad_m, _), d in zip(pending, fetched, strict=True):
                     if d["finite"] < 0.5:
                         skipped += 1
@@ -161,7 +176,7 @@ def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResul
                 s = window.sums
                 scalars = {
                     "train/loss": s["loss_sum"] / s["tokens"],
-                    "train/lr": float(steps.schedule(step - 1)),
+                    "train/lr": float(lr_at(step - 1)),
                     "train/grad_norm": s["grad_norm_sum"] / max(s["n"], 1e-9),
                     "train/tokens_per_s": tok_window / max(dt, 1e-9),
                     "train/epoch": m / batches.steps_per_epoch,
@@ -179,11 +194,13 @@ def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResul
                 window.reset()
                 t_window, tok_window = time.perf_counter(), 0
             if is_eval:
-                ev = run.evaluate(state)
+                with clock.phase("eval"):
+                    ev = run.evaluate(state)
                 metrics.log(step, ev)
                 n_gen = tcfg.generation_eval_samples
                 if n_gen and main:
-                    text = run.sample_generations(state, n_gen)
+                    with clock.phase("generation"):
+                        text = run.sample_generations(state, n_gen)
                     if text:
                         metrics.text("eval/generations", text, step)
                 loss = ev["eval/loss"]
@@ -191,7 +208,9 @@ def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResul
                 if improved:
                     best, bad_evals = loss, 0
                     if run.keep_best:
-                        ckpt.save_best(step, state["trainable"], {"step": step, "eval_loss": loss})
+                        with clock.phase("checkpoint"):
+                            meta_best = {"step": step, "eval_loss": loss}
+                            ckpt.save_best(step, state["trainable"], meta_best)
                 else:
                     bad_evals += 1
                 patience = tcfg.early_stopping_patience
@@ -202,31 +221,35 @@ def _loop(run: Run, *, progress: bool, log: Callable[[str], None]) -> TrainResul
                         f"{bad_evals} evaluations (best {best:.4f})"
                     )
             if is_save or stopped_early or stop_now:
-                ckpt.save(
-                    step,
-                    state,
-                    {
-                        "step": step,
-                        "micro_step": m + 1,
-                        "window": window.sums,
-                        "best_eval_loss": best,
-                        "bad_evals": bad_evals,
-                        "nonfinite_skips": skipped,
-                    },
-                )
+                run_meta = {
+                    "step": step,
+                    "micro_step": m + 1,
+                    "window": window.sums,
+                    "best_eval_loss": best,
+                    "bad_evals": bad_evals,
+                    "nonfinite_skips": skipped,
+                }
+                with clock.phase("checkpoint"):
+                    ckpt.save(step, state, run_meta)
             if stop_now:
                 preempted = True
                 break
             if stopped_early:
                 break
     bar.close()
-    ckpt.wait()
+    with clock.phase("checkpoint"):
+        ckpt.wait()
+    if not preempted:
+        with clock.phase("export"):
+            run.finish(state, best_available=run.keep_best and ckpt.best_step() is not None)
+    clock.stop()
+    metrics.log(step, clock.breakdown())  # this process's time (a resumed run: since resume)
     metrics.close()
+    log(clock.summary())
     if preempted:
         log(f"preempted: checkpoint saved at step {step}; rerun the same command to resume")
-        return TrainResult(run.run_dir, step, best, stopped_early, preempted=True)
-    run.finish(state, best_available=run.keep_best and ckpt.best_step() is not None)
-    return TrainResult(run.run_dir, step, best, stopped_early)
+        return TrainResult(run.run_dir, step, best, stopped_early, True, clock)
+    return TrainResult(run.run_dir, step, best, stopped_early, clock=clock)
 
 
 def summarise(result: TrainResult, stage: str = "sft") -> str:

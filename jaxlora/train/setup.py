@@ -10,6 +10,7 @@ plus the few things the loop asks of a run (evaluate, sample answers, finish). T
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from jaxlora.train.model_parts import ModelParts, build_model_parts
 from jaxlora.train.run_dir import check_resume, claim_run_dir, write_header
 from jaxlora.train.stage import make_stage
 from jaxlora.train.step_setup import Steps, build_steps
+from jaxlora.train.timing import RunClock
 from jaxlora.train.tracking import preference_means
 
 
@@ -119,8 +121,25 @@ class Run:
         self.checkpoints.close()
 
 
-def build_run(cfg: Config, log: Callable[[str], None] = print) -> Run:
-    """Everything the loop needs for `cfg`, in the order that fails fastest on bad input."""
+def build_run(
+    cfg: Config, log: Callable[[str], None] = print, clock: RunClock | None = None
+) -> Run:
+    """Everything the loop needs for `cfg`, in the order that fails fastest on bad input.
+    With a `clock`, reading/tokenising the data counts as `data`, the rest as `setup`."""
+
+    def phase(name):
+        return clock.phase(name) if clock else contextlib.nullcontext()
+
+    with phase("setup"):
+        tokenizer = _checked_tokenizer(cfg, log)
+    with phase("data"):
+        data = load_data(cfg, tokenizer)
+    log(data.report.summary())
+    with phase("setup"):
+        return _assemble(cfg, data, tokenizer, log)
+
+
+def _checked_tokenizer(cfg: Config, log: Callable[[str], None]) -> Any:
     from jaxlora.io.model import load_tokenizer, resolve_model_path
 
     for key, why in cfg.ignored.items():
@@ -132,9 +151,13 @@ def build_run(cfg: Config, log: Callable[[str], None] = print) -> Run:
             f"{cfg.source}: `model_name_or_path`: model directory {str(model_path)!r} "
             "does not exist"
         )
-    tokenizer = load_tokenizer(model_path)
-    data = load_data(cfg, tokenizer)
-    log(data.report.summary())
+    return load_tokenizer(model_path)
+
+
+def _assemble(cfg: Config, data: DataBundle, tokenizer: Any, log: Callable[[str], None]) -> Run:
+    from jaxlora.io.model import resolve_model_path
+
+    model_path = resolve_model_path(cfg.model.model_name_or_path)
     parts = build_model_parts(cfg, model_path, tokenizer, log)
     stage = make_stage(cfg, parts, data, log)  # DPO: may add a reference copy to parts.frozen
     batches = build_batches(cfg, data, parts.mesh, stage)

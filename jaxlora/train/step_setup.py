@@ -29,8 +29,14 @@ class Steps:
     schedule: Callable[[int], Any]  # learning rate at optimiser step i
     state: dict  # {"trainable", "opt_state", "rng", ...}, placed in `state_shardings`
     state_shardings: dict
-    train_step: Callable  # (state, frozen, batch) -> (state, metrics); `.lower(...)` for AOT
+    train_step: Callable  # (state, frozen, batch) -> (state, metrics); `.lower(...)` for AOT,
+    # `.compile(...)` = the cached program for that batch shape, `.compiled` = the cache
     eval_step: Callable  # (trainable, frozen, batch) -> metric sums
+
+
+def batch_signature(batch: dict) -> tuple:
+    """What a compiled step is specialised on: each column's name, shape and dtype."""
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
 
 
 def _mesh_of(*trees: Any) -> Any:
@@ -129,10 +135,23 @@ def build_steps(
     step = make_train_step(train_loss, tx, **train_kw)
     evaluate = make_eval_step(eval_loss, **eval_kw)
 
+    # One compiled program per batch shape, built once and kept: the pre-flight memory check's
+    # ahead-of-time compile IS the program the loop then runs for that shape (jit's own cache
+    # does not see AOT compiles, so calling `step` would compile the same shape a second time).
+    compiled: dict[tuple, Any] = {}
+
+    def compile_for(state, frozen, batch):
+        key = batch_signature(batch)
+        if key not in compiled:
+            with sharding.mesh_context(mesh):
+                compiled[key] = step.lower(state, frozen, batch).compile()
+        return compiled[key]
+
     # The model's activation sharding constraints apply only under the mesh context.
     def train_step(state, frozen, batch):
+        fn = compile_for(state, frozen, batch)
         with sharding.mesh_context(mesh):
-            return step(state, frozen, batch)
+            return fn(state, frozen, batch)
 
     def eval_step(trainable, frozen, batch):
         with sharding.mesh_context(mesh):
@@ -143,5 +162,7 @@ def build_steps(
             return step.lower(*args)
 
     train_step.lower = lower
+    train_step.compile = compile_for  # the pre-flight check compiles through this cache
+    train_step.compiled = compiled
     train_step.jitted = step  # `bench --lower-for` exports it for another platform
     return Steps(tx, schedule, state, state_sh, train_step, eval_step)

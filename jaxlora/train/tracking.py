@@ -2,7 +2,8 @@
 
 Both use the same tag names (`train/loss`, `eval/perplexity`, ...). On resume, records logged
 after the checkpoint being resumed from are dropped first, so the file reads exactly like an
-uninterrupted run. TensorBoard is written with tensorboardX (no TensorFlow needed); a resumed run
+uninterrupted run (except the last record, `time/*` and `compile/*`: where this process's wall
+time went, see `jaxlora.train.timing`; an interrupted process's breakdown is dropped too). TensorBoard is written with tensorboardX (no TensorFlow needed); a resumed run
 starts a new event file and TensorBoard shows the latest value per step.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from jaxlora.io.atomic import atomic_write_text
 
+TIMING_KEY = "time/wall_s"  # marks the end-of-run time breakdown record (train.timing)
 PREF = "pref/"  # stage metric sums: `pref/<name>` plus the row counts `pref/count[/<group>]`
 
 
@@ -72,7 +74,12 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None:
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            # The interrupted process's time breakdown goes too: each process writes its own.
+            kept = [
+                r
+                for r in read_metrics(self.path)
+                if r.get("step", 0) <= resume_step and TIMING_KEY not in r
+            ]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
