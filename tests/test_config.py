@@ -140,7 +140,6 @@ def test_llamafactory_yaml_loads_with_only_ignored_key_warnings(tmp_path: Path) 
         "trust_remote_code",
         "do_train",
         "overwrite_cache",
-        "preprocessing_num_workers",
         "dataloader_num_workers",
         "save_only_model",
         "report_to",
@@ -150,6 +149,7 @@ def test_llamafactory_yaml_loads_with_only_ignored_key_warnings(tmp_path: Path) 
     assert all(reason for reason in cfg.ignored.values())
     assert cfg.model.template == "llama3"
     assert cfg.data.dataset == "identity,alpaca_en_demo"
+    assert cfg.data.preprocessing_num_workers == 16  # tokenising processes (issue 17)
     assert cfg.train.learning_rate == pytest.approx(1e-4)
     assert cfg.train.gradient_accumulation_steps == 8
     assert cfg.finetune.resolved_lora_alpha == 16.0

@@ -83,6 +83,7 @@ def cmd_data_stats(args) -> int:
     from jaxlora.data.loading import resolve_demo_names as resolve_dataset
     from jaxlora.data.stats import data_stats, format_stats, plot_length_histogram
     from jaxlora.io.model import load_tokenizer, resolve_model_path
+    from jaxlora.train.batches import data_cache_dir
 
     cfg = _load_cfg(args)
     if cfg.data.dataset is None:
@@ -102,6 +103,9 @@ def cmd_data_stats(args) -> int:
         chat_template=cfg.model.chat_template,
         system=cfg.data.system,
         train_on_prompt=cfg.data.train_on_prompt,
+        max_prompt_length=cfg.data.max_prompt_length,
+        cache_dir=data_cache_dir(cfg),
+        num_workers=cfg.data.preprocessing_num_workers,
     )
     print(format_stats(stats))
     out = Path(args.out or cfg.train.output_dir)

@@ -35,6 +35,7 @@ from jaxlora.errors import UserError, did_you_mean
 
 # String fields where a YAML list (`[a, b]`) is joined into the comma form LLaMA-Factory uses.
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "freeze_trainable_modules")
+_NUMBER_LIST_KEYS = ("interleave_probs",)  # YAML [0.7, 0.3] or "0.7,0.3"
 
 # flat key -> (group name, type hint); mesh axes appear as "mesh.<axis>".
 _KEYS: dict[str, tuple[str, Any]] = {}
@@ -50,9 +51,10 @@ _IGNORED_BY_REASON: dict[str, tuple[str, ...]] = {
     "evaluation runs whenever there is an eval set (val_size / eval_dataset)": ("do_eval",),
     "use `jaxlora predict` / `jaxlora eval`": ("do_predict", "predict_with_generate"),
     "jaxlora never runs remote code": ("trust_remote_code",),
-    "data is tokenised in-process, without a cache": (
-        "preprocessing_num_workers", "preprocessing_batch_size", "dataloader_num_workers",
-        "dataloader_pin_memory", "overwrite_cache", "tokenized_path", "buffer_size",
+    "tokenised data is cached by a key of all its inputs (a stale entry is never read); "
+    "batches are built on the main process from the memory-mapped cache": (
+        "preprocessing_batch_size", "dataloader_num_workers", "dataloader_pin_memory",
+        "overwrite_cache", "buffer_size",
     ),
     "no torch.distributed; multi-host runs use jax.distributed": (
         "ddp_timeout", "ddp_backend", "ddp_find_unused_parameters",
@@ -110,11 +112,13 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "mixture_of_depths": (_NOOP, "mixture of depths is not implemented"),
     "rope_scaling": (_NOOP, "RoPE scaling is read from the model's config.json"),
     "train_from_scratch": (_NOOP, "jaxlora fine-tunes existing checkpoints"),
-    "streaming": (_NOOP, "datasets are loaded whole; use max_samples to cut them"),
+    "streaming": (
+        _NOOP,
+        "streaming is not implemented; datasets are tokenised once into a memory-mapped cache "
+        "(host memory stays flat in dataset size); use max_samples to cut them",
+    ),
     "mask_history": (_NOOP, "every assistant turn is trained; split the conversations instead"),
     "eval_on_each_dataset": (_NOOP, "eval datasets are evaluated together"),
-    "interleave_probs": (_NOOP, "datasets are concatenated"),
-    "mix_strategy": ((*_NOOP, "concat"), "datasets are concatenated"),
     "create_new_adapter": (_NOOP, "`adapter_name_or_path` continues training that adapter"),
     "additional_target": (_NOOP, "only linear layers get adapters; use finetuning_type: freeze"),
     "freeze_extra_modules": (_NOOP, "use `freeze_trainable_modules`"),
@@ -316,6 +320,17 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True}
 _BOOL_WORDS |= {"false": False, "no": False, "off": False, "0": False}
 
 
+def _number_list(key: str, value: Any, where: str) -> str:
+    """A list of numbers (YAML list or comma string) as a canonical comma string."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    try:
+        return ",".join(repr(float(v)) for v in items)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{where}: `{key}` expects a comma list of numbers, got {value!r}"
+        ) from None
+
+
 def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML value to the field's type; numeric strings are accepted for numbers
     because YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string."""
@@ -344,6 +359,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     # str fields
     if isinstance(value, list) and key in _LIST_KEYS and all(isinstance(v, str) for v in value):
         value = ",".join(v.strip() for v in value)
+    if key in _NUMBER_LIST_KEYS:
+        value = _number_list(key, value, where)
     choices = CHOICES.get(key)
     if isinstance(value, bool) and choices:
         # YAML reads `eval_strategy: no` as False; map it back to the word the user wrote.

@@ -55,6 +55,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # block: the CPU block-causal kernel (plain XLA ops; runs anywhere).
     "attention": ("auto", "xla", "cudnn", "pallas", "splash", "block"),
     "formatting": ("auto", "alpaca", "sharegpt", "messages", "preference", "text"),
+    "mix_strategy": ("concat", "interleave_under", "interleave_over"),
     # sft: supervised answers; dpo: chosen/rejected pairs (also ORPO/SimPO via pref_loss);
     # kto: one answer per prompt with a thumbs up/down (kto_tag); pt: raw text.
     "stage": ("sft", "dpo", "kto", "pt"),
@@ -109,6 +110,11 @@ class DataArgs:
     packing: bool | None = None  # None = auto (on for stage pt)
     train_on_prompt: bool = False
     system: str | None = None
+    # Datasets of a comma list: one after another, or interleaved (LLaMA-Factory's keys).
+    mix_strategy: str = "concat"
+    interleave_probs: str | None = None  # comma list of probabilities, one per dataset
+    preprocessing_num_workers: int | None = None  # tokenising processes; None = all cores
+    tokenized_path: str | None = None  # tokenised-cache directory; None = $JAXLORA_CACHE/data
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ _RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "simpo_gamma": (0, False, None, ""),
     "cutoff_len": (8, False, None, ""),
     "max_samples": (1, False, None, ""),
+    "preprocessing_num_workers": (1, False, None, ""),
     "max_prompt_length": (1, False, None, ""),
     "val_size": (0, False, None, " (a fraction < 1 or a number of samples >= 1)"),
     "learning_rate": (0, True, None, ""),
@@ -107,6 +108,15 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:  # key -> file 
         fail([f"mesh.{a}" for a in axes], "at most one `mesh` axis may be -1")
 
     # --- contradictions
+    if d.interleave_probs is not None:
+        probs = [float(x) for x in d.interleave_probs.split(",")]
+        if d.mix_strategy == "concat":
+            fail(["interleave_probs", "mix_strategy"], "`interleave_probs` needs `mix_strategy: "
+                 "interleave_under` or `interleave_over` (concat takes each row once)")  # fmt: skip
+        n_sets = len([x for x in (d.dataset or "").split(",") if x.strip()])
+        if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6 or (n_sets and len(probs) != n_sets):
+            fail(["interleave_probs"], f"`interleave_probs` must be {n_sets or 'one per dataset'} "
+                 f"non-negative numbers that sum to 1; got {d.interleave_probs}")  # fmt: skip
     if t.warmup_ratio > 0 and t.warmup_steps > 0:
         fail(
             ["warmup_ratio", "warmup_steps"],

@@ -5,7 +5,15 @@ Entry points (plain keyword arguments named like the config keys; no config impo
 ``load_sft_dataset(tokenizer, *, dataset, dataset_dir=None, formatting="auto", cutoff_len=1024,
 max_samples=None, val_size=0.0, packing=False, train_on_prompt=False, template=None,
 chat_template=None, system=None, seed=0, eval_dataset=None) -> (train, eval, DataReport)``
-    ``train``/``eval`` are lists of :class:`Example` (packed rows when ``packing``).
+    ``train``/``eval`` are sequences of :class:`Example` (packed rows when ``packing``).
+
+Every loader also takes ``cache_dir=None`` (tokenised datasets are kept there, memory-mapped,
+keyed by all their inputs; None = a temporary directory), ``num_workers=1`` (tokenising
+processes; scripts using > 1 need the ``if __name__ == "__main__":`` guard of Python's spawn
+start method), ``mix_strategy="concat"`` / ``interleave_probs=None`` (see ``views.py``). The
+sequences returned read samples from the memory-mapped files when indexed (``views.py``), so
+host memory does not grow with the dataset; ``report.cache_hits`` / ``cache_misses`` count the
+datasets read from / written to the cache.
 
 ``load_preference_dataset(tokenizer, *, dataset, ..., cutoff_len=1024, max_prompt_length=None,
 packing=False, ...) -> (train, eval, DataReport)``

@@ -16,6 +16,7 @@ both are long each gets at least half. Truncated and dropped samples are counted
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,7 @@ class EncodeCounts:
     n_dropped: int = 0  # no target token left (dropped)
     prompt_lens: list[int] = field(default_factory=list)  # before truncation, for stats
     answer_lens: list[int] = field(default_factory=list)
-    kept: list[int] = field(default_factory=list)  # input indices that became examples (pairs)
+    kept: list[int] = field(default_factory=list)  # input indices that became examples
 
 
 def _render(tokenizer, template, msgs, tools, where, gen=False) -> str:
@@ -177,11 +178,14 @@ def encode_conversations(
     bos = tokenizer.bos_token_id
     counts = EncodeCounts(n_samples=len(convs))
     examples = []
-    for (_, spans), (ids_list, offs) in zip(rendered, toks, strict=True):
-        ids = np.asarray(ids_list, np.int32)
-        answer = _span_mask(np.asarray(offs, np.int64).reshape(-1, 2), spans)
+    for k, ((_, spans), (ids_list, offs)) in enumerate(zip(rendered, toks, strict=True)):
+        ids = np.fromiter(ids_list, np.int32, len(ids_list))
+        # [T, 2] character offsets; fromiter over the flattened tuples is ~10x np.asarray's speed.
+        off = np.fromiter(itertools.chain.from_iterable(offs), np.int64, 2 * len(offs))
+        off = off.reshape(-1, 2)
+        answer = _span_mask(off, spans)
         # The final answer starts at the first target token of the last span.
-        last = _span_mask(np.asarray(offs, np.int64).reshape(-1, 2), spans[-1:])
+        last = _span_mask(off, spans[-1:])
         start = int(np.argmax(last)) if last.any() else len(ids)
         counts.prompt_lens.append(len(ids) - int(answer.sum()))
         counts.answer_lens.append(int(answer.sum()))
@@ -201,6 +205,7 @@ def encode_conversations(
             counts.n_dropped += 1
             continue
         examples.append(Example(ids, mask.astype(np.int32)))
+        counts.kept.append(k)
     return examples, counts
 
 

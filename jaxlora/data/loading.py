@@ -143,29 +143,34 @@ def resolve_datasets(
 
 
 def _json_rows(path: Path, label: str) -> Iterator[tuple[str, Any]]:
+    if path.suffix == ".jsonl":  # line by line: memory does not grow with the file
+        with path.open(encoding="utf-8-sig") as f:
+            yield from _jsonl_lines(f, label)
+        return
     text = path.read_text(encoding="utf-8-sig")
-    if path.suffix != ".jsonl":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" = several top-level values: JSON Lines
-                raise UserError(
-                    f"{label} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})"
-                ) from None
-        else:
-            if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise UserError(f"{label}: expected a JSON array of objects (or JSON Lines)")
-                data = lists[0]
-            if not isinstance(data, list):
-                raise UserError(
-                    f"{label}: expected a JSON array of objects, got {type(data).__name__}"
-                )
-            for i, row in enumerate(data):
-                yield f"{label} row {i + 1}", row
-            return
-    for i, line in enumerate(text.splitlines()):
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":  # "Extra data" = several top-level values: JSON Lines
+            raise UserError(
+                f"{label} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})"
+            ) from None
+    else:
+        if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise UserError(f"{label}: expected a JSON array of objects (or JSON Lines)")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise UserError(f"{label}: expected a JSON array of objects, got {type(data).__name__}")
+        for i, row in enumerate(data):
+            yield f"{label} row {i + 1}", row
+        return
+    yield from _jsonl_lines(text.splitlines(), label)
+
+
+def _jsonl_lines(lines, label: str) -> Iterator[tuple[str, Any]]:
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
@@ -220,8 +225,9 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
 
 
-def read_rows(spec: SourceSpec, max_samples: int | None = None) -> list[tuple[str, dict]]:
-    """All rows (at most ``max_samples``) of one dataset as (where, row-dict) pairs."""
+def iter_rows(spec: SourceSpec, max_samples: int | None = None) -> Iterator[tuple[str, dict]]:
+    """The rows (at most ``max_samples``) of one dataset as (where, row-dict) pairs, read lazily
+    (JSON Lines, CSV and text line by line; a JSON array is parsed whole)."""
     path = Path(spec.path)
     if not path.exists():
         raise UserError(f"dataset {spec.label!r}: file {path} does not exist")
@@ -231,7 +237,7 @@ def read_rows(spec: SourceSpec, max_samples: int | None = None) -> list[tuple[st
             raise UserError(f"dataset {spec.label!r}: directory {path} has no data files")
     else:
         files = [path]
-    rows: list[tuple[str, dict]] = []
+    n = 0
     for f in files:
         label = str(f)
         if f.is_dir():
@@ -251,9 +257,14 @@ def read_rows(spec: SourceSpec, max_samples: int | None = None) -> list[tuple[st
                 raise UserError(
                     f"{where}: expected an object with named fields, got {type(row).__name__}"
                 )
-            rows.append((where, row))
-            if max_samples is not None and len(rows) >= max_samples:
-                return rows
-    if not rows:
+            yield where, row
+            n += 1
+            if max_samples is not None and n >= max_samples:
+                return
+    if not n:
         raise UserError(f"dataset {spec.label!r} ({path}) is empty")
-    return rows
+
+
+def read_rows(spec: SourceSpec, max_samples: int | None = None) -> list[tuple[str, dict]]:
+    """All rows (at most ``max_samples``) of one dataset as (where, row-dict) pairs."""
+    return list(iter_rows(spec, max_samples))

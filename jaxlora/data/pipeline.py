@@ -9,25 +9,37 @@ with the adapter so inference renders prompts the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxlora.data.encode import (
-    EncodeCounts,
-    Example,
-    PreferenceExample,
-    encode_conversations,
-    encode_preferences,
-    encode_texts,
+from jaxlora.data.build import ChunkEncoder, default_workers, encode_dataset
+from jaxlora.data.cache import (
+    SampleStore,
+    data_key,
+    file_digest,
+    open_or_build,
+    tokenizer_digest,
 )
-from jaxlora.data.feedback import FeedbackExample, encode_feedback, to_feedback
-from jaxlora.data.formats import SourceSpec, detect_format, to_conversation, to_preference, to_text
-from jaxlora.data.loading import read_rows, resolve_datasets
-from jaxlora.data.packing import pack_examples, pack_preferences, pack_stream
+from jaxlora.data.encode import Example
+from jaxlora.data.feedback import FeedbackExample
+from jaxlora.data.loading import resolve_datasets
 from jaxlora.data.templates import ChatTemplate, resolve_template
+from jaxlora.data.views import (
+    PackedView,
+    SampleView,
+    StreamView,
+    mix_rows,
+    split_rows,
+    views_fingerprint,
+)
 from jaxlora.errors import UserError
 
 _FORMATTINGS = ("auto", "alpaca", "sharegpt", "messages", "preference", "text")
@@ -54,6 +66,8 @@ class DataReport:
     n_train_tokens: int = 0  # real (non-pad) tokens in the training rows
     n_target_tokens: int = 0  # tokens with loss_mask = 1 in the training rows
     fingerprint: str = ""  # hash of the encoded train + eval samples (e.g. cache keys)
+    cache_hits: int = 0  # datasets read from the tokenised cache
+    cache_misses: int = 0  # datasets tokenised by this call
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,312 +104,233 @@ def _check_args(cutoff_len: int | None, formatting: str | None, val_size: float)
     return fmt
 
 
-def _rows(dataset, dataset_dir, formatting, max_samples) -> list[tuple[SourceSpec, str, list]]:
-    """Per dataset: its spec, the resolved format, and its (where, row) pairs."""
+def _stores(
+    stage: str, tokenizer: Any, tmpl: ChatTemplate | None, names, src: dict, report: DataReport
+) -> list[SampleStore]:
+    """One encoded store per dataset of ``names``: from the cache when its key matches, else
+    tokenised now (``src['num_workers']`` processes) and written to it. Without a
+    ``cache_dir`` the stores live in a temporary directory that is deleted once mapped."""
+    max_samples = src["max_samples"]
     if max_samples is not None and max_samples < 1:
         raise UserError(f"config key `max_samples` must be >= 1, got {max_samples}")
-    out = []
-    for spec in resolve_datasets(dataset, dataset_dir, formatting):
-        rows = read_rows(spec, max_samples)
-        fmt = spec.formatting
-        if fmt in (None, "", "auto"):
-            fmt = detect_format(rows[0][1], rows[0][0])
-        out.append((spec, fmt, rows))
-    return out
+    specs = resolve_datasets(names, src["dataset_dir"], src["formatting"])
+    cache_dir = src["cache_dir"]
+    root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="jaxlora-data-"))
+    tok_key = tokenizer_digest(tokenizer)
+    workers = src["num_workers"] or default_workers()
+    if workers < 1:
+        raise UserError(f"config key `preprocessing_num_workers` must be >= 1, got {workers}")
+    shared = {"stage": stage, "tokenizer": tokenizer, "template": tmpl, **src["encode"]}
+    encoder = ChunkEncoder(shared, workers)
+    stores = []
+    try:
+        for spec in specs:
+            spec_key = {k: v for k, v in asdict(spec).items() if k not in ("path", "label")}
+            key = data_key(
+                stage=stage,
+                spec=spec_key,
+                files=file_digest(Path(spec.path)),
+                tokenizer=tok_key,
+                template=None if tmpl is None else asdict(tmpl),
+                max_samples=max_samples,
+                encode=src["encode"],
+            )
+            build = functools.partial(
+                encode_dataset, spec=spec, max_samples=max_samples, encoder=encoder
+            )
+            store, hit = open_or_build(key, root, build)
+            report.cache_hits += hit
+            report.cache_misses += not hit
+            stores.append(store)
+    finally:
+        encoder.close()
+        if not cache_dir:
+            shutil.rmtree(root, ignore_errors=True)  # mapped files stay readable until closed
+    for spec, store in zip(specs, stores, strict=True):
+        store.label = spec.label
+    return stores
 
 
-def _split(items: list, val_size: float, seed: int) -> tuple[list, list]:
-    """Deterministic train/validation split: val_size < 1 is a fraction, >= 1 a count."""
-    if not val_size:
-        return items, []
-    n = len(items)
-    n_val = int(val_size) if val_size >= 1 else max(1, int(round(n * val_size)))
-    if n_val >= n:
-        raise UserError(f"config key `val_size`: {val_size} leaves no training data ({n} samples)")
-    perm = np.random.default_rng(seed).permutation(n)
-    val = set(perm[:n_val].tolist())
-    return [x for i, x in enumerate(items) if i not in val], [items[i] for i in sorted(val)]
+def _load(stage: str, tokenizer: Any, tmpl: ChatTemplate | None, **kw) -> tuple:
+    """(train view, eval view, report, training rows read): encode (or reuse) every dataset,
+    mix the training datasets' rows, split off validation rows, drop emptied samples."""
+    src = {k: kw[k] for k in ("dataset_dir", "formatting", "max_samples", "cache_dir")}
+    src["num_workers"], src["encode"] = kw["num_workers"], kw["encode"]
+    report = DataReport(stage=stage, datasets=[])
+    stores = _stores(stage, tokenizer, tmpl, kw["dataset"], src, report)
+    report.datasets = [s.label for s in stores]
+    sizes = [int(s.meta["n_rows"]) for s in stores]
+    seed = kw["seed"]
+    which, rows = mix_rows(sizes, kw["mix_strategy"] or "concat", kw["interleave_probs"], seed)
+    used = list(stores)
+    if kw["eval_dataset"]:
+        eval_stores = _stores(stage, tokenizer, tmpl, kw["eval_dataset"], src, report)
+        ew, er = mix_rows([int(s.meta["n_rows"]) for s in eval_stores])
+        train = SampleView.of_rows(stores, which, rows)
+        evals = SampleView.of_rows(eval_stores, ew, er)
+        n_train_rows, report.n_rows = len(which), len(which) + len(ew)
+        report.notes.append(f"eval set: {', '.join(s.label for s in eval_stores)}")
+        used += eval_stores
+    else:
+        tr, va = split_rows(len(which), kw["val_size"], seed)
+        train = SampleView.of_rows(stores, which[tr], rows[tr])
+        evals = SampleView.of_rows(stores, which[va], rows[va])
+        n_train_rows, report.n_rows = len(tr), len(which)
+    if kw["mix_strategy"] not in (None, "concat"):
+        report.notes.append(f"mixed by {kw['mix_strategy']}: {len(which)} rows")
+    for s in used:  # counts per dataset row read (a row oversampled twice counts once)
+        report.n_truncated += s.meta["n_truncated"]
+        report.n_answer_truncated += s.meta["n_answer_truncated"]
+        report.n_dropped += s.meta["n_dropped"]
+    return train, evals, report, n_train_rows
 
 
-def _sources(
-    stage: str,
-    convert,
+def _common(
     *,
     dataset: str | list[str],
-    eval_dataset: str | list[str] | None = None,
     dataset_dir: str | None = None,
     formatting: str | None = "auto",
     max_samples: int | None = None,
     val_size: float = 0.0,
     seed: int = 0,
-) -> tuple[list, list, DataReport]:
-    """Read and ``convert(spec, fmt, where, row)`` train (and eval) rows, then split."""
-    train_src = _rows(dataset, dataset_dir, formatting, max_samples)
-    report = DataReport(stage=stage, datasets=[s.label for s, _, _ in train_src])
-    train = [convert(spec, fmt, where, row) for spec, fmt, rows in train_src for where, row in rows]
-    report.n_rows = len(train)
-    if eval_dataset:
-        eval_src = _rows(eval_dataset, dataset_dir, formatting, max_samples)
-        evals = [
-            convert(spec, fmt, where, row) for spec, fmt, rows in eval_src for where, row in rows
-        ]
-        report.n_rows += len(evals)
-        report.notes.append(f"eval set: {', '.join(s.label for s, _, _ in eval_src)}")
-    else:
-        train, evals = _split(train, val_size, seed)
-    return train, evals, report
-
-
-def _add_counts(report: DataReport, counts: EncodeCounts) -> None:
-    report.n_truncated += counts.n_truncated
-    report.n_answer_truncated += counts.n_answer_truncated
-    report.n_dropped += counts.n_dropped
-
-
-def _token_counts(report: DataReport, rows: list[Example]) -> None:
-    report.n_train_rows = len(rows)
-    report.n_train_tokens = int(
-        sum((r.segment_ids > 0).sum() if r.segment_ids is not None else len(r) for r in rows)
-    )
-    report.n_target_tokens = int(sum(r.loss_mask.sum() for r in rows))
-
-
-def _sft_convert(spec: SourceSpec, fmt: str, where: str, row: dict):
-    if spec.ranking or (fmt == "preference" and "completion" not in row):
-        raise UserError(
-            f"{where}: this is preference (chosen/rejected) data; train it with `stage: dpo`"
-        )
-    if fmt == "text":
-        raise UserError(f"{where}: this is raw text; train it with `stage: pt`")
-    return to_conversation(row, spec, fmt, where)
+    eval_dataset: str | list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    num_workers: int | None = 1,
+    mix_strategy: str | None = "concat",
+    interleave_probs: list[float] | None = None,
+) -> dict:
+    """The keyword arguments every loader shares (see the module docstring of ``data``)."""
+    return dict(locals())
 
 
 def load_sft_dataset(
     tokenizer: Any,
     *,
-    dataset: str | list[str],
-    dataset_dir: str | None = None,
-    formatting: str | None = "auto",
     cutoff_len: int | None = 1024,
-    max_samples: int | None = None,
-    val_size: float = 0.0,
     packing: bool = False,
     train_on_prompt: bool = False,
     template: str | None = None,
     chat_template: str | None = None,
     system: str | None = None,
-    seed: int = 0,
-    eval_dataset: str | list[str] | None = None,
-) -> tuple[list[Example], list[Example], DataReport]:
+    **kw: Any,
+) -> tuple[Sequence[Example], Sequence[Example], DataReport]:
     """SFT samples (or packed rows when ``packing``) for training and evaluation."""
-    _check_args(cutoff_len, formatting, val_size)
+    kw = _common(**kw)
+    _check_args(cutoff_len, kw["formatting"], kw["val_size"])
     if packing and cutoff_len is None:
         raise UserError("config key `packing` needs `cutoff_len` (the packed row length)")
     tmpl = resolve_template(tokenizer, template, chat_template, system)
-    train_c, eval_c, report = _sources(
-        "sft",
-        _sft_convert,
-        dataset=dataset,
-        eval_dataset=eval_dataset,
-        dataset_dir=dataset_dir,
-        formatting=formatting,
-        max_samples=max_samples,
-        val_size=val_size,
-        seed=seed,
-    )
+    enc = {"cutoff_len": cutoff_len, "train_on_prompt": train_on_prompt}
+    train, evals, report, n_rows = _load("sft", tokenizer, tmpl, encode=enc, **kw)
     report.template_name, report.chat_template = tmpl.name, tmpl.source
     report.cutoff_len, report.packing = cutoff_len, packing
-    kw = {"cutoff_len": cutoff_len, "train_on_prompt": train_on_prompt}
-    train, counts = encode_conversations(train_c, tokenizer, tmpl, **kw)
-    _add_counts(report, counts)
-    evals, ecounts = encode_conversations(eval_c, tokenizer, tmpl, **kw) if eval_c else ([], None)
-    if ecounts:
-        _add_counts(report, ecounts)
-    if not train:
+    if not len(train):
         raise UserError(
-            f"no training samples left: all {counts.n_samples} samples were dropped because no "
+            f"no training samples left: all {n_rows} samples were dropped because no "
             f"answer token survived truncation to cutoff_len={cutoff_len}; raise `cutoff_len`"
         )
     report.n_train, report.n_eval = len(train), len(evals)
-    pad = pad_id(tokenizer)
+    report.n_train_tokens = int(train.lengths("input_ids").sum())
+    report.n_target_tokens = int(train.target_counts().sum())
     if packing:
-        train = pack_examples(train, cutoff_len, pad)
-        evals = pack_examples(evals, cutoff_len, pad) if evals else []
-    report.n_eval_rows = len(evals)
-    _token_counts(report, train)
-    report.fingerprint = fingerprint(train, evals)
+        pad = pad_id(tokenizer)
+        train, evals = PackedView(train, cutoff_len, pad), PackedView(evals, cutoff_len, pad)
+    report.n_train_rows, report.n_eval_rows = len(train), len(evals)
+    report.fingerprint = views_fingerprint(train, evals)
     return train, evals, report
-
-
-def _pref_convert(spec: SourceSpec, fmt: str, where: str, row: dict):
-    if fmt == "text":
-        raise UserError(f"{where}: raw text has no chosen/rejected answers for DPO")
-    return to_preference(row, spec, fmt, where)
 
 
 def load_preference_dataset(
     tokenizer: Any,
     *,
-    dataset: str | list[str],
-    dataset_dir: str | None = None,
-    formatting: str | None = "auto",
     cutoff_len: int | None = 1024,
     max_prompt_length: int | None = None,
-    max_samples: int | None = None,
-    val_size: float = 0.0,
     packing: bool = False,
     template: str | None = None,
     chat_template: str | None = None,
     system: str | None = None,
-    seed: int = 0,
-    eval_dataset: str | list[str] | None = None,
-) -> tuple[list[PreferenceExample] | list[Example], list, DataReport]:
+    **kw: Any,
+) -> tuple[Sequence, Sequence, DataReport]:
     """DPO pairs: ``PreferenceExample``s, or with ``packing`` plain packed rows of length
     ``2 * cutoff_len`` where segment 2k-1/2k are the chosen/rejected sequences of pair k."""
-    _check_args(cutoff_len, formatting, val_size)
+    kw = _common(**kw)
+    _check_args(cutoff_len, kw["formatting"], kw["val_size"])
     if max_prompt_length is not None and max_prompt_length < 1:
         raise UserError(f"config key `max_prompt_length` must be >= 1, got {max_prompt_length}")
     if packing and cutoff_len is None:
         raise UserError("config key `packing` needs `cutoff_len`")
     tmpl = resolve_template(tokenizer, template, chat_template, system)
-    train_p, eval_p, report = _sources(
-        "dpo",
-        _pref_convert,
-        dataset=dataset,
-        eval_dataset=eval_dataset,
-        dataset_dir=dataset_dir,
-        formatting=formatting,
-        max_samples=max_samples,
-        val_size=val_size,
-        seed=seed,
-    )
+    enc = {"cutoff_len": cutoff_len, "max_prompt_length": max_prompt_length}
+    train, evals, report, _ = _load("dpo", tokenizer, tmpl, encode=enc, **kw)
     report.template_name, report.chat_template = tmpl.name, tmpl.source
     report.cutoff_len, report.packing = cutoff_len, packing
-    kw = {"cutoff_len": cutoff_len, "max_prompt_length": max_prompt_length}
-    train, counts = encode_preferences(train_p, tokenizer, tmpl, **kw)
-    _add_counts(report, counts)
-    evals: list = []
-    if eval_p:
-        evals, ecounts = encode_preferences(eval_p, tokenizer, tmpl, **kw)
-        _add_counts(report, ecounts)
-    if not train:
+    if not len(train):
         raise UserError("no preference pairs left after truncation; raise `cutoff_len`")
     report.n_train, report.n_eval = len(train), len(evals)
-    report.n_train_tokens = int(
-        sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in train)
-    )
-    report.n_target_tokens = int(sum(len(e.chosen_ids) + len(e.rejected_ids) for e in train))
-    report.n_train_rows, report.n_eval_rows = len(train), len(evals)
+    answers = train.lengths("chosen_ids") + train.lengths("rejected_ids")
+    report.n_train_tokens = int((2 * train.lengths("prompt_ids") + answers).sum())
+    report.n_target_tokens = int(answers.sum())
     if packing:
-        pad = pad_id(tokenizer)
-        train = pack_preferences(train, 2 * cutoff_len, pad)
-        evals = pack_preferences(evals, 2 * cutoff_len, pad) if evals else []
-        report.n_train_rows, report.n_eval_rows = len(train), len(evals)
-    report.fingerprint = fingerprint(train, evals)
+        pad, n = pad_id(tokenizer), 2 * cutoff_len
+        train, evals = PackedView(train, n, pad, pairs=True), PackedView(evals, n, pad, pairs=True)
+    report.n_train_rows, report.n_eval_rows = len(train), len(evals)
+    report.fingerprint = views_fingerprint(train, evals)
     return train, evals, report
-
-
-def _feedback_convert(spec: SourceSpec, fmt: str, where: str, row: dict):
-    if spec.ranking:
-        raise UserError(f"{where}: this is chosen/rejected data; KTO needs one labelled answer")
-    return to_feedback(row, spec, fmt, where)
 
 
 def load_feedback_dataset(
     tokenizer: Any,
     *,
-    dataset: str | list[str],
-    dataset_dir: str | None = None,
-    formatting: str | None = "auto",
     cutoff_len: int | None = 1024,
     max_prompt_length: int | None = None,
-    max_samples: int | None = None,
-    val_size: float = 0.0,
     template: str | None = None,
     chat_template: str | None = None,
     system: str | None = None,
-    seed: int = 0,
-    eval_dataset: str | list[str] | None = None,
-) -> tuple[list[FeedbackExample], list[FeedbackExample], DataReport]:
+    **kw: Any,
+) -> tuple[Sequence[FeedbackExample], Sequence[FeedbackExample], DataReport]:
     """KTO samples (`jaxlora.data.feedback`): prompt + one answer + a desirable/undesirable
     label. Not packable: the KL rows pair each prompt with another sample's answer."""
-    _check_args(cutoff_len, formatting, val_size)
+    kw = _common(**kw)
+    _check_args(cutoff_len, kw["formatting"], kw["val_size"])
     if max_prompt_length is not None and max_prompt_length < 1:
         raise UserError(f"config key `max_prompt_length` must be >= 1, got {max_prompt_length}")
     tmpl = resolve_template(tokenizer, template, chat_template, system)
-    train_s, eval_s, report = _sources(
-        "kto",
-        _feedback_convert,
-        dataset=dataset,
-        eval_dataset=eval_dataset,
-        dataset_dir=dataset_dir,
-        formatting=formatting,
-        max_samples=max_samples,
-        val_size=val_size,
-        seed=seed,
-    )
+    enc = {"cutoff_len": cutoff_len, "max_prompt_length": max_prompt_length}
+    train, evals, report, _ = _load("kto", tokenizer, tmpl, encode=enc, **kw)
     report.template_name, report.chat_template = tmpl.name, tmpl.source
     report.cutoff_len = cutoff_len
-    kw = {"cutoff_len": cutoff_len, "max_prompt_length": max_prompt_length}
-    train, counts = encode_feedback(train_s, tokenizer, tmpl, **kw)
-    _add_counts(report, counts)
-    evals: list = []
-    if eval_s:
-        evals, ecounts = encode_feedback(eval_s, tokenizer, tmpl, **kw)
-        _add_counts(report, ecounts)
-    if not train:
+    if not len(train):
         raise UserError("no KTO samples left after truncation; raise `cutoff_len`")
-    n_good = sum(int(e.label) for e in train)
+    n_good = int(train.scalars("label").sum())
     report.notes.append(f"kto labels: {n_good} desirable, {len(train) - n_good} undesirable")
     report.n_train, report.n_eval = len(train), len(evals)
     report.n_train_rows, report.n_eval_rows = len(train), len(evals)
-    report.n_train_tokens = int(sum(len(e.prompt_ids) + len(e.completion_ids) for e in train))
-    report.n_target_tokens = int(sum(len(e.completion_ids) for e in train))
-    report.fingerprint = fingerprint(train, evals)
+    completions = train.lengths("completion_ids")
+    report.n_train_tokens = int((train.lengths("prompt_ids") + completions).sum())
+    report.n_target_tokens = int(completions.sum())
+    report.fingerprint = views_fingerprint(train, evals)
     return train, evals, report
 
 
-def _text_convert(spec: SourceSpec, fmt: str, where: str, row: dict) -> str:
-    return to_text(row, spec, where)
-
-
 def load_text_dataset(
-    tokenizer: Any,
-    *,
-    dataset: str | list[str],
-    dataset_dir: str | None = None,
-    cutoff_len: int = 1024,
-    max_samples: int | None = None,
-    val_size: float = 0.0,
-    seed: int = 0,
-    eval_dataset: str | list[str] | None = None,
-    formatting: str | None = "auto",
-) -> tuple[list[Example], list[Example], DataReport]:
+    tokenizer: Any, *, cutoff_len: int = 1024, **kw: Any
+) -> tuple[Sequence[Example], Sequence[Example], DataReport]:
     """Pretraining (``stage: pt``): documents + EOS, concatenated and cut into packed rows of
     ``cutoff_len``; every token is a target except each segment's first."""
-    _check_args(cutoff_len, "auto", val_size)
+    kw = _common(**{**kw, "formatting": "auto"})
+    _check_args(cutoff_len, "auto", kw["val_size"])
     if cutoff_len is None:
         raise UserError("config key `cutoff_len` is required for `stage: pt` (the row length)")
-    train_t, eval_t, report = _sources(
-        "pt",
-        _text_convert,
-        dataset=dataset,
-        eval_dataset=eval_dataset,
-        dataset_dir=dataset_dir,
-        formatting="auto",
-        max_samples=max_samples,
-        val_size=val_size,
-        seed=seed,
-    )
+    train, evals, report, _ = _load("pt", tokenizer, None, encode={}, **kw)
     report.template_name = "none (raw text)"
     report.cutoff_len, report.packing = cutoff_len, True
+    report.n_train, report.n_eval = len(train), len(evals)
     pad = pad_id(tokenizer)
-    train = pack_stream(encode_texts(train_t, tokenizer), cutoff_len, pad)
-    evals = pack_stream(encode_texts(eval_t, tokenizer), cutoff_len, pad) if eval_t else []
-    report.n_train, report.n_eval = len(train_t), len(eval_t)
-    report.n_eval_rows = len(evals)
-    _token_counts(report, train)
-    report.fingerprint = fingerprint(train, evals)
+    train, evals = StreamView(train, cutoff_len, pad), StreamView(evals, cutoff_len, pad)
+    report.n_train_rows, report.n_eval_rows = len(train), len(evals)
+    report.n_train_tokens = int(train.take.sum())
+    report.n_target_tokens = int(train.target_counts().sum())
+    report.fingerprint = views_fingerprint(train, evals)
     return train, evals, report
 
 

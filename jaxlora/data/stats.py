@@ -15,17 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.data.encode import encode_conversations, encode_preferences, encode_texts
-from jaxlora.data.feedback import encode_feedback
 from jaxlora.data.packing import pack_lengths
-from jaxlora.data.pipeline import (
-    _check_args,
-    _feedback_convert,
-    _pref_convert,
-    _sft_convert,
-    _sources,
-    _text_convert,
-)
+from jaxlora.data.pipeline import DataReport, _check_args, _stores
 from jaxlora.data.templates import resolve_template
 
 ROUND_TO = 128
@@ -101,38 +92,48 @@ def data_stats(
     chat_template: str | None = None,
     system: str | None = None,
     train_on_prompt: bool = False,
+    max_prompt_length: int | None = None,
+    cache_dir: str | Path | None = None,
+    num_workers: int | None = 1,
     **_ignored: Any,
 ) -> dict[str, Any]:
     """Length statistics of ``dataset`` as the ``stage`` would render it.
 
     Extra keyword arguments (other config keys such as ``packing`` or ``seed``) are accepted and
     ignored, so the CLI can pass the whole data config. For DPO, "answer" is the longer of the
-    two completions; for pretraining, "prompt" is 0 and "answer" is the whole document.
+    two completions; for pretraining, "prompt" is 0 and "answer" is the whole document. The
+    lengths are those before truncation, read from the same tokenised cache as training uses
+    (``cache_dir``), so stats after a run (or a run after stats) tokenise nothing.
     """
+    if stage not in ("sft", "dpo", "kto", "pt"):
+        raise ValueError(f"stage must be sft, dpo, kto or pt, got {stage!r}")
     _check_args(cutoff_len, formatting, 0.0)
-    src = {"dataset": dataset, "dataset_dir": dataset_dir, "max_samples": max_samples}
+    src = {
+        "dataset_dir": dataset_dir,
+        "formatting": "auto" if stage == "pt" else formatting,
+        "max_samples": max_samples,
+        "cache_dir": cache_dir,
+        "num_workers": num_workers,
+    }
+    tmpl = None
     if stage == "pt":
-        texts, _, report = _sources("pt", _text_convert, **src)
-        lens = [len(e) for e in encode_texts(texts, tokenizer)]
-        out = length_stats([0] * len(lens), lens, cutoff_len, stream=True)
+        src["encode"] = {}
     else:
         tmpl = resolve_template(tokenizer, template, chat_template, system)
-        if stage == "dpo":
-            pairs, _, report = _sources("dpo", _pref_convert, formatting=formatting, **src)
-            _, counts = encode_preferences(pairs, tokenizer, tmpl, cutoff_len=None)
-        elif stage == "kto":
-            rows, _, report = _sources("kto", _feedback_convert, formatting=formatting, **src)
-            _, counts = encode_feedback(rows, tokenizer, tmpl, cutoff_len=None)
-        elif stage == "sft":
-            convs, _, report = _sources("sft", _sft_convert, formatting=formatting, **src)
-            _, counts = encode_conversations(convs, tokenizer, tmpl, cutoff_len=None)
-        else:
-            raise ValueError(f"stage must be sft, dpo, kto or pt, got {stage!r}")
-        out = length_stats(counts.prompt_lens, counts.answer_lens, cutoff_len)
-        if train_on_prompt:
-            out["note"] = "train_on_prompt: prompt tokens are trained too"
+        src["encode"] = {"cutoff_len": cutoff_len}
+        src["encode"]["train_on_prompt" if stage == "sft" else "max_prompt_length"] = (
+            train_on_prompt if stage == "sft" else max_prompt_length
+        )
+    report = DataReport(stage=stage, datasets=[])
+    stores = _stores(stage, tokenizer, tmpl, dataset, src, report)
+    prompt = np.concatenate([s.column("prompt_len") for s in stores])
+    answer = np.concatenate([s.column("answer_len") for s in stores])
+    out = length_stats(prompt, answer, cutoff_len, stream=stage == "pt")
+    if train_on_prompt and stage != "pt":
+        out["note"] = "train_on_prompt: prompt tokens are trained too"
     out["stage"] = stage
-    out["datasets"] = report.datasets
+    out["datasets"] = [s.label for s in stores]
+    out["cache_hits"] = report.cache_hits
     return out
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,6 +22,7 @@ import numpy as np
 from jaxlora import data as data_lib
 from jaxlora.config import Config
 from jaxlora.data.batching import Batcher
+from jaxlora.data.cache import cache_root
 from jaxlora.data.loading import resolve_demo_names
 from jaxlora.errors import UserError
 from jaxlora.parallel import sharding
@@ -27,8 +30,8 @@ from jaxlora.parallel import sharding
 
 @dataclasses.dataclass
 class DataBundle:
-    train: list
-    eval: list
+    train: Sequence  # jaxlora.data.views: memory-mapped samples, built when indexed
+    eval: Sequence
     report: Any
     pad_id: int
     cutoff_len: int = 1024
@@ -46,6 +49,11 @@ class DataBundle:
         )
 
 
+def data_cache_dir(cfg: Config) -> Path:
+    """Where tokenised datasets are cached: `tokenized_path`, else `$JAXLORA_CACHE/data`."""
+    return Path(cfg.data.tokenized_path) if cfg.data.tokenized_path else cache_root()
+
+
 def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
     """Read, render, tokenise and (maybe) pack the train/eval sets the stage needs."""
     d, f = cfg.data, cfg.finetune
@@ -61,6 +69,12 @@ def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
         val_size=d.val_size,
         seed=cfg.train.seed,
         eval_dataset=resolve_demo_names(d.eval_dataset),
+        cache_dir=data_cache_dir(cfg),
+        num_workers=d.preprocessing_num_workers,
+        mix_strategy=d.mix_strategy,
+        interleave_probs=(
+            [float(x) for x in d.interleave_probs.split(",")] if d.interleave_probs else None
+        ),
     )
     if f.stage == "pt":
         train, evals, report = data_lib.load_text_dataset(
@@ -96,6 +110,9 @@ def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
 
 def target_counts(samples: list) -> np.ndarray:
     """Per sample: the number of loss targets (what the token-weighted loss divides by)."""
+    fast = getattr(samples, "target_counts", None)  # cached samples: without reading them
+    if fast is not None and (counts := fast()) is not None:
+        return np.asarray(counts, np.int64)
     out = []
     for s in samples:
         m = np.asarray(s.loss_mask)[1:]

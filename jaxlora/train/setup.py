@@ -69,8 +69,9 @@ class Run:
         from jaxlora.peft.lora import Adapter
         from jaxlora.train.methods import params_for_export
 
-        pool = [e for e in (self.data.eval or self.data.train) if hasattr(e, "loss_mask")]
-        pool = [e for e in pool if getattr(e, "segment_ids", None) is None][:n]
+        src = self.data.eval or self.data.train  # all samples share one type: look at one
+        unpacked_sft = hasattr(src[0], "loss_mask") and getattr(src[0], "segment_ids", None) is None
+        pool = [src[i] for i in range(min(n, len(src)))] if unpacked_sft else []
         parts = self.parts
         tok = parts.model.tokenizer
         if not pool or tok is None:
