@@ -198,7 +198,7 @@ def _worker(out_dir: str) -> None:  # pragma: no cover - runs in the subprocess
             warmup_steps=0,
             weight_decay=0.01,
             eps=1e-3,  # see the module docstring: bounds Adam's amplification of fp32 roundoff
-            **kw,
+            **{"accumulation_steps": 2, **kw},  # k > 1: the MultiSteps accumulator is sharded too
         )[0]
 
     tx = make_tx()

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io.atomic import atomic_dir
-from jaxlora.io.hf import save_params_hf
+from jaxlora.io.hf import abstract_params
 from jaxlora.io.peft import check_adapter_fits, write_peft_files
 from jaxlora.peft.lora import Adapter, merge
 
@@ -69,6 +69,30 @@ def _merged(base_dir: Path, adapter: Adapter | None, params: dict | None) -> tup
     return params, model.config, raw
 
 
+def _merged_tensors(base_dir: Path, cfg: Any, adapter: Adapter | None, dtype: Any):
+    """(hf_name, array) of base + adapter, merged one tensor at a time on the host in fp32:
+    W' = W + s·(A·B)ᵀ in HF's [out, in] layout (DoRA: each output row rescaled to its
+    magnitude, the norm taken of the merged row, as PEFT merges). Never the whole model at once,
+    never on a device: peak memory is one tensor plus the shard being written."""
+    from jaxlora.io.hf import base_hf_tensors
+    from jaxlora.peft.lora import iter_modules
+
+    modules = {}
+    if adapter is not None:
+        for path, node in iter_modules(adapter.params):
+            modules[path] = {k: np.asarray(jax.device_get(v), np.float32) for k, v in node.items()}
+    s = adapter.config.scale if adapter is not None else 0.0
+    for path, layer, name, w in base_hf_tensors(base_dir, cfg):  # w: [out, in] fp32
+        node = modules.get(path[:-1]) if path[-1] == "kernel" else None
+        if node is not None:
+            a, b = node["lora_a"][layer], node["lora_b"][layer]  # [in, r], [r, out]
+            w += s * (b.T @ a.T)  # [out, in]
+            if "magnitude" in node:
+                norm = np.sqrt(np.sum(w * w, axis=1, keepdims=True))  # per output row
+                w *= node["magnitude"][layer][:, None] / norm
+        yield name, np.ascontiguousarray(w.astype(dtype))
+
+
 def export_merged(
     base_dir: str | Path,
     out_dir: str | Path,
@@ -79,17 +103,36 @@ def export_merged(
     chat_template: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    write: bool = True,
+    max_shard_bytes: int = 4 * 1024**3,
 ) -> Path:
-    """A full HF checkpoint: base (re-read from disk, never the quantised copy) + adapter,
-    or `params` as given (full fine-tuning)."""
+    """A full HF checkpoint: base (re-read from disk tensor by tensor, never the quantised copy)
+    + adapter merged on the host, or `params` as given (full fine-tuning).
+
+    `write=False` (multi-host, processes other than 0): only take part in gathering `params`
+    (a collective per layer, see `hf.params_to_hf_tensors`); nothing is written."""
+    from jaxlora.io.hf import params_to_hf_tensors, write_hf_shards
+    from jaxlora.models.config import config_from_hf
+
     base_dir = Path(base_dir)
-    params, cfg, raw = _merged(base_dir, adapter, params)
+    raw = json.loads((base_dir / "config.json").read_text())
     out_dtype = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32"
     np_dtype = {"bfloat16": jax.numpy.bfloat16, "float32": np.float32, "float16": np.float16}[
         out_dtype
     ]
+    cfg = config_from_hf(raw)
+    if params is None:
+        if adapter is not None:
+            check_adapter_fits(adapter, abstract_params(cfg)[0], "adapter")
+        tensors = _merged_tensors(base_dir, cfg, adapter, np_dtype)
+    else:
+        tensors = params_to_hf_tensors(params, cfg, np_dtype)
+    if not write:
+        for _ in tensors:
+            pass
+        return Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_params_hf(params, cfg, tmp, dtype=np_dtype)
+        write_hf_shards(tensors, tmp, max_shard_bytes)
         raw_out = {**raw, "torch_dtype": out_dtype, "dtype": out_dtype}
         (tmp / "config.json").write_text(json.dumps(raw_out, indent=2))
         gen = base_dir / "generation_config.json"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,9 @@ def load_params(
     `shardings`: optional tree of `jax.sharding.Sharding` (same structure as the params); each
     device reads only its own slice. `host_transform(path, full_leaf)`: optional per-leaf hook
     (e.g. quantisation while loading); it receives the whole stacked leaf on the host, one leaf at
-    a time, and returns the array or pytree to place on device.
+    a time, and returns the array or pytree to place on device. With `shardings` (for a
+    quantised leaf: a dict of shardings, one per codes/scales array) every process computes the
+    transformed leaf and places only its own devices' slices.
     """
     abstract, _ = abstract_params(cfg, dtype)
     index = safetensors_index(model_dir)
@@ -120,7 +122,8 @@ def load_params(
             f"{model_dir}: checkpoint is missing {len(missing)} tensor(s) the {cfg.model_type} "
             f"config needs, e.g. {', '.join(missing[:4])}"
         )
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's first device (on a multi-host run jax.devices()[0] belongs to process 0).
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     flat_shardings = {}
     if shardings is not None:
         from jaxlora.models import quant
@@ -160,11 +163,22 @@ def load_params(
             full = tuple(slice(None) for _ in leaf.shape)
             if host_transform is not None:
                 value = host_transform(path, read(full))
-                out[path] = jax.device_put(value, flat_shardings.get(path, default))
+                target = flat_shardings.get(path)
+                if target is None:
+                    out[path] = jax.device_put(value, default)
+                else:  # each device takes its block of the transformed (e.g. NF4) leaf
+                    out[path] = jax.tree_util.tree_map(_place_host, value, target)
             else:
                 sharding = flat_shardings.get(path, default)
                 out[path] = jax.make_array_from_callback(leaf.shape, sharding, read)
     return _unflatten(out)
+
+
+def _place_host(value: Any, sharding: Any) -> jax.Array:
+    """A host-computed leaf as a global array: each addressable device gets its slice (no
+    cross-host transfer, so it works when the sharding spans other processes' devices)."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
@@ -178,16 +192,87 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
 
 
 def params_to_hf_tensors(params: dict, cfg: ModelConfig, dtype: Any) -> Iterator[tuple]:
-    """Yield (hf_name, numpy array in HF layout) one tensor at a time."""
+    """Yield (hf_name, numpy array in HF layout) one tensor at a time.
+
+    Stacked leaves are read one layer at a time (`distributed.to_host`): on a multi-host run that
+    is a collective, so every process must drain this generator in the same order, and no more
+    than one layer of one leaf is ever gathered in one place.
+    """
+    from jaxlora.parallel.distributed import to_host
+
     for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = _key_path(kp)
         names = hf_names(path, cfg.num_hidden_layers)
-        host = np.asarray(jax.device_get(leaf))
         for i, n in enumerate(names):
-            t = host[i] if path[0] == "layers" else host
+            t = to_host(leaf[i]) if path[0] == "layers" else to_host(leaf)
             if path[-1] == "kernel":
                 t = t.T
             yield n, np.ascontiguousarray(t.astype(dtype))
+
+
+def base_hf_tensors(model_dir: str | Path, cfg: ModelConfig) -> Iterator[tuple]:
+    """Yield (param path, layer index or None, hf_name, fp32 array in HF layout) for every tensor
+    the config needs, read one at a time from the checkpoint on disk (`export --merged`).
+
+    Each tensor opens its file anew, so the memory map (whose touched pages count as resident)
+    is dropped after every tensor instead of growing to the whole checkpoint.
+    """
+    abstract, _ = abstract_params(cfg, jnp.float32)
+    index = safetensors_index(model_dir)
+    for kp, _leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        path = _key_path(kp)
+        for i, n in enumerate(hf_names(path, cfg.num_hidden_layers)):
+            if n not in index:
+                raise UserError(f"{model_dir}: checkpoint is missing tensor {n}")
+            with safe_open(str(index[n]), framework="numpy") as h:
+                t = h.get_tensor(n).astype(np.float32)
+            yield path, (i if path[0] == "layers" else None), n, t
+
+
+def write_hf_shards(
+    tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path, max_shard_bytes: int
+) -> list[Path]:
+    """Write (name, array) pairs as HF safetensors shards, each shard as soon as it is full, so
+    at most one shard (plus the tensor in hand) is held in memory. The shard count is known only
+    at the end: shards are written under temporary names and renamed to HF's
+    `model-0000i-of-0000n.safetensors` (or `model.safetensors` when there is one) with an index."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush() -> None:
+        tmp = out / f".shard-{len(written):05d}.safetensors"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+
+    for name, t in tensors:
+        if size + t.nbytes > max_shard_bytes and shard:
+            flush()
+            shard, size = {}, 0
+        shard[name] = t
+        size += t.nbytes
+        total += t.nbytes
+    if shard or not written:
+        flush()
+    shard = {}
+    files, weight_map = [], {}
+    for i, (tmp, names) in enumerate(written):
+        fname = (
+            "model.safetensors"
+            if len(written) == 1
+            else f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        )
+        tmp.rename(out / fname)
+        files.append(out / fname)
+        weight_map.update({n: fname for n in names})
+    if len(written) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files
 
 
 def save_params_hf(
@@ -199,33 +284,4 @@ def save_params_hf(
     max_shard_bytes: int = 4 * 1024**3,
 ) -> list[Path]:
     """Write params as HF safetensors (sharded with an index when larger than one shard)."""
-    from safetensors.numpy import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, t in params_to_hf_tensors(params, cfg, dtype):
-        if size + t.nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += t.nbytes
-    files = []
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        fname = (
-            "model.safetensors"
-            if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        files.append(out / fname)
-        for n, t in shard.items():
-            weight_map[n] = fname
-            total += t.nbytes
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return files
+    return write_hf_shards(params_to_hf_tensors(params, cfg, dtype), out_dir, max_shard_bytes)

@@ -11,6 +11,9 @@ device (`jax.devices()`, array creation).
 After that: `is_main_process()` gates logging and exports (process 0 only), `sync(name)` is a
 barrier, and `agree_on_flag(flag)` makes a per-host signal (preemption) global, so that every
 host takes the same branch and no host waits in a collective the others skipped.
+`to_host(x)` brings one array to numpy on every process; for an array that spans other hosts'
+devices it is a collective (every process must call it, in the same order), so writers call it
+per leaf or per layer and never hold a whole model in one place.
 
 Environment variables read here:
     JAXLORA_DISTRIBUTED     "1" forces initialize() (auto-detection), "0" disables it
@@ -147,3 +150,18 @@ def agree_on_flag(flag: bool) -> bool:
 
     gathered = multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))
     return bool(np.any(np.asarray(gathered)))
+
+
+def to_host(x) -> np.ndarray:
+    """`x` as a numpy array on this process, whatever its sharding.
+
+    A local or fully replicated array is read directly. An array sharded over other processes'
+    devices is all-gathered (`multihost_utils.process_allgather`), which is a collective: every
+    process must call this for the same arrays in the same order. Callers pass one leaf (or one
+    layer of a stacked leaf) at a time, so at most that much is replicated at once.
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

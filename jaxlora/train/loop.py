@@ -161,12 +161,15 @@ def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], Non
                                 "or raise max_nonfinite_skips."
                             )
                         continue
+                    # grad_norm: the norm of the gradient actually applied, i.e. of the whole
+                    # group's accumulated mean, known on the group's last micro-step only.
+                    last = (bad_m + 1) % k == 0
                     window.add(
                         {
                             "loss_sum": d["loss_sum"],
                             "tokens": d["tokens"],
-                            "grad_norm_sum": d["grad_norm"] / k,
-                            "n": 1.0 / k,
+                            "grad_norm_sum": d["grad_norm"] if last else 0.0,
+                            "n": 1.0 if last else 0.0,
                             **{f"sum/{x}": v for x, v in d.items() if x.startswith("pref/")},
                         }
                     )

@@ -332,20 +332,42 @@ def quantizing_transform(bits: int, *, double_quant: bool = True, block_size: in
     return transform
 
 
+def quantized_shapes(shapes: Any, bits: int, *, double_quant: bool = True) -> Any:
+    """The ShapeDtypeStruct tree `quantizing_transform` produces from `shapes` (projection
+    kernels become NF4 / int8 dicts of stacked [L, ...] leaves), so shardings can be made before
+    the base is loaded."""
+
+    def q_shape(w):
+        return jax.eval_shape(lambda x: quant.quantize(x, bits, double_quant=double_quant), w)
+
+    def one(kp, leaf):
+        path = tuple(k.key for k in kp)
+        if not quant.default_predicate(path):
+            return leaf
+        if len(leaf.shape) == 2:
+            return q_shape(leaf)
+        q = q_shape(jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype))
+        return {k: jax.ShapeDtypeStruct((leaf.shape[0], *v.shape), v.dtype) for k, v in q.items()}
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
+
+
 def load_base_model(
     cfg: Config, model_path: str | Path, dtype: Any, shardings: Any = None
 ) -> Model:
     """The base model as training needs it: `dtype` weights, or (quantization_bit 4 / 8) NF4 /
     int8 projection kernels quantised while loading, so no bf16 copy is ever on device.
 
-    `shardings` (unquantised loads): each device reads only its slice of every tensor.
-    The model carries the config's attention kernel choice into every module built from it."""
+    `shardings`: unquantised, each device reads only its slice of every tensor; quantised (a tree
+    shaped like `quantized_shapes`), every process quantises a leaf on the host and its devices
+    take their blocks of it. The model carries the config's attention kernel choice into every
+    module built from it."""
     bits = cfg.model.quantization_bit
     if not bits:
         model = load_model(model_path, dtype=dtype, shardings=shardings)
     else:
         transform = quantizing_transform(int(bits), double_quant=cfg.model.double_quantization)
-        model = load_model(model_path, dtype=dtype, host_transform=transform)
+        model = load_model(model_path, dtype=dtype, shardings=shardings, host_transform=transform)
     model.attention = attention_spec(cfg)
     return model
 

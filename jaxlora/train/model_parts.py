@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from jaxlora.config import Config
@@ -21,7 +20,13 @@ from jaxlora.io.hf import abstract_params
 from jaxlora.io.model import Model
 from jaxlora.models.config import load_hf_config
 from jaxlora.parallel import sharding
-from jaxlora.train.methods import Split, attention_spec, load_base_model, split_trainable
+from jaxlora.train.methods import (
+    Split,
+    attention_spec,
+    load_base_model,
+    quantized_shapes,
+    split_trainable,
+)
 
 
 @dataclasses.dataclass
@@ -65,18 +70,19 @@ def make_mesh(cfg: Config) -> Any:
 
 
 def load_placed(cfg: Config, model_path: Path, mesh: Any, dtype: Any) -> tuple[Model, Any]:
-    """(base model on the mesh, param logical axes). Unquantised bases load straight into their
-    shardings (each device reads its slices); quantised ones are built leaf by leaf on one device
-    and then placed."""
+    """(base model on the mesh, param logical axes). Bases load straight into their shardings
+    on every host: unquantised, each device reads its slices of the safetensors; quantised, each
+    process quantises a leaf on the host and its devices take their blocks (never a detour
+    through one device, which cannot reach another host's devices)."""
     shapes, logical = abstract_params(load_hf_config(model_path)[0])
-    quantised = bool(cfg.model.quantization_bit)
+    bits = cfg.model.quantization_bit
     target = None
-    if mesh.size > 1 and not quantised:
+    if mesh.size > 1:
+        if bits:
+            dq = cfg.model.double_quantization
+            shapes = quantized_shapes(shapes, int(bits), double_quant=dq)
         target = sharding.param_shardings(mesh, logical, shapes)
     model = load_base_model(cfg, model_path, dtype, shardings=target)
-    if mesh.size > 1 and quantised:
-        placed = sharding.param_shardings(mesh, logical, model.params)
-        model.params = jax.device_put(model.params, placed)
     return model, logical
 
 

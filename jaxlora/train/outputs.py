@@ -22,26 +22,30 @@ from jaxlora.peft.lora import Adapter
 
 
 def export_run_outputs(run: Any, trainable: Any) -> None:
-    """End of training: final adapter or model, loss plot and report in the run directory."""
-    from jaxlora.parallel import distributed
+    """End of training: final adapter or model, loss plot and report in the run directory.
 
-    if not distributed.is_main_process():
-        return
+    Called on every process: on a multi-host run the trainable arrays span all hosts, and
+    gathering them (per leaf for an adapter, per layer for full weights) is a collective that
+    every process joins; only process 0 writes."""
+    from jaxlora.parallel import distributed
+    from jaxlora.train.methods import adapter_for_export, params_for_export
+
+    main = distributed.is_main_process()
     cfg = run.cfg
     tmpl = run.data.report.chat_template or None
     base = str(run.parts.model.path)
-    from jaxlora.train.methods import adapter_for_export, params_for_export
-
     if run.parts.mode == "lora":
         adapter = adapter_for_export(run.parts.split, trainable)
-        export_adapter(
-            adapter,
-            run.run_dir / "adapter",
-            base_model=base,
-            tokenizer=run.parts.model.tokenizer,
-            chat_template=tmpl,
-            overwrite=True,
-        )
+        host = jax.tree_util.tree_map(distributed.to_host, adapter.params)  # per leaf
+        if main:
+            export_adapter(
+                Adapter(host, adapter.config),
+                run.run_dir / "adapter",
+                base_model=base,
+                tokenizer=run.parts.model.tokenizer,
+                chat_template=tmpl,
+                overwrite=True,
+            )
     else:
         export_merged(
             base,
@@ -50,8 +54,11 @@ def export_run_outputs(run: Any, trainable: Any) -> None:
             tokenizer=run.parts.model.tokenizer,
             chat_template=tmpl,
             overwrite=True,
+            write=main,
         )
-    write_run_report(run.run_dir, cfg)
+    if main:
+        write_run_report(run.run_dir, cfg)
+    distributed.sync("jaxlora-run-outputs")
 
 
 def write_run_report(run_dir: Path, cfg: Any) -> Path | None:

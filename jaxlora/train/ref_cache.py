@@ -31,6 +31,7 @@ import numpy as np
 from jaxlora.data.pipeline import fingerprint as data_fingerprint
 from jaxlora.losses.fused_ce import fused_ce_positions
 from jaxlora.parallel import distributed
+from jaxlora.parallel.distributed import to_host
 
 CACHE_FORMAT = "jaxlora-ref-logps-1"
 
@@ -72,7 +73,7 @@ def _file_digest(path: Path, chunk: int = 1 << 16, samples: int = 16) -> str:
 def _tree_digest(tree: Any) -> str:
     h = hashlib.sha256()
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.asarray(jax.device_get(x))
+        a = to_host(x)  # a collective for arrays sharded across hosts: all hosts hash
         h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
@@ -84,8 +85,9 @@ def _gather_rows(x: jax.Array) -> np.ndarray:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
 
-    tiled = getattr(x, "is_fully_addressable", True)  # local slices are concatenated
-    return np.asarray(multihost_utils.process_allgather(x, tiled=tiled))
+    # tiled: a global array comes back whole; per-host local slices are concatenated in
+    # process order (the batch rows are split across hosts in that order).
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def fingerprint(run: Any, data: Any, initial: Any, packed: bool) -> str:

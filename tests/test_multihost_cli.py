@@ -1,0 +1,193 @@
+"""Multi-host runs through the real CLI, to the end: `jaxlora train` as 2 processes x 2 CPU devices.
+
+Each case runs `python -m jaxlora.cli.app train` twice: once as two `jax.distributed` processes on
+localhost (coordinator on 127.0.0.1, a 4-device global mesh, FSDP across both hosts) and once as
+one process with 4 devices, the reference (same global batch, same mesh shape). Both must exit 0,
+log the same train and eval losses, and write the same adapter (LoRA, QLoRA NF4, DPO with cached
+reference log-probs) or merged model (full fine-tuning) — within 1e-5 relative, fp32. The LoRA
+case also runs `jaxlora export --merged` on the 2-process run directory.
+
+These are the expensive tests of the suite (about a minute per process start on the shared
+2-core CPU), so they use the micro model, 3 optimiser steps, and are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 900
+_DIST_ENV = (
+    "JAXLORA_DISTRIBUTED",
+    "JAX_COORDINATOR_ADDRESS",
+    "COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_NTASKS",
+    "SLURM_NPROCS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_PROCESS_ADDRESSES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "TPU_ML_PLATFORM",
+)
+
+BASE = """\
+model_name_or_path: {model}
+cutoff_len: 32
+max_samples: 20
+val_size: 4
+per_device_train_batch_size: 1
+learning_rate: 3.0e-3
+logging_steps: 1
+eval_steps: 2
+save_steps: 2
+max_steps: 3
+seed: 7
+bf16: false
+mesh: {{data: 1, fsdp: -1, tensor: 1}}
+output_dir: {out}
+"""
+CASES = {
+    "lora": "dataset: demo:identity_sft\nlora_rank: 4\n",
+    "qlora": "dataset: demo:identity_sft\nlora_rank: 4\nquantization_bit: 4\n",
+    "dpo": "stage: dpo\ndataset: demo:dpo_demo\nlora_rank: 4\nprecompute_ref_logps: true\n",
+    "full": "dataset: demo:identity_sft\nfinetuning_type: full\n",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from jaxlora.io.tiny import MICRO_MODEL, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("mh-model"), **MICRO_MODEL, embed_std=0.1)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    e.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]),
+        JAXLORA_CACHE=str(tmp_path_factory.mktemp("mh-cache")),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    return e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(args: list[str], env: dict, devices: int, extra: dict | None = None) -> subprocess.Popen:
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxlora.cli.app", *args],
+        env={**env, "XLA_FLAGS": flags, **(extra or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    out = []
+    try:
+        for p in procs:
+            out.append((p.wait(timeout=TIMEOUT), p.communicate()[0]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def train_two_hosts(cfg: Path, env: dict, extra_args: tuple[str, ...] = ()):
+    port = _free_port()
+    procs = [
+        _cli(
+            ["train", str(cfg), "--no-progress", *extra_args],
+            env,
+            2,
+            dict(
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
+    return procs
+
+
+def _write_cfg(root: Path, model: Path, name: str, case: str) -> tuple[Path, Path]:
+    out = root / name
+    cfg = root / f"{name}.yaml"
+    cfg.write_text(BASE.format(model=model, out=out) + CASES[case])
+    return cfg, out
+
+
+def _losses(run: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for k in ("train/loss", "eval/loss", "train/grad_norm", "eval/rewards/margins"):
+            if k in rec:
+                out.setdefault(k, []).append(rec[k])
+    return out
+
+
+def _tensors(d: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    assert out, f"no safetensors in {d}"
+    return out
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        scale = max(float(np.abs(b[k]).max()), 1e-12)
+        assert float(np.abs(a[k] - b[k]).max()) <= 1e-5 * scale, k
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_hosts_train_and_export_like_one(case, model_dir, env, tmp_path):
+    cfg2, run2 = _write_cfg(tmp_path, model_dir, "two", case)
+    cfg1, run1 = _write_cfg(tmp_path, model_dir, "one", case)
+    procs = train_two_hosts(cfg2, env)
+    (rc0, out0), (rc1, out1) = _wait(procs)
+    assert rc0 == 0 and rc1 == 0, f"p0 rc={rc0}:\n{out0[-5000:]}\np1 rc={rc1}:\n{out1[-5000:]}"
+    [(rc, out)] = _wait([_cli(["train", str(cfg1), "--no-progress"], env, 4)])
+    assert rc == 0, out[-5000:]
+
+    two, one = _losses(run2), _losses(run1)
+    assert sorted(two) == sorted(one) and len(one["train/loss"]) == 3
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, err_msg=k)
+    assert (run2 / "report.md").is_file()
+    sub = "model" if case == "full" else "adapter"
+    _assert_same_tensors(_tensors(run2 / sub), _tensors(run1 / sub))
+    if case == "lora":  # the merged export of the 2-host run equals the reference's
+        for run in (run1, run2):
+            [(rc, out)] = _wait(
+                [_cli(["export", str(run), "--out", str(run / "merged"), "--merged"], env, 1)]
+            )
+            assert rc == 0, out[-3000:]
+        _assert_same_tensors(_tensors(run2 / "merged"), _tensors(run1 / "merged"))
