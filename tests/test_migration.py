@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,76 @@ def test_dataset_dir_defaults_to_data_and_registry_names_win(tmp_path, monkeypat
     # `identty`: the registry's `identity`, not the bundled demo `identity_sft`.
     with pytest.raises(UserError, match="did you mean `identity`"):
         resolve_datasets("identty", "data")
+
+
+# The shared LLaMA-Factory demo data beside the checkout (or beside a worktree's parent).
+_REPO = Path(__file__).resolve().parents[1]
+LF_DATA = next(
+    (
+        p / "shared" / "data" / "llamafactory"
+        for p in (_REPO.parent, _REPO.parent.parent)
+        if (p / "shared" / "data" / "llamafactory").is_dir()
+    ),
+    _REPO.parent / "shared" / "data" / "llamafactory",
+)
+# LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, model and output changed only.
+LF_LLAMA3_SFT = """\
+### model
+model_name_or_path: tiny
+trust_remote_code: true
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+### output
+output_dir: saves/tiny/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
+
+def test_llamafactory_example_config_beside_data_dir(tmp_path, monkeypatch, llama3_tokenizer):
+    if not (LF_DATA / "dataset_info.json").is_file():
+        pytest.skip(f"{LF_DATA} not present")
+    from jaxlora.config import load_config
+    from jaxlora.data import load_sft_dataset
+
+    (tmp_path / "data").symlink_to(LF_DATA, target_is_directory=True)
+    (tmp_path / "llama3_lora_sft.yaml").write_text(LF_LLAMA3_SFT)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("llama3_lora_sft.yaml")
+    assert cfg.data.dataset_dir == "data" and cfg.model.template == "llama3"
+    d = cfg.data
+    train, _, report = load_sft_dataset(
+        llama3_tokenizer,
+        dataset=d.dataset,
+        dataset_dir=d.dataset_dir,
+        cutoff_len=d.cutoff_len,
+        max_samples=d.max_samples,
+        template=cfg.model.template,
+    )
+    assert report.template_name == "llama3" and len(train) > 1000  # identity + alpaca rows
