@@ -69,7 +69,10 @@ def child(path: str, before: bool, workers: int, cache: str) -> None:
     touched = sum(len(train[i]) for i in range(0, len(train), 1000))
     dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": dt, "samples": len(train), "touched": touched, "rss": rss}))
+    # The largest tokenising worker (the pool is shut down, so its processes were waited for).
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    out = {"seconds": dt, "samples": len(train), "touched": touched, "rss": rss}
+    print(json.dumps({**out, "worker_rss": workers}))
 
 
 def measure(path: Path, rows: int, before: bool, workers: int, cache: str, label: str) -> dict:
@@ -79,7 +82,6 @@ def measure(path: Path, rows: int, before: bool, workers: int, cache: str, label
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    # Peak RSS of the worker processes (tokenisation pool), if any: max over children.
     res = {
         "run": label,
         "rows": rows,
@@ -87,6 +89,7 @@ def measure(path: Path, rows: int, before: bool, workers: int, cache: str, label
         "seconds": round(r["seconds"], 2),
         "rows_per_s": round(rows / r["seconds"], 1),
         "peak_rss_mb": round(r["rss"] / 2**20, 1),
+        "worker_peak_rss_mb": round(r.get("worker_rss", 0) / 2**20, 1),
     }
     print(json.dumps(res), flush=True)
     return res
