@@ -140,6 +140,9 @@ def test_modelfile_from_chatml_template():
     assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in mf
     assert mf.rstrip().endswith('PARAMETER stop "<|im_end|>"')
     assert '<|im_start|>assistant\n"""' in mf  # generation prompt closes the template
+    # A template that drops message contents cannot be mapped: no TEMPLATE, the GGUF's own is used.
+    mf = ollama_modelfile("{% for m in messages %}<{{ m.role }}>{% endfor %}", "", "</s>")
+    assert mf == 'FROM ./model.gguf\nPARAMETER stop "</s>"\n'
 
 
 def test_bad_gguf_inputs(tmp_path):
@@ -193,6 +196,11 @@ def test_adapter_without_model_uses_its_base(tiny, tmp_path):
     ad = export_adapter(adapter, tmp_path / "ad", base_model=str(base))
     model, loaded, _tok, _ = load_for_inference(None, str(ad), "float32")
     assert model.path == base and loaded is not None
+    from jaxlora.cli import main
+
+    # The CLI's --model defaults to the adapter's base (it used to load `tiny`: a shape error).
+    args = ["chat", "--adapter", str(ad), "--prompt", "hi", "--max-new-tokens", "2"]
+    assert main(args) == 0
     cfg = json.loads((ad / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = None
     (ad / "adapter_config.json").write_text(json.dumps(cfg))

@@ -67,7 +67,6 @@ def test_identity_sft_changes_the_answer(smollm2, tmp_path):
             "max_steps=16",
             "learning_rate=2e-3",
             "val_size=0",
-            "cutoff_len=96",
         ],
     )
     result = train(cfg, progress=False)

@@ -246,8 +246,19 @@ def _roles(template: str, bos: str, eos: str) -> dict[str, Any]:
 
 
 def ollama_modelfile(template: str, bos: str, eos: str, gguf_file: str = GGUF_FILE) -> str:
-    """An Ollama Modelfile: FROM the GGUF, TEMPLATE in Go syntax, stop tokens, default system."""
-    r = _roles(template, bos or "", eos or "")
+    """An Ollama Modelfile: FROM the GGUF, TEMPLATE in Go syntax, stop tokens, default system.
+
+    A template whose per-role text cannot be read off by rendering marker messages (one that
+    rewrites or drops message contents) gets no TEMPLATE line: Ollama then falls back to the
+    chat template stored in the GGUF file itself.
+    """
+    import jinja2
+
+    try:
+        r = _roles(template, bos or "", eos or "")
+    except (ValueError, jinja2.TemplateError):
+        stop = [f"PARAMETER stop {json.dumps(eos)}"] if eos else []
+        return "\n".join([f"FROM ./{gguf_file}", *stop]) + "\n"
 
     def wrap(role: str, content: str) -> str:
         return f"{r[f'{role}_pre']}{{{{ {content} }}}}{r[f'{role}_suf']}"
