@@ -86,6 +86,7 @@ def test_preference_means_per_group_counts():
     assert preference_means(dpo) == {"rewards/chosen": 1.0, "rewards/margins": 3.0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_step0_is_reference_and_step_moves_rewards(tiny_model_dir, tmp_path, method):
     """Step 0: policy == reference, so rewards are 0, z0 = 0 and the loss is the weighted mean

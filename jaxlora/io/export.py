@@ -20,7 +20,9 @@ from jaxlora.errors import UserError
 from jaxlora.io.atomic import atomic_dir
 from jaxlora.io.hf import abstract_params
 from jaxlora.io.peft import check_adapter_fits, write_peft_files
+from jaxlora.io.peft_prompt import write_prompt_files
 from jaxlora.peft.lora import Adapter, merge
+from jaxlora.peft.prompt import PromptAdapter
 
 TEMPLATE_FILE = "chat_template.jinja"
 
@@ -36,20 +38,37 @@ def _save_tokenizer(tokenizer: Any, out: Path, chat_template: str | None) -> Non
 
 
 def export_adapter(
-    adapter: Adapter,
+    adapter: Adapter | PromptAdapter,
     out_dir: str | Path,
     *,
     base_model: str | None,
     tokenizer: Any = None,
     chat_template: str | None = None,
     overwrite: bool = False,
+    model_config: Any = None,
 ) -> Path:
-    """PEFT adapter dir (+ tokenizer and chat template when given)."""
-    extra = {TEMPLATE_FILE: chat_template} if chat_template else None
+    """PEFT adapter dir (+ tokenizer and chat template when given). A `PromptAdapter` (prompt /
+    prefix tuning) needs the base's `model_config` (PEFT's config records its shapes)."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_peft_files(adapter, tmp, base_model=base_model, extra_files=extra)
+        if isinstance(adapter, PromptAdapter):
+            write_prompt_files(adapter, model_config, tmp, base_model)
+            if chat_template:
+                (tmp / TEMPLATE_FILE).write_text(chat_template)
+        else:
+            extra = {TEMPLATE_FILE: chat_template} if chat_template else None
+            write_peft_files(adapter, tmp, base_model=base_model, extra_files=extra)
         _save_tokenizer(tokenizer, tmp, chat_template)  # inside: a full disk leaves nothing
     return Path(out_dir)
+
+
+def refuse_merge(adapter: Any) -> None:
+    """UserError for adapters that change no weight, so no merged checkpoint can hold them."""
+    if isinstance(adapter, PromptAdapter):
+        raise UserError(
+            f"a {adapter.config.method} adapter cannot be merged into the base weights: its "
+            "virtual tokens are extra keys/values in front of every sequence, not a change to any "
+            "weight; export the adapter (PEFT loads it) or use it with --adapter"
+        )
 
 
 def _merged(base_dir: Path, adapter: Adapter | None, params: dict | None) -> tuple[dict, Any, dict]:
@@ -58,6 +77,7 @@ def _merged(base_dir: Path, adapter: Adapter | None, params: dict | None) -> tup
     from jaxlora.io.model import load_model
     from jaxlora.models.config import config_from_hf
 
+    refuse_merge(adapter)
     raw = json.loads((base_dir / "config.json").read_text())
     if params is not None:
         return params, config_from_hf(raw), raw

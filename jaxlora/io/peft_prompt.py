@@ -72,15 +72,22 @@ def save_prompt_adapter(
     adapter: PromptAdapter, model_config: ModelConfig, path: str | Path, base_model: str | None
 ) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` atomically."""
+    with atomic_dir(path) as tmp:
+        write_prompt_files(adapter, model_config, tmp, base_model)
+    return Path(path)
+
+
+def write_prompt_files(
+    adapter: PromptAdapter, model_config: ModelConfig, out: Path, base_model: str | None
+) -> None:
+    """`adapter_config.json` + `adapter_model.safetensors` into an existing directory."""
     from safetensors.numpy import save_file
 
-    with atomic_dir(path) as tmp:
-        (tmp / "adapter_config.json").write_text(
-            json.dumps(prompt_peft_config(adapter, model_config, base_model), indent=2)
-        )
-        emb = np.ascontiguousarray(peft_embeddings(adapter))
-        save_file({KEY: emb}, str(tmp / "adapter_model.safetensors"))
-    return Path(path)
+    (out / "adapter_config.json").write_text(
+        json.dumps(prompt_peft_config(adapter, model_config, base_model), indent=2)
+    )
+    emb = np.ascontiguousarray(peft_embeddings(adapter))
+    save_file({KEY: emb}, str(out / "adapter_model.safetensors"))
 
 
 def is_prompt_adapter(raw: dict) -> bool:

@@ -4,6 +4,8 @@
             frozen = base params (bf16, NF4 or int8 for QLoRA; PiSSA: the residual)
     full    trainable = all params (fp32 master copy, or bf16 with fp32 optimiser state),
             frozen = {}
+    prompt  (prompt_tuning / prefix_tuning) trainable = the "prompt" collection (virtual
+            tokens), frozen = base params; see `jaxlora.train.prompt_methods`
     freeze  trainable = per-layer SLICES of the selected modules ([n, ...] of the stacked
             [L, ...] leaves, as `LayerSlice` nodes that remember their first layer) plus any
             selected non-layer module; frozen = the whole original param tree
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import Config
+from jaxlora.config.schema import FROZEN_BASE_METHODS
 from jaxlora.errors import UserError, did_you_mean
 from jaxlora.io.model import Model, load_model
 from jaxlora.models import quant
@@ -60,9 +63,13 @@ class LayerSlice:
     start: int = dataclasses.field(metadata=dict(static=True))
 
 
+# Methods whose trainable tree is a variable collection of its own next to the frozen "params".
+COLLECTIONS = {"lora": "lora", "prompt": "prompt"}
+
+
 @dataclasses.dataclass
 class Split:
-    mode: str  # "lora" | "full" | "freeze"
+    mode: str  # "lora" | "full" | "freeze" | "prompt" (prompt / prefix tuning)
     trainable: Any
     frozen: Any
     lora_config: LoraConfig | None = None
@@ -70,6 +77,7 @@ class Split:
     # model, so a DPO reference must apply it; None when the frozen tree alone is the original
     # model (plain LoRA init, continued adapters, full, freeze).
     initial_adapter: Adapter | None = None
+    prompt_config: Any = None  # prompt mode: jaxlora.peft.prompt.PromptConfig
 
     @property
     def adapter_spec(self) -> AdapterSpec | None:
@@ -89,11 +97,21 @@ def lora_config_from(cfg: Config) -> LoraConfig:
     )
 
 
-def split_trainable(cfg: Config, params: dict) -> Split:
-    """Trainable/frozen trees for `cfg.finetune.finetuning_type`."""
+def split_trainable(
+    cfg: Config, params: dict, model_config: Any = None, tokenizer: Any = None
+) -> Split:
+    """Trainable/frozen trees for `cfg.finetune.finetuning_type` (prompt / prefix tuning need
+    the model config, and the tokenizer for `prompt_tuning_init: text`)."""
     mode = cfg.finetune.finetuning_type
     if mode == "lora":
         return _split_lora(cfg, params)
+    if mode in ("prompt_tuning", "prefix_tuning"):
+        from jaxlora.train.prompt_methods import split_prompt
+
+        if model_config is None:
+            raise ValueError(f"split_trainable: {mode} needs the model config")
+        tree, pcfg = split_prompt(cfg, params, model_config, tokenizer)
+        return Split("prompt", tree, params, prompt_config=pcfg)
     if mode == "full":
         return Split("full", _cast_float(params, _trainable_dtype(cfg)), {})
     if mode == "freeze":
@@ -103,7 +121,10 @@ def split_trainable(cfg: Config, params: dict) -> Split:
             cfg.finetune.freeze_trainable_modules,
         )
         return Split("freeze", _cast_float(trainable, _trainable_dtype(cfg)), params)
-    raise UserError(f"finetuning_type {mode!r} is not supported; use lora, full or freeze")
+    raise UserError(
+        f"finetuning_type {mode!r} is not supported; use lora, full, freeze, prompt_tuning or "
+        "prefix_tuning"
+    )
 
 
 def _trainable_dtype(cfg: Config) -> Any:
@@ -246,8 +267,8 @@ def freeze_params(frozen: dict, trainable: Any) -> dict:
 
 def model_variables(mode: str, trainable: Any, frozen: Any) -> dict:
     """Flax variables for the forward pass from the (trainable, frozen) split of `mode`."""
-    if mode == "lora":
-        return {"params": frozen, "lora": trainable}
+    if mode in COLLECTIONS:  # lora / prompt: the frozen base plus the trained collection
+        return {"params": frozen, COLLECTIONS[mode]: trainable}
     if mode == "freeze":
         return {"params": freeze_params(frozen, trainable)}
     return {"params": trainable}
@@ -256,13 +277,18 @@ def model_variables(mode: str, trainable: Any, frozen: Any) -> dict:
 # ----------------------------------------------------------------------------- export
 
 
-def adapter_for_export(split_or_run: Any, trainable: Any) -> Adapter:
-    """The adapter a LoRA run exports: PEFT-loadable on the ORIGINAL base model.
+def adapter_for_export(split_or_run: Any, trainable: Any) -> Any:
+    """The adapter a LoRA (or prompt / prefix tuning) run exports: PEFT-loadable on the
+    ORIGINAL base model.
 
     PiSSA runs (an `initial_adapter` is set) are converted to a plain LoRA of twice the rank
     relative to the original weights (`lora.pissa_to_lora`, as PEFT's
     `path_initial_model_for_weight_conversion`); other runs export the trainable adapter as is.
     """
+    if getattr(split_or_run, "prompt_config", None) is not None:  # prompt / prefix tuning
+        from jaxlora.peft.prompt import PromptAdapter
+
+        return PromptAdapter(trainable, split_or_run.prompt_config)
     config = split_or_run.lora_config
     trained = Adapter(trainable, config)
     initial = getattr(split_or_run, "initial_adapter", None)
@@ -287,8 +313,9 @@ def rebuild_split(cfg: Config, model_path: str | Path) -> Split:
     `jaxlora.train.setup`), e.g. to export a checkpoint: PiSSA's initial adapter and residual are
     recomputed deterministically from the base, the seed and `pissa_iter`."""
     compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
-    dtype = compute if cfg.finetune.finetuning_type == "lora" else jnp.float32
-    return split_trainable(cfg, load_base_model(cfg, model_path, dtype).params)
+    dtype = compute if cfg.finetune.finetuning_type in FROZEN_BASE_METHODS else jnp.float32
+    model = load_base_model(cfg, model_path, dtype)
+    return split_trainable(cfg, model.params, model.config, model.tokenizer)
 
 
 def trainable_logical(param_logical: Any, trainable: Any) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxlora.config import Config
+from jaxlora.config.schema import FROZEN_BASE_METHODS
 from jaxlora.io.hf import abstract_params
 from jaxlora.io.model import Model
 from jaxlora.models.config import load_hf_config
@@ -40,7 +41,7 @@ class ModelParts:
     frozen: Any  # what the step's forward reads besides the trainable tree
 
     @property
-    def mode(self) -> str:  # "lora" | "full" | "freeze"
+    def mode(self) -> str:  # "lora" | "full" | "freeze" | "prompt"
         return self.split.mode
 
     @property
@@ -58,10 +59,11 @@ class ModelParts:
 
 
 def compute_dtypes(cfg: Config) -> tuple[Any, Any]:
-    """(compute dtype, frozen-base dtype): LoRA keeps the base in the compute dtype, the other
-    methods load fp32 (their trainable weights are cast from it)."""
+    """(compute dtype, frozen-base dtype): LoRA / prompt / prefix / adapter keep the frozen base
+    in the compute dtype, full and freeze load fp32 (their trainable weights are cast from it)."""
     compute = jnp.bfloat16 if cfg.train.bf16 else jnp.float32
-    return compute, compute if cfg.finetune.finetuning_type == "lora" else jnp.float32
+    frozen_base = cfg.finetune.finetuning_type in FROZEN_BASE_METHODS
+    return compute, compute if frozen_base else jnp.float32
 
 
 def make_mesh(cfg: Config) -> Any:
@@ -90,7 +92,7 @@ def split_model(cfg: Config, mesh: Any, model: Model, logical: Any, compute: Any
     """Trainable/frozen split of a loaded base for `cfg.finetune.finetuning_type`."""
     model.dtype = compute
     model.attention = attention_spec(cfg)  # the `attention:` kernel, in every module built
-    split = split_trainable(cfg, model.params)
+    split = split_trainable(cfg, model.params, model.config, model.tokenizer)
     if split.mode == "lora":
         model.params = split.frozen  # PiSSA: the residual; frees the original base
     return ModelParts(cfg, mesh, model, logical, split, split.trainable, split.frozen)

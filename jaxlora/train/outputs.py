@@ -8,6 +8,7 @@ lives in the training layer. The report is written here too, once, at the end of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import partial
 from pathlib import Path
@@ -16,9 +17,16 @@ from typing import Any
 import jax
 
 from jaxlora.errors import UserError
-from jaxlora.io.export import TEMPLATE_FILE, export_adapter, export_gguf, export_merged
+from jaxlora.io.export import (
+    TEMPLATE_FILE,
+    export_adapter,
+    export_gguf,
+    export_merged,
+    refuse_merge,
+)
 from jaxlora.io.peft import load_peft_adapter
 from jaxlora.peft.lora import Adapter
+from jaxlora.peft.prompt import PromptAdapter
 
 
 def export_run_outputs(run: Any, trainable: Any) -> None:
@@ -34,17 +42,18 @@ def export_run_outputs(run: Any, trainable: Any) -> None:
     cfg = run.cfg
     tmpl = run.data.report.chat_template or None
     base = str(run.parts.model.path)
-    if run.parts.mode == "lora":
+    if run.parts.mode in ("lora", "prompt"):
         adapter = adapter_for_export(run.parts.split, trainable)
         host = jax.tree_util.tree_map(distributed.to_host, adapter.params)  # per leaf
         if main:
             export_adapter(
-                Adapter(host, adapter.config),
+                dataclasses.replace(adapter, params=host),
                 run.run_dir / "adapter",
                 base_model=base,
                 tokenizer=run.parts.model.tokenizer,
                 chat_template=tmpl,
                 overwrite=True,
+                model_config=run.parts.model.config,
             )
     else:
         export_merged(
@@ -122,7 +131,7 @@ def export_from_run(
         report = src / "data_report.json"
         template = json.loads(report.read_text()).get("chat_template") if report.is_file() else None
         tok_dir = base
-        if cfg.finetune.finetuning_type != "lora":
+        if cfg.finetune.finetuning_type in ("full", "freeze"):
             if (src / "model").is_dir() and not merged and not gguf_type:
                 raise UserError(
                     f"{src} is a full fine-tuning run; use --merged (or copy {src}/model)"
@@ -147,7 +156,9 @@ def export_from_run(
             from jaxlora.train.methods import adapter_for_export, lora_config_for, rebuild_split
 
             trainable, _ = _restore_trainable(src / "checkpoints")
-            if cfg.finetune.pissa_init:  # convert relative to the original base
+            if cfg.finetune.pissa_init or cfg.finetune.finetuning_type != "lora":
+                # PiSSA: converted relative to the original base; prompt / prefix: the run's
+                # PromptConfig (a continued adapter's own, or the config's)
                 adapter = adapter_for_export(rebuild_split(cfg, base), trainable)
             else:
                 adapter = Adapter(trainable, lora_config_for(cfg))
@@ -155,6 +166,7 @@ def export_from_run(
         raise UserError(f"{src}: adapter_config.json has no base_model_name_or_path")
     tokenizer = load_tokenizer(tok_dir) if tok_dir else None
     if gguf_type:
+        refuse_merge(adapter)
         return export_gguf(
             base,
             out_dir,
@@ -165,6 +177,7 @@ def export_from_run(
             overwrite=overwrite,
         )
     if merged:
+        refuse_merge(adapter)
         return export_merged(
             base,
             out_dir,
@@ -173,6 +186,12 @@ def export_from_run(
             chat_template=template,
             overwrite=overwrite,
         )
+    model_config = None
+    if isinstance(adapter, PromptAdapter):  # PEFT's config records the base's shapes
+        from jaxlora.io.model import resolve_model_path
+        from jaxlora.models.config import load_hf_config
+
+        model_config = load_hf_config(resolve_model_path(base))[0]
     return export_adapter(
         adapter,
         out_dir,
@@ -180,4 +199,5 @@ def export_from_run(
         tokenizer=tokenizer,
         chat_template=template,
         overwrite=overwrite,
+        model_config=model_config,
     )

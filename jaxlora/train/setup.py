@@ -67,6 +67,7 @@ class Run:
             return None
         from jaxlora.evaluate.generate import default_stop_ids, generate
         from jaxlora.peft.lora import Adapter
+        from jaxlora.peft.prompt import PromptAdapter
         from jaxlora.train.methods import params_for_export
 
         src = self.data.eval or self.data.train  # all samples share one type: look at one
@@ -82,8 +83,10 @@ class Run:
             prompts.append([int(t) for t in ex.input_ids[:first]])
             refs.append(ex.input_ids[first:][ex.loss_mask[first:] > 0])
         trainable = state["trainable"]
-        if parts.mode == "lora":
+        if parts.mode == "lora":  # on parts.model as trained (PiSSA: its residual base)
             model, adapter = parts.model, Adapter(trainable, parts.lora_config)
+        elif parts.mode == "prompt":
+            model, adapter = parts.model, PromptAdapter(trainable, parts.split.prompt_config)
         else:
             params = params_for_export(parts.split, trainable)
             model, adapter = dataclasses.replace(parts.model, params=params), None

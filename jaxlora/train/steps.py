@@ -27,14 +27,11 @@ from jaxlora.train.optim import accumulated_grad_norm
 
 
 def variables_for(mode: str, trainable: Any, frozen: Any) -> dict:
-    """Model variables from the trainable/frozen split ("lora": adapter + base; else params)."""
-    if mode == "lora":
-        return {"params": frozen, "lora": trainable}
-    if mode == "freeze":
-        from jaxlora.train.methods import freeze_params
+    """Model variables from the trainable/frozen split ("lora" / "prompt": base + the trained
+    collection; "freeze": the slices written into the base; "full": the params)."""
+    from jaxlora.train.methods import model_variables
 
-        return {"params": freeze_params(frozen, trainable)}
-    return {"params": trainable}
+    return model_variables(mode, trainable, frozen)
 
 
 def merge_trees(base: dict, update: dict) -> dict:
