@@ -1,8 +1,9 @@
 """The end-of-run time breakdown and the compile counts behind it, on one real tiny run.
 
-Counts, not times: the pre-flight memory check's compile is the program the loop runs (one
-`train_step` compile for one batch shape), eval and sample generations compile once and are
-reused at every later eval, and the breakdown written to metrics.jsonl adds up to the wall time.
+Counts, not times: the pre-flight memory check compiles at a shape the loop then runs (one
+`train_step` compile for one batch shape; it used to compile `cutoff_len` rows nobody ran), eval
+and sample generations compile once and are reused at every later eval, and the breakdown
+written to metrics.jsonl adds up to the wall time.
 """
 
 from __future__ import annotations

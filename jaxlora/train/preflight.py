@@ -57,9 +57,7 @@ def available_bytes_per_device() -> tuple[int | None, str]:
 
 def estimate(step_fn: Any, *args: Any) -> MemoryEstimate:
     """Compiled memory needs of `step_fn(*args)` (a jitted function) per device."""
-    # A train step from `build_steps` keeps what it compiles, so the loop reuses this program.
-    compile_fn = getattr(step_fn, "compile", None)
-    compiled = compile_fn(*args) if compile_fn else step_fn.lower(*args).compile()
+    compiled = step_fn.lower(*args).compile()
     ma = compiled.memory_analysis()
     if ma is None:
         need = 0

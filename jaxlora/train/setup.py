@@ -48,9 +48,12 @@ class Run:
     def evaluate(self, state: dict) -> dict[str, float]:
         """Mean eval loss (+ perplexity for LM stages, preference metrics for DPO / KTO)."""
         sums: dict[str, float] = {}
-        for batch in self.batches.eval_batches():
-            out = self.steps.eval_step(state["trainable"], self.parts.frozen, batch)
-            for k, v in jax.device_get(out).items():
+        outs = [  # dispatched back to back; one host sync for the whole eval set
+            self.steps.eval_step(state["trainable"], self.parts.frozen, batch)
+            for batch in self.batches.eval_batches()
+        ]
+        for out in jax.device_get(outs):
+            for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         loss = sums["loss_sum"] / max(sums["tokens"], 1.0)
         result = {"eval/loss": loss}

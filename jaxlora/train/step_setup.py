@@ -29,14 +29,8 @@ class Steps:
     schedule: Callable[[int], Any]  # learning rate at optimiser step i
     state: dict  # {"trainable", "opt_state", "rng", ...}, placed in `state_shardings`
     state_shardings: dict
-    train_step: Callable  # (state, frozen, batch) -> (state, metrics); `.lower(...)` for AOT,
-    # `.compile(...)` = the cached program for that batch shape, `.compiled` = the cache
+    train_step: Callable  # (state, frozen, batch) -> (state, metrics); `.lower(...)` for AOT
     eval_step: Callable  # (trainable, frozen, batch) -> metric sums
-
-
-def batch_signature(batch: dict) -> tuple:
-    """What a compiled step is specialised on: each column's name, shape and dtype."""
-    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
 
 
 def _mesh_of(*trees: Any) -> Any:
@@ -138,34 +132,22 @@ def build_steps(
     step = make_train_step(train_loss, tx, **train_kw)
     evaluate = make_eval_step(eval_loss, **eval_kw)
 
-    # One compiled program per batch shape, built once and kept: the pre-flight memory check's
-    # ahead-of-time compile IS the program the loop then runs for that shape (jit's own cache
-    # does not see AOT compiles, so calling `step` would compile the same shape a second time).
-    compiled: dict[tuple, Any] = {}
-
-    def compile_for(state, frozen, batch):
-        key = batch_signature(batch)
-        if key not in compiled:
-            with sharding.mesh_context(mesh):
-                compiled[key] = step.lower(state, frozen, batch).compile()
-        return compiled[key]
-
     # The model's activation sharding constraints apply only under the mesh context.
     def train_step(state, frozen, batch):
-        fn = compile_for(state, frozen, batch)
         with sharding.mesh_context(mesh):
-            return fn(state, frozen, batch)
+            return step(state, frozen, batch)
 
     def eval_step(trainable, frozen, batch):
         with sharding.mesh_context(mesh):
             return evaluate(trainable, frozen, batch)
 
-    def lower(*args):  # the pre-flight memory check compiles ahead of time
+    # The pre-flight memory check compiles ahead of time; JAX keeps that executable in-process
+    # (lowering and compilation caches), so the first step of the same shape does not compile
+    # again: the check costs no compile when it runs at a shape the loop will use.
+    def lower(*args):
         with sharding.mesh_context(mesh):
             return step.lower(*args)
 
     train_step.lower = lower
-    train_step.compile = compile_for  # the pre-flight check compiles through this cache
-    train_step.compiled = compiled
     train_step.jitted = step  # `bench --lower-for` exports it for another platform
     return Steps(tx, schedule, state, state_sh, train_step, eval_step)

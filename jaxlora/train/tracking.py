@@ -3,8 +3,9 @@
 Both use the same tag names (`train/loss`, `eval/perplexity`, ...). On resume, records logged
 after the checkpoint being resumed from are dropped first, so the file reads exactly like an
 uninterrupted run (except the last record, `time/*` and `compile/*`: where this process's wall
-time went, see `jaxlora.train.timing`; an interrupted process's breakdown is dropped too). TensorBoard is written with tensorboardX (no TensorFlow needed); a resumed run
-starts a new event file and TensorBoard shows the latest value per step.
+time went, see `jaxlora.train.timing`; an interrupted process's breakdown is dropped too).
+TensorBoard is written with tensorboardX (no TensorFlow needed); a resumed run starts a new event
+file and TensorBoard shows the latest value per step.
 """
 
 from __future__ import annotations
