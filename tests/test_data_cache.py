@@ -218,3 +218,28 @@ def test_mixed_load_with_max_samples_per_dataset(tmp_path, chatml_tokenizer):
         chatml_tokenizer, mix_strategy="interleave_under", interleave_probs=[0.5, 0.5], **kw
     )[0]
     _same_batches(_batches(train), _batches(again))
+
+
+def test_counts_from_the_plan_equal_counts_from_the_rows(tmp_path, chatml_tokenizer):
+    """Loss targets per row (SFT, packed SFT, pretraining) and pairs per packed DPO row, as the
+    trainer reads them from the cache's columns and packing plans without building rows, equal
+    the counts over the built rows."""
+    from jaxlora.data import load_preference_dataset, load_text_dataset
+    from jaxlora.train.batches import target_counts
+
+    data = _write(tmp_path / "a.jsonl", _rows(40))
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(" ".join(_WORDS[: 3 + i % 40]) * (1 + i % 5) for i in range(60)))
+    views = [
+        load_sft_dataset(chatml_tokenizer, dataset=data, cutoff_len=64)[0],
+        load_sft_dataset(chatml_tokenizer, dataset=data, cutoff_len=64, packing=True)[0],
+        load_text_dataset(chatml_tokenizer, dataset=str(docs), cutoff_len=64)[0],
+    ]
+    for view in views:
+        assert view.target_counts() is not None
+        np.testing.assert_array_equal(target_counts(view), target_counts(list(view)))
+    pairs = load_preference_dataset(
+        chatml_tokenizer, dataset="dpo_demo", cutoff_len=64, packing=True
+    )
+    per_row = [(int(r.segment_ids.max()) + 1) // 2 for r in pairs[0]]
+    assert pairs[0].units_per_row().tolist() == per_row and max(per_row) > 1

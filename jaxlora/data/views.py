@@ -200,6 +200,10 @@ class PackedView(_View):
         t = self.source.target_counts()[self.members]
         return np.add.reduceat(t, self.off[:-1]) if len(t) else np.zeros(0, np.int64)
 
+    def units_per_row(self) -> np.ndarray:
+        """[rows] samples (DPO: pairs) packed into each row, from the plan."""
+        return np.diff(self.off)
+
     def digest(self) -> bytes:
         h = hashlib.sha256(self.source.digest() + self.members.tobytes() + self.off.tobytes())
         h.update(f"{self.seq_len},{self.pad_id},{self.pairs}".encode())

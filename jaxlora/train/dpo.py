@@ -151,9 +151,11 @@ class DPOSetup:
         self.ftx = float(f.pref_ftx)
         self.simpo_gamma = float(f.simpo_gamma)
         self.use_reference = not f.reference_free
-        samples = list(data.train) + list(data.eval)
         self.packed = _is_packed(data.train)
-        self.pairs_per_row = max(map(_pairs_in_row, samples)) if self.packed else 1
+        self.pairs_per_row = 1
+        if self.packed:  # most pairs any packed row holds (train or eval)
+            splits = [s for s in (data.train, data.eval) if len(s)]
+            self.pairs_per_row = max(int(self.target_counts(s).max()) for s in splits)
         self.reference_traces = 0  # Python side effect: counts traces of the reference pass
         self.cache_path: Path | None = None
         self.cache_hit = False
@@ -193,6 +195,9 @@ class DPOSetup:
     def target_counts(self, samples: list) -> np.ndarray:
         """Per sample: the number of preference pairs (1 unpacked; pairs in a packed row)."""
         if _is_packed(samples):
+            fast = getattr(samples, "units_per_row", None)  # cached rows: from the packing plan
+            if fast is not None:
+                return np.asarray(fast(), np.int64)
             return np.asarray([_pairs_in_row(s) for s in samples], np.int64)
         return np.ones(len(samples), np.int64)
 

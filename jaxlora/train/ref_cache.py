@@ -116,7 +116,8 @@ def fingerprint(run: Any, data: Any, initial: Any, packed: bool) -> str:
         # LoRA reference = base + initial adapter; full/freeze copies come from the files.
         "ref_adapter": _tree_digest(initial) if run.mode == "lora" and initial else None,
         "adapter_spec": repr(run.adapter_spec) if initial is not None else None,
-        "data": data_fingerprint(data.train, data.eval),
+        # The loaders' content hash (no pass over the samples); lists built elsewhere: hashed.
+        "data": getattr(data.report, "fingerprint", "") or data_fingerprint(data.train, data.eval),
         "n": [len(data.train), len(data.eval)],
         "template": [report.template_name, report.chat_template],
         "lengths": [cfg.data.cutoff_len, cfg.data.max_prompt_length, packed],
