@@ -158,7 +158,7 @@ def test_resume_mid_epoch_from_a_reloaded_cache(tmp_path, chatml_tokenizer):
     uninterrupted = list(full.iterate(0, 0, num_epochs=2))
     # "Restart": a new load (cache hit), a new batcher, resumed at epoch 0 step 5.
     again, _, rep = load_sft_dataset(chatml_tokenizer, **kw)
-    assert rep.cache_hits == 1
+    assert rep.cache_hits == 1 and "1 dataset(s) reused, 0 tokenised" in rep.summary()
     resumed = list(
         make_batches(again, batch_size=4, pad_id=0, cutoff_len=64, seed=1).iterate(0, 5, 2)
     )

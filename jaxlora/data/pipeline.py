@@ -178,6 +178,11 @@ def _load(stage: str, tokenizer: Any, tmpl: ChatTemplate | None, **kw) -> tuple:
         n_train_rows, report.n_rows = len(tr), len(which)
     if kw["mix_strategy"] not in (None, "concat"):
         report.notes.append(f"mixed by {kw['mix_strategy']}: {len(which)} rows")
+    if kw["cache_dir"]:
+        report.notes.append(
+            f"tokenised cache {kw['cache_dir']}: {report.cache_hits} dataset(s) reused, "
+            f"{report.cache_misses} tokenised"
+        )
     for s in used:  # counts per dataset row read (a row oversampled twice counts once)
         report.n_truncated += s.meta["n_truncated"]
         report.n_answer_truncated += s.meta["n_answer_truncated"]
