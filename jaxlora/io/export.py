@@ -18,9 +18,11 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io.atomic import atomic_dir
+from jaxlora.io.bottleneck import write_bottleneck_files
 from jaxlora.io.hf import abstract_params
 from jaxlora.io.peft import check_adapter_fits, write_peft_files
 from jaxlora.io.peft_prompt import write_prompt_files
+from jaxlora.peft.bottleneck import BottleneckAdapter
 from jaxlora.peft.lora import Adapter, merge
 from jaxlora.peft.prompt import PromptAdapter
 
@@ -50,7 +52,11 @@ def export_adapter(
     """PEFT adapter dir (+ tokenizer and chat template when given). A `PromptAdapter` (prompt /
     prefix tuning) needs the base's `model_config` (PEFT's config records its shapes)."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if isinstance(adapter, PromptAdapter):
+        if isinstance(adapter, BottleneckAdapter):
+            write_bottleneck_files(adapter, model_config, tmp, base_model)
+            if chat_template:
+                (tmp / TEMPLATE_FILE).write_text(chat_template)
+        elif isinstance(adapter, PromptAdapter):
             write_prompt_files(adapter, model_config, tmp, base_model)
             if chat_template:
                 (tmp / TEMPLATE_FILE).write_text(chat_template)
@@ -63,6 +69,12 @@ def export_adapter(
 
 def refuse_merge(adapter: Any) -> None:
     """UserError for adapters that change no weight, so no merged checkpoint can hold them."""
+    if isinstance(adapter, BottleneckAdapter):
+        raise UserError(
+            "a bottleneck adapter cannot be merged into the base weights: it adds a non-linear "
+            "layer (h + up(act(down(h)))) after attention / the MLP, which no weight of the base "
+            "model can express; export the adapter or use it with --adapter"
+        )
     if isinstance(adapter, PromptAdapter):
         raise UserError(
             f"a {adapter.config.method} adapter cannot be merged into the base weights: its "

@@ -27,7 +27,13 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io.atomic import atomic_dir
+from jaxlora.io.bottleneck import (
+    check_bottleneck_fits,
+    is_bottleneck_adapter,
+    load_bottleneck_adapter,
+)
 from jaxlora.io.peft_prompt import is_prompt_adapter, load_prompt_adapter
+from jaxlora.peft.bottleneck import BottleneckAdapter
 from jaxlora.peft.lora import LINEAR_MODULES, Adapter, LoraConfig, iter_modules, set_path
 from jaxlora.peft.prompt import PromptAdapter
 
@@ -125,6 +131,8 @@ def load_peft_adapter(path: str | Path) -> Adapter | PromptAdapter:
     raw = json.loads(cfg_path.read_text())
     if is_prompt_adapter(raw):
         return load_prompt_adapter(d, raw)
+    if is_bottleneck_adapter(raw):  # jaxlora's own format (`finetuning_type: adapter`)
+        return load_bottleneck_adapter(d, raw)
     if raw.get("peft_type", "LORA") != "LORA":
         raise UserError(
             f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not supported "
@@ -191,6 +199,9 @@ def check_adapter_fits(
     """Raise a UserError naming the module when adapter and base shapes disagree."""
     from jaxlora.peft.lora import get_path, kernel_dims
 
+    if isinstance(adapter, BottleneckAdapter):
+        check_bottleneck_fits(adapter, params, source)
+        return
     if isinstance(adapter, PromptAdapter):
         from jaxlora.models import prompt as vt
 

@@ -37,6 +37,18 @@ class AdapterSpec:
     scale: float = 1.0  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
     dropout: float = 0.0
     use_dora: bool = False
+    # Bottleneck adapters (collection "adapter", see `jaxlora.models.llama.DecoderLayer`): the
+    # non-linearity between their down- and up-projection; None when the run has none.
+    bottleneck_act: str | None = None
+
+
+# Non-linearities of bottleneck adapters (torch's defaults: exact GELU, SiLU for "swish").
+BOTTLENECK_ACTS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:

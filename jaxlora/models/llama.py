@@ -7,7 +7,8 @@ and compile time does not grow with depth. Parameter names mirror the Hugging Fa
 checkpoint I/O and PEFT export a renaming exercise.
 
 Variable collections: "params" (the frozen or fully trained base), the optional "lora" (adapter,
-same paths) and the optional "prompt" (prompt / prefix tuning, see `jaxlora.models.prompt`).
+same paths), the optional "prompt" (prompt / prefix tuning, see `jaxlora.models.prompt`) and the
+optional "adapter" (bottleneck adapters after attention and/or the MLP of every layer).
 Every projection goes through `Linear`, the single place where adapters and quantised weights
 plug in; virtual tokens enter as per-layer key/value prefixes in `Attention`.
 """
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 from jaxlora.models import prompt as vt
 from jaxlora.models.attention import AttentionSpec, attention, causal_mask
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.linear import AdapterSpec, Linear
+from jaxlora.models.linear import BOTTLENECK_ACTS, AdapterSpec, Linear
+
+BOTTLENECK = "adapter"  # variable collection of bottleneck adapters (per layer, scanned)
 
 REMAT_POLICIES = {
     "none": None,
@@ -233,11 +236,28 @@ class DecoderLayer(nn.Module):
         h, new_cache = Attention(**sub, attention=self.attention, name="self_attn")(
             h, cos, sin, mask, segment_ids, cache, cache_index, prefix
         )
-        x = x + h
+        x = x + self._bottleneck("attn", h)
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
-        x = x + MLP(**sub, name="mlp")(h)
+        x = x + self._bottleneck("mlp", MLP(**sub, name="mlp")(h))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, new_cache
+
+    def _bottleneck(self, where: str, h: jax.Array) -> jax.Array:
+        """h + up(act(down(h))) with the "adapter" collection's `{where}_down/_up` (+ biases)
+        when this run has bottleneck adapters there (Houlsby: attn and mlp; Pfeiffer: mlp),
+        else h. The up-projection starts at zero, so a new adapter is the identity."""
+        spec = self.adapter
+        if spec is None or spec.bottleneck_act is None:
+            return h
+        if not self.has_variable(BOTTLENECK, f"{where}_down"):
+            return h
+
+        def get(name):
+            return self.get_variable(BOTTLENECK, f"{where}_{name}").astype(self.dtype)
+
+        act = BOTTLENECK_ACTS[spec.bottleneck_act]
+        z = act(h @ get("down") + get("down_b"))  # [B, T, r]
+        return h + z @ get("up") + get("up_b")  # [B, T, D]
 
 
 class Decoder(nn.Module):
@@ -269,7 +289,7 @@ class Decoder(nn.Module):
             layer = nn.remat(layer, policy=policy, prevent_cse=False)
         self.layers = nn.scan(
             layer,
-            variable_axes={"params": 0, "lora": 0},
+            variable_axes={"params": 0, "lora": 0, BOTTLENECK: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
             length=cfg.num_hidden_layers,

@@ -6,6 +6,7 @@
             frozen = {}
     prompt  (prompt_tuning / prefix_tuning) trainable = the "prompt" collection (virtual
             tokens), frozen = base params; see `jaxlora.train.prompt_methods`
+    adapter trainable = the "adapter" collection (bottleneck adapters), frozen = base params
     freeze  trainable = per-layer SLICES of the selected modules ([n, ...] of the stacked
             [L, ...] leaves, as `LayerSlice` nodes that remember their first layer) plus any
             selected non-layer module; frozen = the whole original param tree
@@ -64,7 +65,7 @@ class LayerSlice:
 
 
 # Methods whose trainable tree is a variable collection of its own next to the frozen "params".
-COLLECTIONS = {"lora": "lora", "prompt": "prompt"}
+COLLECTIONS = {"lora": "lora", "prompt": "prompt", "adapter": "adapter"}
 
 
 @dataclasses.dataclass
@@ -78,9 +79,12 @@ class Split:
     # model (plain LoRA init, continued adapters, full, freeze).
     initial_adapter: Adapter | None = None
     prompt_config: Any = None  # prompt mode: jaxlora.peft.prompt.PromptConfig
+    bottleneck_config: Any = None  # adapter mode: jaxlora.peft.bottleneck.BottleneckConfig
 
     @property
     def adapter_spec(self) -> AdapterSpec | None:
+        if self.bottleneck_config is not None:
+            return self.bottleneck_config.spec
         return self.lora_config.spec if self.lora_config else None
 
 
@@ -112,6 +116,11 @@ def split_trainable(
             raise ValueError(f"split_trainable: {mode} needs the model config")
         tree, pcfg = split_prompt(cfg, params, model_config, tokenizer)
         return Split("prompt", tree, params, prompt_config=pcfg)
+    if mode == "adapter":
+        from jaxlora.train.prompt_methods import split_bottleneck
+
+        tree, bcfg = split_bottleneck(cfg, params, model_config)
+        return Split("adapter", tree, params, bottleneck_config=bcfg)
     if mode == "full":
         return Split("full", _cast_float(params, _trainable_dtype(cfg)), {})
     if mode == "freeze":
@@ -122,8 +131,8 @@ def split_trainable(
         )
         return Split("freeze", _cast_float(trainable, _trainable_dtype(cfg)), params)
     raise UserError(
-        f"finetuning_type {mode!r} is not supported; use lora, full, freeze, prompt_tuning or "
-        "prefix_tuning"
+        f"finetuning_type {mode!r} is not supported; use lora, full, freeze, prompt_tuning, "
+        "prefix_tuning or adapter"
     )
 
 
@@ -285,6 +294,10 @@ def adapter_for_export(split_or_run: Any, trainable: Any) -> Any:
     relative to the original weights (`lora.pissa_to_lora`, as PEFT's
     `path_initial_model_for_weight_conversion`); other runs export the trainable adapter as is.
     """
+    if getattr(split_or_run, "bottleneck_config", None) is not None:  # bottleneck adapters
+        from jaxlora.peft.bottleneck import BottleneckAdapter
+
+        return BottleneckAdapter(trainable, split_or_run.bottleneck_config)
     if getattr(split_or_run, "prompt_config", None) is not None:  # prompt / prefix tuning
         from jaxlora.peft.prompt import PromptAdapter
 

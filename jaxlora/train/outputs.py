@@ -25,6 +25,7 @@ from jaxlora.io.export import (
     refuse_merge,
 )
 from jaxlora.io.peft import load_peft_adapter
+from jaxlora.peft.bottleneck import BottleneckAdapter
 from jaxlora.peft.lora import Adapter
 from jaxlora.peft.prompt import PromptAdapter
 
@@ -42,7 +43,7 @@ def export_run_outputs(run: Any, trainable: Any) -> None:
     cfg = run.cfg
     tmpl = run.data.report.chat_template or None
     base = str(run.parts.model.path)
-    if run.parts.mode in ("lora", "prompt"):
+    if run.parts.mode in ("lora", "prompt", "adapter"):
         adapter = adapter_for_export(run.parts.split, trainable)
         host = jax.tree_util.tree_map(distributed.to_host, adapter.params)  # per leaf
         if main:
@@ -187,7 +188,7 @@ def export_from_run(
             overwrite=overwrite,
         )
     model_config = None
-    if isinstance(adapter, PromptAdapter):  # PEFT's config records the base's shapes
+    if isinstance(adapter, PromptAdapter | BottleneckAdapter):  # configs record the base's shapes
         from jaxlora.io.model import resolve_model_path
         from jaxlora.models.config import load_hf_config
 

@@ -1,4 +1,5 @@
-"""Prompt tuning and prefix tuning as fine-tuning methods: the trainable "prompt" collection.
+"""Prompt tuning, prefix tuning and bottleneck adapters as fine-tuning methods: small trainable
+collections ("prompt", "adapter") next to a frozen base.
 
 Why this file exists: `jaxlora.train.methods` splits a model for LoRA / full / freeze; these two
 methods train only n virtual tokens (`jaxlora.peft.prompt`, used by the decoder as per-layer
@@ -83,3 +84,28 @@ def split_prompt(cfg: Config, params: dict, model_config: Any, tokenizer: Any = 
         tree = init_prompt(key, params, model_config, pcfg, ids)
     tree = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
     return tree, pcfg
+
+
+def split_bottleneck(cfg: Config, params: dict, model_config: Any):
+    """(trainable "adapter" tree fp32, BottleneckConfig) for `finetuning_type: adapter`: new
+    (zero up-projection: the run starts at the base model) or `adapter_name_or_path`'s (its
+    size / non-linearity / placement win)."""
+    from jaxlora.peft.bottleneck import BottleneckAdapter, BottleneckConfig, init_bottleneck
+
+    f = cfg.finetune
+    if cfg.model.adapter_name_or_path:
+        from jaxlora.io.peft import check_adapter_fits, load_peft_adapter
+
+        path = cfg.model.adapter_name_or_path
+        start = load_peft_adapter(path)
+        if not isinstance(start, BottleneckAdapter):
+            raise UserError(
+                f"adapter_name_or_path: {path} is not a bottleneck adapter; finetuning_type "
+                "adapter continues adapters written by a `finetuning_type: adapter` run"
+            )
+        check_adapter_fits(start, params, str(path))
+        tree, bcfg = start.params, start.config
+    else:
+        bcfg = BottleneckConfig(f.adapter_size, f.adapter_non_linearity, f.adapter_placement)
+        tree = init_bottleneck(jax.random.key(cfg.train.seed), model_config, bcfg)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree), bcfg

@@ -70,8 +70,7 @@ class Run:
             return None
         from jaxlora.evaluate.generate import default_stop_ids, generate
         from jaxlora.peft.lora import Adapter
-        from jaxlora.peft.prompt import PromptAdapter
-        from jaxlora.train.methods import params_for_export
+        from jaxlora.train.methods import adapter_for_export, params_for_export
 
         src = self.data.eval or self.data.train  # all samples share one type: look at one
         unpacked_sft = hasattr(src[0], "loss_mask") and getattr(src[0], "segment_ids", None) is None
@@ -88,8 +87,8 @@ class Run:
         trainable = state["trainable"]
         if parts.mode == "lora":  # on parts.model as trained (PiSSA: its residual base)
             model, adapter = parts.model, Adapter(trainable, parts.lora_config)
-        elif parts.mode == "prompt":
-            model, adapter = parts.model, PromptAdapter(trainable, parts.split.prompt_config)
+        elif parts.mode in ("prompt", "adapter"):
+            model, adapter = parts.model, adapter_for_export(parts.split, trainable)
         else:
             params = params_for_export(parts.split, trainable)
             model, adapter = dataclasses.replace(parts.model, params=params), None

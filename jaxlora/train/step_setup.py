@@ -71,7 +71,7 @@ def trainable_shardings(parts: ModelParts, tree: Any) -> Any:
     """Shardings of a trainable tree: adapters follow their base kernels' logical axes."""
     if parts.mode == "lora":
         return sharding.adapter_shardings(parts.mesh, tree, parts.param_logical)
-    if parts.mode == "prompt":  # a few virtual tokens: every device holds them all
+    if parts.mode in ("prompt", "adapter"):  # small trees: every device holds them all
         rep = sharding.replicated(parts.mesh)
         return jax.tree_util.tree_map(lambda _: rep, tree)
     logical = trainable_logical(parts.param_logical, tree)
