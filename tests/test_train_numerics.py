@@ -148,3 +148,34 @@ def test_loss_scale_with_plain_sgd(micro_model, tmp_path, monkeypatch):
         assert max(float(np.abs(m).max()) for m in jax.tree_util.tree_leaves(moved)) > 1e-4
     finally:
         run.close()
+
+
+def test_preflight_says_unknown_without_memory_analysis():
+    """A backend whose compiled step has no memory analysis: the summary says "unknown" (it
+    used to report 0 GiB needed and pass as if it had checked)."""
+    from jaxlora.train import preflight
+
+    class Compiled:
+        def memory_analysis(self):
+            return None
+
+    class Step:
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            return Compiled()
+
+    est = preflight.estimate(Step())
+    assert est.needed_bytes is None and est.fits()
+    assert "unknown" in est.summary() and "0.00 GiB" not in est.summary()
+
+
+def test_qlora_without_remat_warns():
+    from jaxlora.train.preflight import config_warnings
+
+    base = dict(model_name_or_path="tiny", dataset="demo:identity_sft", quantization_bit=4)
+    warned = config_warnings(config_from_dict(base))
+    assert len(warned) == 1 and "remat: full" in warned[0]
+    assert config_warnings(config_from_dict({**base, "remat": "full"})) == []
+    assert config_warnings(config_from_dict({**base, "quantization_bit": None})) == []

@@ -114,15 +114,15 @@ def _merged_tensors(base_dir: Path, cfg: Any, adapter: Adapter | None, dtype: An
         for path, node in iter_modules(adapter.params):
             modules[path] = {k: np.asarray(jax.device_get(v), np.float32) for k, v in node.items()}
     s = adapter.config.scale if adapter is not None else 0.0
-    for path, layer, name, w in base_hf_tensors(base_dir, cfg):  # w: [out, in] fp32
+    for path, layer, name, w in base_hf_tensors(base_dir, cfg):  # w: [out, in], base dtype
         node = modules.get(path[:-1]) if path[-1] == "kernel" else None
-        if node is not None:
+        if node is not None:  # adapted: merged in fp32 (others pass through, no fp32 copy)
             a, b = node["lora_a"][layer], node["lora_b"][layer]  # [in, r], [r, out]
-            w += s * (b.T @ a.T)  # [out, in]
+            w = w.astype(np.float32) + s * (b.T @ a.T)  # [out, in]
             if "magnitude" in node:
                 norm = np.sqrt(np.sum(w * w, axis=1, keepdims=True))  # per output row
                 w *= node["magnitude"][layer][:, None] / norm
-        yield name, np.ascontiguousarray(w.astype(dtype))
+        yield name, np.ascontiguousarray(w.astype(dtype, copy=False))
 
 
 def export_merged(

@@ -211,8 +211,8 @@ def params_to_hf_tensors(params: dict, cfg: ModelConfig, dtype: Any) -> Iterator
 
 
 def base_hf_tensors(model_dir: str | Path, cfg: ModelConfig) -> Iterator[tuple]:
-    """Yield (param path, layer index or None, hf_name, fp32 array in HF layout) for every tensor
-    the config needs, read one at a time from the checkpoint on disk (`export --merged`).
+    """Yield (param path, layer index or None, hf_name, array in HF layout and the checkpoint's
+    dtype) for every tensor the config needs, read one at a time from disk (`export --merged`).
 
     Each tensor opens its file anew, so the memory map (whose touched pages count as resident)
     is dropped after every tensor instead of growing to the whole checkpoint.
@@ -225,7 +225,7 @@ def base_hf_tensors(model_dir: str | Path, cfg: ModelConfig) -> Iterator[tuple]:
             if n not in index:
                 raise UserError(f"{model_dir}: checkpoint is missing tensor {n}")
             with safe_open(str(index[n]), framework="numpy") as h:
-                t = h.get_tensor(n).astype(np.float32)
+                t = h.get_tensor(n)
             yield path, (i if path[0] == "layers" else None), n, t
 
 
@@ -236,8 +236,6 @@ def write_hf_shards(
     at most one shard (plus the tensor in hand) is held in memory. The shard count is known only
     at the end: shards are written under temporary names and renamed to HF's
     `model-0000i-of-0000n.safetensors` (or `model.safetensors` when there is one) with an index."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str]]] = []
@@ -246,7 +244,7 @@ def write_hf_shards(
 
     def flush() -> None:
         tmp = out / f".shard-{len(written):05d}.safetensors"
-        save_file(shard, str(tmp), metadata={"format": "pt"})
+        write_safetensors(shard, tmp, metadata={"format": "pt"})
         written.append((tmp, list(shard)))
 
     for name, t in tensors:
@@ -273,6 +271,32 @@ def write_hf_shards(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return files
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int8": "I8"}
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict) -> None:
+    """A safetensors file written straight from the arrays' buffers: 8-byte header length,
+    JSON header (dtype, shape, byte offsets), then the data. `safetensors.numpy.save_file` first
+    copies every tensor to `bytes`, doubling the peak memory of a merged export's shard."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    arrays = {n: np.ascontiguousarray(t) for n, t in tensors.items()}
+    for name, t in arrays.items():
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype.name],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in arrays.values():
+            f.write(memoryview(t.reshape(-1).view(np.uint8)))
 
 
 def save_params_hf(

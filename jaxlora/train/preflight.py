@@ -22,14 +22,21 @@ HEADROOM = 0.95  # leave 5% for the runtime, fragmentation and host-side buffers
 
 @dataclass
 class MemoryEstimate:
-    needed_bytes: int  # per device
+    needed_bytes: int | None  # per device; None when XLA gave no memory analysis
     available_bytes: int | None  # per device; None when unknown
     source: str
 
     def fits(self) -> bool:
-        return self.available_bytes is None or self.needed_bytes <= HEADROOM * self.available_bytes
+        if self.needed_bytes is None or self.available_bytes is None:
+            return True  # nothing to compare: the summary says "unknown", not "fits"
+        return self.needed_bytes <= HEADROOM * self.available_bytes
 
     def summary(self) -> str:
+        if self.needed_bytes is None:
+            return (
+                "memory: unknown — XLA gave no memory analysis for the train step on this "
+                "backend, so the pre-flight check could not run"
+            )
         need = self.needed_bytes / 2**30
         if self.available_bytes is None:
             return f"memory: step needs {need:.2f} GiB per device (device limit unknown)"
@@ -58,9 +65,12 @@ def available_bytes_per_device() -> tuple[int | None, str]:
 def estimate(step_fn: Any, *args: Any) -> MemoryEstimate:
     """Compiled memory needs of `step_fn(*args)` (a jitted function) per device."""
     compiled = step_fn.lower(*args).compile()
-    ma = compiled.memory_analysis()
+    try:
+        ma = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):  # some PJRT plugins do not implement it
+        ma = None
     if ma is None:
-        need = 0
+        need = None
     else:
         need = (
             ma.argument_size_in_bytes
@@ -69,7 +79,19 @@ def estimate(step_fn: Any, *args: Any) -> MemoryEstimate:
             - ma.alias_size_in_bytes
         )
     have, source = available_bytes_per_device()
-    return MemoryEstimate(int(need), have, source)
+    return MemoryEstimate(None if need is None else int(need), have, source)
+
+
+def config_warnings(cfg: Any) -> list[str]:
+    """Settings that work but waste memory in a way the user would not guess."""
+    out = []
+    if cfg.model.quantization_bit and cfg.model.remat == "none":
+        out.append(
+            "warning: QLoRA with `remat: none` keeps every layer's dequantised weights as "
+            "residuals for the backward pass (a full compute-dtype copy of the base, what "
+            "quantising was meant to avoid); set `remat: full`"
+        )
+    return out
 
 
 def advice(cfg: Any) -> str:
