@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +193,44 @@ def test_two_hosts_train_and_export_like_one(case, model_dir, env, tmp_path):
             )
             assert rc == 0, out[-3000:]
         _assert_same_tensors(_tensors(run2 / "merged"), _tensors(run1 / "merged"))
+
+
+def _first_logged_step(run: Path) -> bool:
+    f = run / "metrics.jsonl"
+    return f.is_file() and '"train/loss"' in f.read_text()
+
+
+def test_sigterm_to_one_host_checkpoints_every_host_and_resumes(model_dir, env, tmp_path):
+    """SIGTERM to process 1 only: both processes agree to stop at the same step, checkpoint and
+    exit 75; the same command rerun resumes and ends exactly like an uninterrupted run."""
+    long = {"max_steps": "40", "eval_steps": "20", "save_steps": "1000"}
+    cfg, run = _write_cfg(tmp_path, model_dir, "sig", "lora")
+    ref_cfg, ref = _write_cfg(tmp_path, model_dir, "ref", "lora")
+    for c in (cfg, ref_cfg):
+        text = c.read_text()
+        for k, v in long.items():
+            text = "\n".join(
+                f"{k}: {v}" if ln.startswith(f"{k}:") else ln for ln in text.split("\n")
+            )
+        c.write_text(text)
+    procs = train_two_hosts(cfg, env)
+    deadline = time.monotonic() + TIMEOUT
+    while not _first_logged_step(run) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a process exited before step 1"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    (rc0, out0), (rc1, out1) = _wait(procs)
+    assert (rc0, rc1) == (75, 75), f"p0 rc={rc0}:\n{out0[-4000:]}\np1 rc={rc1}:\n{out1[-4000:]}"
+    assert not (run / "adapter").exists()
+    stopped = len(_losses(run)["train/loss"])
+    assert 1 <= stopped < 40
+    (rc0, out0), (rc1, out1) = _wait(train_two_hosts(cfg, env))
+    assert (rc0, rc1) == (0, 0), f"p0 rc={rc0}:\n{out0[-4000:]}\np1 rc={rc1}:\n{out1[-4000:]}"
+    assert "resuming from checkpoint" in out0
+    [(rc, out)] = _wait([_cli(["train", str(ref_cfg), "--no-progress"], env, 4)])
+    assert rc == 0, out[-4000:]
+    got, want = _losses(run), _losses(ref)
+    assert len(want["train/loss"]) == 40
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+    _assert_same_tensors(_tensors(run / "adapter"), _tensors(ref / "adapter"))
