@@ -201,10 +201,10 @@ def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], Non
                     ev = run.evaluate(state)
                 metrics.log(step, ev)
                 n_gen = tcfg.generation_eval_samples
-                if n_gen and main:
+                if n_gen:  # every process: the decode runs on arrays sharded across hosts
                     with clock.phase("generation"):
                         text = run.sample_generations(state, n_gen)
-                    if text:
+                    if text and main:
                         metrics.text("eval/generations", text, step)
                 loss = ev["eval/loss"]
                 improved = best is None or loss < best - tcfg.early_stopping_threshold
