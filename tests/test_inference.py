@@ -264,3 +264,19 @@ def test_chat_second_turn_is_the_history_decoded_greedily(model, monkeypatch):
         seq.append(int(logits[0, -1].argmax()))
     expected = tok.decode(seq[len(seen[1]) :], skip_special_tokens=True).strip()
     assert said[2] == f"Assistant: {expected}"
+
+
+def test_chat_many_is_one_batch_with_chat_once_answers(model):
+    """The end-of-training samples: prompts in three length buckets, one decode compile, and the
+    same greedy answers as asking one at a time."""
+    from jaxlora.evaluate.generate import decode_fn
+    from jaxlora.evaluate.inference import chat_many, prompt_template
+
+    tok = model.tokenizer
+    prompts = ["Hi", "Tell me a story about a cat. " * 3, "Please count to ten. " * 9]
+    gen = {"max_new_tokens": 200}  # a new-token bucket (256) no other test in this module uses
+    before = decode_fn(model)._cache_size()
+    tmpl = prompt_template(tok)
+    many = chat_many(model, None, tok, [(p, None) for p in prompts], gen_kwargs=gen, tmpl=tmpl)
+    assert decode_fn(model)._cache_size() == before + 1
+    assert many == [chat_once(model, None, tok, p, gen_kwargs=gen) for p in prompts]

@@ -128,8 +128,14 @@ def run_eval(args) -> int:
 
 
 def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
-    """Greedy answers of the trained adapter to the first `n` training prompts."""
-    from jaxlora.evaluate.inference import chat_once, load_conversations, split_reference
+    """Greedy answers of the trained adapter to the first `n` training prompts, generated as one
+    batch (one decode compile, not one per prompt-length bucket)."""
+    from jaxlora.evaluate.inference import (
+        chat_many,
+        load_conversations,
+        prompt_template,
+        split_reference,
+    )
 
     model, adapter, tok, adir = load_for_inference(
         cfg.model.model_name_or_path, str(run_dir), "float32" if not cfg.train.bf16 else "bfloat16"
@@ -137,19 +143,12 @@ def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
     convs = load_conversations(
         resolve_demo_names(cfg.data.dataset), dataset_dir=cfg.data.dataset_dir, max_samples=n
     )
-    out = []
+    turns = []
     for conv in convs[:n]:
         messages, _ = split_reference(conv)
-        question = messages[-1]["content"]
-        answer = chat_once(
-            model,
-            adapter,
-            tok,
-            question,
-            history=messages[:-1],
-            gen_kwargs={"max_new_tokens": 48},
-            adapter_dir=adir,
-            system=cfg.data.system,
-        )
-        out.append((question, answer))
-    return out
+        turns.append((messages[-1]["content"], messages[:-1]))
+    if not turns:
+        return []
+    tmpl = prompt_template(tok, system=cfg.data.system, adapter_dir=adir)
+    answers = chat_many(model, adapter, tok, turns, gen_kwargs={"max_new_tokens": 48}, tmpl=tmpl)
+    return [(q, a) for (q, _), a in zip(turns, answers, strict=True)]

@@ -204,10 +204,28 @@ def chat_once(
         system=system,
         adapter_dir=adapter_dir,
     )
-    messages = [*(history or []), {"role": "user", "content": prompt}]
-    ids = _fit_context(model, tokenizer, tmpl, messages, gen_kwargs)
+    return chat_many(
+        model, adapter, tokenizer, [(prompt, history)], gen_kwargs=gen_kwargs, tmpl=tmpl
+    )[0]
+
+
+def chat_many(
+    model: Any,
+    adapter: Any,
+    tokenizer: Any,
+    turns: Sequence[tuple[str, Messages | None]],
+    *,
+    gen_kwargs: dict | None = None,
+    tmpl: ChatTemplate,
+) -> list[str]:
+    """`chat_once` for several (prompt, history) pairs in ONE `generate` call: one batch, so one
+    decode compile for all of them (one call each compiles once per prompt-length bucket)."""
+    ids = []
+    for prompt, history in turns:
+        messages = [*(history or []), {"role": "user", "content": prompt}]
+        ids.append(_fit_context(model, tokenizer, tmpl, messages, gen_kwargs))
     kw = _gen_kwargs(model, tokenizer, tmpl, gen_kwargs)
-    return _decode(tokenizer, generate(model, [ids], adapter=adapter, **kw)[0])
+    return [_decode(tokenizer, out) for out in generate(model, ids, adapter=adapter, **kw)]
 
 
 def _fit_context(model, tokenizer, tmpl, messages: Messages, gen_kwargs: dict | None) -> list[int]:
