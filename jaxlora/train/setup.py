@@ -148,13 +148,13 @@ def build_run(
 def _checked_tokenizer(cfg: Config, log: Callable[[str], None]) -> Any:
     from jaxlora.io.model import load_tokenizer, resolve_model_path
 
+    check_resume(cfg)  # a changed model/method shape on resume: refused before anything loads
     for key, why in cfg.ignored.items():
         log(f"note: ignoring `{key}` ({why})")
     from jaxlora.train.preflight import config_warnings
 
     for warning in config_warnings(cfg):
         log(warning)
-    check_resume(cfg)  # a changed model/method shape on resume: refused before anything loads
     model_path = resolve_model_path(cfg.model.model_name_or_path)
     if not model_path.is_dir():
         raise UserError(
