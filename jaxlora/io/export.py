@@ -154,6 +154,7 @@ def export_merged(
     ]
     cfg = config_from_hf(raw)
     if params is None:
+        refuse_merge(adapter)  # prompt / bottleneck adapters have no weights to fold in
         if adapter is not None:
             check_adapter_fits(adapter, abstract_params(cfg)[0], "adapter")
         tensors = _merged_tensors(base_dir, cfg, adapter, np_dtype)
