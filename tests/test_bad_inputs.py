@@ -446,7 +446,15 @@ def _fail_at(point: str, monkeypatch, dest: Path) -> None:
     if point == "weights":
         import safetensors.numpy
 
-        monkeypatch.setattr(safetensors.numpy, "save_file", _enospc)
+        monkeypatch.setattr(safetensors.numpy, "save_file", _enospc)  # adapter files
+        real_open = builtins.open
+
+        def full_open(file, mode="r", *a, **k):  # merged shards (hf.write_safetensors)
+            if any(c in mode for c in "wax") and str(file).endswith(".safetensors"):
+                _enospc()
+            return real_open(file, mode, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", full_open)
     elif point == "tokenizer":
         real_open = builtins.open
 

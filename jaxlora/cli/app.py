@@ -285,9 +285,21 @@ def _show_attention_log() -> None:
     """The one-time "which attention kernel runs, and why" lines go to stderr."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is at emit time: `main()` may be called again after a
+        caller (pytest's capsys, a redirecting wrapper) replaced and closed the old stream."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _value):
+            pass
+
     log = logging.getLogger("jaxlora.attention")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
