@@ -92,8 +92,8 @@ def run(steps: int, every: int, warmup: int, workdir: Path, trace: bool = False)
     # and once more after the last step, before the final export.
     build = train_mod.build_run
 
-    def build_run(c, log=print):
-        r = build(c, log=log)
+    def build_run(c, log=print, **kw):
+        r = build(c, log=log, **kw)
         batch, finish = r.batches.batch, r.finish
 
         def sampling_batch(m: int) -> dict:

@@ -410,8 +410,8 @@ class _Recorder:
         build = train_mod.build_run
         rec = self
 
-        def build_run(cfg, log=print):
-            run = build(cfg, log=log)
+        def build_run(cfg, log=print, **kw):
+            run = build(cfg, log=log, **kw)
             batch, step = run.batches.batch, run.steps.train_step
             seen = {"m": None}
 
