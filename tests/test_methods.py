@@ -136,7 +136,7 @@ def test_freeze_trains_only_selected_layers(tiny_model_dir, model, monkeypatch):
     step, state = _step(model, split)
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
     n_state = sum(x.size for x in jax.tree_util.tree_leaves(state["opt_state"]) if x.ndim)
-    assert n_state == 2 * n_train  # Adam mu + nu (k = 1: no MultiSteps accumulator), trained slices only
+    assert n_state == 2 * n_train  # Adam mu + nu (k = 1: no accumulator), trained slices only
     original = _host(model.params)
     for i in range(2):
         state, _ = step(state, split.frozen, _batch(i))
