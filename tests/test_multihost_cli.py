@@ -170,7 +170,9 @@ def _assert_same_tensors(a: dict, b: dict) -> None:
         assert float(np.abs(a[k] - b[k]).max()) <= 1e-5 * scale, k
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    "case", [c if c == "lora" else pytest.param(c, marks=pytest.mark.long) for c in CASES]
+)
 def test_two_hosts_train_and_export_like_one(case, model_dir, env, tmp_path):
     cfg2, run2 = _write_cfg(tmp_path, model_dir, "two", case)
     cfg1, run1 = _write_cfg(tmp_path, model_dir, "one", case)
@@ -201,6 +203,7 @@ def _first_logged_step(run: Path) -> bool:
     return f.is_file() and '"train/loss"' in f.read_text()
 
 
+@pytest.mark.long
 def test_sigterm_to_one_host_checkpoints_every_host_and_resumes(model_dir, env, tmp_path):
     """SIGTERM to process 1 only: both processes agree to stop at the same step, checkpoint and
     exit 75; the same command rerun resumes and ends exactly like an uninterrupted run."""

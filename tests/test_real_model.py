@@ -54,6 +54,7 @@ def test_gguf_load_matches_transformers_gguf_loader(smollm2):
     assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
 
 
+@pytest.mark.long
 def test_identity_sft_changes_the_answer(smollm2, tmp_path):
     from jaxlora.cli.inference import load_for_inference
     from jaxlora.config import load_config
