@@ -148,6 +148,7 @@ def test_preflight_refuses_config_that_cannot_fit(tiny_model_dir, tmp_path):
         tmp_path / "huge",
         per_device_train_batch_size=8192,
         cutoff_len=2048,
+        packing=True,  # rows of cutoff_len: the pre-flight checks the longest shape the data makes
         val_size=0,
         eval_steps=None,
         max_samples=None,
