@@ -9,7 +9,6 @@ computes its KL estimate from our numbers exactly as it does from a model's.
 
 from __future__ import annotations
 
-import collections
 import types
 
 import jax.numpy as jnp
@@ -21,6 +20,8 @@ from jaxlora.errors import UserError
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
+
+from trl_kto import bare_kto_trainer  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -42,28 +43,14 @@ class _StandIn:
 
 
 def _trl_kto(beta, wd, wu, pol, ref, pol_kl, ref_kl, labels):
-    from trl import KTOTrainer
-
     n = len(pol)
-    trainer = object.__new__(KTOTrainer)
-    attrs = dict(
-        model=_StandIn(pol, pol_kl),
-        accelerator=types.SimpleNamespace(
-            device=torch.device("cpu"), gather_for_metrics=lambda x: x, unwrap_model=lambda m: m
-        ),
-        aux_loss_enabled=False,
-        calculate_KL=True,
-        precompute_ref_logps=True,
-        loss_type="kto",
+    trainer = bare_kto_trainer(
+        _StandIn(pol, pol_kl),
         beta=beta,
         desirable_weight=wd,
         undesirable_weight=wu,
-        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
+        precompute_ref_logps=True,
     )
-    for k, v in attrs.items():
-        object.__setattr__(trainer, k, v)
     cmask = torch.zeros(n, T_MAIN, dtype=torch.long)
     cmask[:, 2:] = 1
     kl_cmask = torch.zeros(n, T_KL, dtype=torch.long)

@@ -5,7 +5,6 @@ perturbed weights (the full fine-tuning case)."""
 
 from __future__ import annotations
 
-import collections
 import json
 import types
 
@@ -22,29 +21,18 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 
-pytestmark = pytest.mark.torch
+from tiny_qwen2 import tiny_qwen2  # noqa: E402
+from trl_kto import bare_kto_trainer  # noqa: E402
 
-CFG = dict(
-    vocab_size=32,  # overwritten with the tokenizer's size
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=12,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+pytestmark = pytest.mark.torch
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, chatml_tokenizer):
     root = tmp_path_factory.mktemp("kto-models")
-    cfg = transformers.Qwen2Config(**{**CFG, "vocab_size": len(chatml_tokenizer)})
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ref = tiny_qwen2(vocab_size=len(chatml_tokenizer))
     ref.save_pretrained(root / "ref")
-    policy = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    policy = tiny_qwen2(vocab_size=len(chatml_tokenizer))
     policy.load_state_dict(ref.state_dict())
     with torch.no_grad():
         for p in policy.parameters():
@@ -54,34 +42,21 @@ def models(tmp_path_factory, chatml_tokenizer):
 
 
 def _trl_loss(root, batch_examples, beta, wd, wu, names):
-    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference, KTOTrainer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
     from trl.trainer.utils import add_fused_lm_head
 
     policy = transformers.AutoModelForCausalLM.from_pretrained(root / names[0]).eval()
     ref = transformers.AutoModelForCausalLM.from_pretrained(root / names[1]).eval()
     add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits"))
     add_fused_lm_head(ref)
-    trainer = object.__new__(KTOTrainer)
-    attrs = dict(
-        model=policy,
-        ref_model=ref,
-        accelerator=types.SimpleNamespace(
-            device=torch.device("cpu"), gather_for_metrics=lambda x: x, unwrap_model=lambda m: m
-        ),
-        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
-        aux_loss_enabled=False,
-        calculate_KL=True,
-        precompute_ref_logps=False,
-        loss_type="kto",
+    trainer = bare_kto_trainer(
+        policy,
         beta=beta,
         desirable_weight=wd,
         undesirable_weight=wu,
-        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
+        ref_model=ref,
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
     )
-    for k, v in attrs.items():
-        object.__setattr__(trainer, k, v)
     policy.train()  # TRL reads `model.training` for the metric split; no dropout in this config
     inputs = DataCollatorForUnpairedPreference(pad_token_id=0)(batch_examples)
     with torch.no_grad():

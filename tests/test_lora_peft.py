@@ -16,27 +16,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-CFG = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=12,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+from tiny_qwen2 import save_tiny_qwen2  # noqa: E402
+
 IDS = np.random.default_rng(1).integers(0, 97, size=(2, 10))
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    tm = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**CFG)).eval()
-    tm.save_pretrained(d)
-    return d
+    return save_tiny_qwen2(tmp_path_factory.mktemp("base"))
 
 
 def _random_adapter(model, lcfg, seed=0):

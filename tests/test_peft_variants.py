@@ -22,19 +22,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from tiny_qwen2 import CFG, save_tiny_qwen2  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
-CFG = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=12,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 IDS = np.random.default_rng(1).integers(0, 97, size=(2, 10))
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -42,15 +33,7 @@ TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A Qwen2-shaped checkpoint: q/k/v carry biases, which DoRA must leave out of its base."""
-    d = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    tm = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**CFG)).eval()
-    with torch.no_grad():
-        for name, p in tm.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    tm.save_pretrained(d)
-    return d
+    return save_tiny_qwen2(tmp_path_factory.mktemp("base"), bias_std=0.1)
 
 
 @pytest.fixture(scope="module")
