@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxlora.cli.options import add_batch_size, add_sampling_options, add_template_options
+
 EXIT_USER_ERROR = 2
 
 
@@ -162,25 +164,8 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
         "base_model_name_or_path, else the built-in tiny model)",
     )
     p.add_argument("--adapter", default=None, help="PEFT/jaxlora adapter dir or a run dir")
-    p.add_argument("--template", default=None, help="chat template name (default: saved one)")
-    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=256, help="answer length cap (default: %(default)s)"
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)"
-    )
-    p.add_argument(
-        "--top-k", type=int, default=0, help="sample from the k likeliest (default: 0 = off)"
-    )
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="> 1 discourages repeats (default: 1 = off)",
-    )
-    p.add_argument("--dtype", default="bfloat16", help="weights dtype (default: %(default)s)")
+    add_template_options(p, system_help="system prompt (default: the template's)")
+    add_sampling_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,12 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(p)
     p.add_argument("--dataset", required=True, help=_DATASET_HELP)
     p.add_argument("--out", required=True, help="JSONL file of predictions")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="prompts generated together (default: %(default)s)",
-    )
+    add_batch_size(p)
     p.add_argument("--max-samples", type=int, default=None, help="use the first N rows only")
     p.set_defaults(fn=cmd_predict)
 
@@ -250,12 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="general-domain set (forgetting check); demo:NAME works",
     )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="prompts generated together (default: %(default)s)",
-    )
+    add_batch_size(p)
     p.add_argument("--max-samples", type=int, default=None, help="use the first N rows only")
     p.set_defaults(fn=cmd_eval)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jaxlora.cli.options import add_batch_size, add_sampling_options, add_template_options
 from jaxlora.errors import UserError
 
 
@@ -27,22 +28,9 @@ def add_parser(sub) -> None:
     q.add_argument("--dataset", default=None, help="prompt set: any format we read, demo:NAME")
     q.add_argument("--general-dataset", default=None, help="general-domain prompts too")
     q.add_argument("--max-samples", type=int, default=None, help="per dataset")
-    q.add_argument("--template", default=None, help="chat template name (default: saved one)")
-    q.add_argument("--system", default=None, help="system prompt for both sides")
-    q.add_argument(
-        "--max-new-tokens", type=int, default=256, help="answer length cap (default: %(default)s)"
-    )
-    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    q.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)"
-    )
-    q.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="prompts generated together (default: %(default)s)",
-    )
-    q.add_argument("--dtype", default="bfloat16", help="weights dtype (default: %(default)s)")
+    add_template_options(q, system_help="system prompt for both sides")
+    add_sampling_options(q, full=False)
+    add_batch_size(q)
     q.add_argument("--seed", type=int, default=None, help="answer order (default: random)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     q.set_defaults(fn=run_prepare)

@@ -12,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+from jaxlora.cli.options import add_template_options
 from jaxlora.errors import UserError
 
 
@@ -19,9 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible chat completions server")
     p.add_argument("--model", default="auto", help="HF model dir (default: the adapter's base)")
     p.add_argument("--adapter", default=None, help="PEFT/jaxlora adapter dir or a run dir")
-    p.add_argument("--template", default=None, help="chat template name (default: saved one)")
-    p.add_argument("--system", default=None, help="default system prompt")
-    p.add_argument("--dtype", default="bfloat16", help="weights dtype (default: %(default)s)")
+    add_template_options(p, system_help="default system prompt")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
