@@ -25,6 +25,7 @@ from safetensors import safe_open
 from jaxlora.errors import UserError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.llama import Decoder
+from jaxlora.models.moe import MIXTRAL_EXPERT_NAMES
 
 SUFFIX = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -39,15 +40,38 @@ def abstract_params(cfg: ModelConfig, dtype: Any = jnp.float32) -> tuple[dict, d
     return nn.unbox(boxed), logical
 
 
-def hf_names(path: tuple[str, ...], num_layers: int) -> list[str]:
-    """HF tensor names for one leaf: one per layer for stacked leaves, else a single name."""
+def is_expert_leaf(path: tuple[str, ...]) -> bool:
+    """A leaf stacked over layers AND experts ([L, E, ...]): one HF tensor per (layer, expert)."""
+    return path[:3] == ("layers", "mlp", "experts")
+
+
+def hf_names(path: tuple[str, ...], num_layers: int, cfg: ModelConfig | None = None) -> list[str]:
+    """HF tensor names for one leaf: one per layer for stacked leaves, one per (layer, expert)
+    in row-major order for MoE expert leaves (`cfg` needed), else a single name."""
     suffix = SUFFIX[path[-1]]
     if path[0] == "lm_head":
         return [f"lm_head.{suffix}"]
     if path[0] == "layers":
         mid = ".".join(path[1:-1])
+        mixtral = cfg is not None and cfg.model_type == "mixtral"
+        if mixtral and path[1] == "mlp":  # Mixtral's checkpoint: block_sparse_moe.{gate,experts}
+            mid = "block_sparse_moe." + ".".join(path[2:-1])
+        if is_expert_leaf(path):
+            assert cfg is not None, "expert leaves need the model config"
+            proj = MIXTRAL_EXPERT_NAMES[path[3]] if mixtral else path[3]
+            block = "block_sparse_moe" if mixtral else "mlp"
+            return [
+                f"model.layers.{i}.{block}.experts.{e}.{proj}.{suffix}"
+                for i in range(num_layers)
+                for e in range(cfg.num_experts)
+            ]
         return [f"model.layers.{i}.{mid}.{suffix}" for i in range(num_layers)]
     return ["model." + ".".join(path[:-1]) + "." + suffix]
+
+
+def stack_index(path: tuple[str, ...], i: int, cfg: ModelConfig) -> int | tuple[int, int]:
+    """Index into a stacked leaf of its i-th HF tensor: the layer, or (layer, expert)."""
+    return divmod(i, cfg.num_experts) if is_expert_leaf(path) else i
 
 
 def _key_path(kp) -> tuple[str, ...]:
@@ -115,7 +139,7 @@ def load_params(
     abstract, _ = abstract_params(cfg, dtype)
     index = safetensors_index(model_dir)
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    names = {_key_path(kp): hf_names(_key_path(kp), cfg.num_hidden_layers) for kp, _ in flat}
+    names = {_key_path(kp): hf_names(_key_path(kp), cfg.num_hidden_layers, cfg) for kp, _ in flat}
     missing = [n for ns in names.values() for n in ns if n not in index]
     if missing:
         raise UserError(
@@ -137,8 +161,9 @@ def load_params(
             path = _key_path(kp)
             leaf_names = names[path]
             stacked = path[0] == "layers"
+            n_stack = (2 if is_expert_leaf(path) else 1) if stacked else 0  # [L(, E), ...]
             transpose = path[-1] == "kernel"
-            per_shape = leaf.shape[1:] if stacked else leaf.shape
+            per_shape = leaf.shape[n_stack:]
             hf_shape = tuple(reversed(per_shape)) if transpose else per_shape
             for n in leaf_names:
                 got = tuple(handles[index[n]].get_slice(n).get_shape())
@@ -148,17 +173,23 @@ def load_params(
                         f"{list(hf_shape)}"
                     )
 
-            def read(idx, leaf_names=leaf_names, stacked=stacked, transpose=transpose):
+            def read(
+                idx, leaf_names=leaf_names, n_stack=n_stack, transpose=transpose, shape=leaf.shape
+            ):
                 idx = tuple(idx)
-                if not stacked:
+                if not n_stack:
                     n = leaf_names[0]
                     return _read_slice(handles[index[n]], n, idx, transpose).astype(dtype)
-                rows = range(len(leaf_names))[idx[0]]
+                # the stacked index ranges ([L] or [L, E]) select HF tensors in row-major order
+                grid = np.arange(len(leaf_names)).reshape(shape[:n_stack])[idx[:n_stack]]
                 parts = [
-                    _read_slice(handles[index[leaf_names[i]]], leaf_names[i], idx[1:], transpose)
-                    for i in rows
+                    _read_slice(
+                        handles[index[leaf_names[i]]], leaf_names[i], idx[n_stack:], transpose
+                    )
+                    for i in grid.reshape(-1)
                 ]
-                return np.stack(parts).astype(dtype)
+                per = parts[0].shape
+                return np.stack(parts).reshape(grid.shape + per).astype(dtype)
 
             full = tuple(slice(None) for _ in leaf.shape)
             if host_transform is not None:
@@ -202,17 +233,18 @@ def params_to_hf_tensors(params: dict, cfg: ModelConfig, dtype: Any) -> Iterator
 
     for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = _key_path(kp)
-        names = hf_names(path, cfg.num_hidden_layers)
+        names = hf_names(path, cfg.num_hidden_layers, cfg)
         for i, n in enumerate(names):
-            t = to_host(leaf[i]) if path[0] == "layers" else to_host(leaf)
+            t = to_host(leaf[stack_index(path, i, cfg)]) if path[0] == "layers" else to_host(leaf)
             if path[-1] == "kernel":
                 t = t.T
             yield n, np.ascontiguousarray(t.astype(dtype))
 
 
 def base_hf_tensors(model_dir: str | Path, cfg: ModelConfig) -> Iterator[tuple]:
-    """Yield (param path, layer index or None, hf_name, array in HF layout and the checkpoint's
-    dtype) for every tensor the config needs, read one at a time from disk (`export --merged`).
+    """Yield (param path, stacked index (layer, or (layer, expert)) or None, hf_name, array in HF
+    layout and the checkpoint's dtype) for every tensor the config needs, read one at a time
+    from disk (`export --merged`).
 
     Each tensor opens its file anew, so the memory map (whose touched pages count as resident)
     is dropped after every tensor instead of growing to the whole checkpoint.
@@ -221,12 +253,12 @@ def base_hf_tensors(model_dir: str | Path, cfg: ModelConfig) -> Iterator[tuple]:
     index = safetensors_index(model_dir)
     for kp, _leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         path = _key_path(kp)
-        for i, n in enumerate(hf_names(path, cfg.num_hidden_layers)):
+        for i, n in enumerate(hf_names(path, cfg.num_hidden_layers, cfg)):
             if n not in index:
                 raise UserError(f"{model_dir}: checkpoint is missing tensor {n}")
             with safe_open(str(index[n]), framework="numpy") as h:
                 t = h.get_tensor(n)
-            yield path, (i if path[0] == "layers" else None), n, t
+            yield path, (stack_index(path, i, cfg) if path[0] == "layers" else None), n, t
 
 
 def write_hf_shards(

@@ -1,9 +1,10 @@
 """Architecture description of a Llama-family decoder, parsed from a Hugging Face `config.json`.
 
 One frozen dataclass covers Llama 2/3/3.1+, Qwen2/2.5, Qwen3 and Mistral; the differences between
-them are flags (biases, q/k norms, sliding window, rope scaling). Both spellings of the HF config
-are accepted: transformers <5 (`rope_theta`, `rope_scaling`, `torch_dtype`) and transformers 5
-(`rope_parameters`, `dtype`).
+them are flags (biases, q/k norms, sliding window, rope scaling). Qwen3-MoE and Mixtral add the
+mixture-of-experts fields (`num_experts` > 0; parsed in `jaxlora.models.moe`).
+Both spellings of the HF config are accepted: transformers <5 (`rope_theta`, `rope_scaling`,
+`torch_dtype`) and transformers 5 (`rope_parameters`, `dtype`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from jaxlora.errors import UserError
+from jaxlora.models.moe import MOE_MODEL_TYPES, moe_fields
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
@@ -44,6 +46,14 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    # Mixture of experts (Qwen3-MoE, Mixtral; see jaxlora.models.moe). 0 experts = dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # one expert's SwiGLU width
+    norm_topk_prob: bool = False  # renormalise the top-k router weights (Mixtral: always)
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False  # HF: add coef * load-balancing loss to the LM loss
+    router_jitter_noise: float = 0.0  # Mixtral: multiplicative noise on the MoE input (train)
 
     @property
     def rope(self) -> dict[str, Any]:
@@ -68,6 +78,8 @@ class ModelConfig:
         attn += d if self.o_bias else 0
         attn += 2 * self.head_dim if self.qk_norm else 0
         mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        if self.num_experts:  # router + E experts
+            mlp = d * self.num_experts + self.num_experts * 3 * d * self.moe_intermediate_size
         per_layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + nl * per_layer + d + head
@@ -117,11 +129,13 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
     theta, scaling = _rope_from_hf(raw)
     attention_bias = bool(raw.get("attention_bias", False))
-    qkv_bias = True if model_type == "qwen2" else attention_bias
-    o_bias = attention_bias if model_type == "llama" else False
+    qkv_bias = True if model_type == "qwen2" else attention_bias and model_type != "mixtral"
+    o_bias = attention_bias if model_type in ("llama", "qwen3_moe") else False
     sliding = None
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         sliding = raw.get("sliding_window")
+    elif model_type == "qwen3_moe" and raw.get("use_sliding_window"):
+        sliding = raw.get("sliding_window")  # every layer (Qwen3MoeAttention)
     elif model_type in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
         # Qwen applies the window only to layers >= max_window_layers; with that many layers
         # or more it is a no-op. Anything else would need per-layer masks.
@@ -131,6 +145,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     if isinstance(eos, list):
         eos = tuple(eos)
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    moe = moe_fields(raw, source) if model_type in MOE_MODEL_TYPES else {}
     return ModelConfig(
         model_type=model_type,
         vocab_size=int(raw["vocab_size"]),
@@ -148,12 +163,13 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         sliding_window=int(sliding) if sliding else None,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=eos,
         pad_token_id=raw.get("pad_token_id"),
         torch_dtype=str(dtype),
+        **moe,
     )
 
 

@@ -1,10 +1,11 @@
-"""Flax (linen) decoder for the Llama family: Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral.
+"""Flax (linen) decoder for the Llama family: Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral, and the
+mixture-of-experts Qwen3-MoE and Mixtral (their MLP is `jaxlora.models.moe.SparseMoe`).
 
 The families differ only by flags in `ModelConfig` (biases, q/k norms, rope scaling, sliding
-window). Layers run under `nn.scan`, so every per-layer parameter carries a leading layer axis
-and compile time does not grow with depth. Parameter names mirror the Hugging Face module names
-(`layers/self_attn/q_proj/kernel` <-> `model.layers.{i}.self_attn.q_proj.weight`), which keeps
-checkpoint I/O and PEFT export a renaming exercise.
+window, experts). Layers run under `nn.scan`, so every per-layer parameter carries a leading
+layer axis and compile time does not grow with depth. Parameter names mirror the Hugging Face
+module names (`layers/self_attn/q_proj/kernel` <-> `model.layers.{i}.self_attn.q_proj.weight`),
+which keeps checkpoint I/O and PEFT export a renaming exercise.
 
 Variable collections: "params" (the frozen or fully trained base), the optional "lora" (adapter,
 same paths), the optional "prompt" (prompt / prefix tuning, see `jaxlora.models.prompt`) and the
@@ -26,6 +27,7 @@ from jaxlora.models import prompt as vt
 from jaxlora.models.attention import AttentionSpec, attention, causal_mask
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import BOTTLENECK_ACTS, AdapterSpec, Linear
+from jaxlora.models.moe import SparseMoe, aux_loss
 
 BOTTLENECK = "adapter"  # variable collection of bottleneck adapters (per layer, scanned)
 
@@ -238,9 +240,15 @@ class DecoderLayer(nn.Module):
         )
         x = x + self._bottleneck("attn", h)
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
-        x = x + self._bottleneck("mlp", MLP(**sub, name="mlp")(h))
+        stats = None  # MoE: [2, E] router statistics of this layer (scan output)
+        if cfg.num_experts:
+            mask = jnp.ones(h.shape[:2], bool) if segment_ids is None else segment_ids != 0
+            h, stats = SparseMoe(**sub, name="mlp")(h, mask)
+        else:
+            h = MLP(**sub, name="mlp")(h)
+        x = x + self._bottleneck("mlp", h)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, new_cache
+        return x, (new_cache, stats)
 
     def _bottleneck(self, where: str, h: jax.Array) -> jax.Array:
         """h + up(act(down(h))) with the "adapter" collection's `{where}_down/_up` (+ biases)
@@ -322,10 +330,15 @@ class Decoder(nn.Module):
         cache_index: jax.Array | None = None,
         attn_mask: jax.Array | None = None,  # [B, 1, T, S] cache mask (decode; dense)
         return_hidden: bool = False,
+        return_aux_loss: bool = False,
     ):
         """Without a cache, attention is causal within `segment_ids` (all ones if None). With a
         cache: `attn_mask` is the mask over the cache; prefill into an empty cache may also
-        pass `segment_ids` (0 = left padding) so the flash kernel serves it."""
+        pass `segment_ids` (0 = left padding) so the flash kernel serves it.
+
+        `return_aux_loss` (no cache): returns (out, router load-balancing loss), the loss over
+        the non-padding tokens (segment id != 0) as transformers computes it; 0 for dense
+        models."""
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -340,7 +353,7 @@ class Decoder(nn.Module):
         cos, sin = jax.lax.optimization_barrier(rope_cos_sin(self.cfg, positions, rope_len))
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x, new_cache = self.layers(
+        x, (new_cache, stats) = self.layers(
             x, cos, sin, attn_mask, segment_ids, kv_cache, cache_index, prefix
         )
         x = self.norm(x)  # [B, T, D]
@@ -352,6 +365,9 @@ class Decoder(nn.Module):
             out = self.lm_head(x).astype(jnp.float32)  # [B, T, V]
         if kv_cache is not None:
             return out, new_cache
+        if return_aux_loss:
+            aux = jnp.float32(0.0) if stats is None else aux_loss(stats, segment_ids != 0)
+            return out, aux
         return out
 
     def _virtual_prefix(self) -> tuple[jax.Array, jax.Array] | None:
@@ -372,5 +388,5 @@ class Decoder(nn.Module):
         causal = jnp.tril(jnp.ones((n, n), bool))[None, None]  # [1, 1, n, n]
         shape = (self.cfg.num_hidden_layers, 1, n, self.cfg.num_key_value_heads, self.cfg.head_dim)
         cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-        _, (keys, values) = self.layers(emb, cos, sin, causal, None, cache, jnp.int32(0), None)
+        _, ((keys, values), _) = self.layers(emb, cos, sin, causal, None, cache, jnp.int32(0), None)
         return keys, values

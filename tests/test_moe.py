@@ -1,0 +1,173 @@
+"""Mixture of experts (Qwen3-MoE, Mixtral) against transformers on tiny random checkpoints:
+logits (padded and packed rows), the router load-balancing loss, and config refusals."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+from jaxlora.errors import UserError
+from jaxlora.models.config import config_from_hf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
+
+BASE = dict(
+    vocab_size=101,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+)
+CASES = {
+    # Qwen3-MoE without top-k renormalisation (norm_topk_prob False), q/k norms, biases.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_experts=4,
+            norm_topk_prob=False,
+            attention_bias=True,
+        ),
+    ),
+    # Mixtral: always renormalised, a sliding window shorter than the rows.
+    "mixtral": (
+        "MixtralConfig",
+        dict(intermediate_size=16, num_local_experts=4, sliding_window=5),
+    ),
+}
+
+
+def save_moe(tmp_path, case, **extra):
+    """A tiny random MoE checkpoint (router weights large enough that top-k is decisive)."""
+    config_cls, overrides = CASES[case]
+    cfg = getattr(transformers, config_cls)(**BASE, **overrides, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("gate.weight"):  # the router
+                p.copy_(torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return model
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, BASE["vocab_size"], size=(2, 12))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_moe_logits_and_aux_loss_match_transformers(tmp_path, case):
+    torch_model = save_moe(tmp_path, case)
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = torch_model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            output_router_logits=True,
+        )
+    ref, ref_aux = out.logits.numpy(), float(out.aux_loss)
+    model = jaxlora.load_model(tmp_path, dtype="float32")
+    assert model.config.num_experts == 4
+    got = np.asarray(model.logits(ids, segment_ids=mask))
+    err = np.abs(got - ref)[mask.astype(bool)].max()
+    assert err <= 1e-4, f"{case}: max |Δlogits| = {err}"
+
+    # Router load-balancing loss over the non-padding tokens, as transformers computes it.
+    module = model.module()
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    _, aux = module.apply(
+        {"params": model.params}, jnp.asarray(ids), pos, jnp.asarray(mask), return_aux_loss=True
+    )
+    assert abs(float(aux) - ref_aux) <= 1e-5 * max(1.0, ref_aux), (float(aux), ref_aux)
+    # The mask matters: all tokens counted gives transformers' unmasked value, not the masked.
+    with torch.no_grad():
+        unmasked = float(
+            torch_model(input_ids=torch.tensor(ids), output_router_logits=True).aux_loss
+        )
+    _, aux_all = module.apply(
+        {"params": model.params}, jnp.asarray(ids), pos, jnp.ones_like(ids), return_aux_loss=True
+    )
+    assert abs(float(aux_all) - unmasked) <= 1e-5 * max(1.0, unmasked)
+    assert abs(unmasked - ref_aux) > 1e-4
+
+    # Packed: both samples in one row (positions restart, segments 1 and 2) route and attend
+    # exactly as each sample alone in transformers.
+    a, b = ids[0, :7], ids[1, :5]
+    packed = np.concatenate([a, b, [0, 0]])[None]
+    seg = np.array([[1] * 7 + [2] * 5 + [0, 0]])
+    positions = np.array([list(range(7)) + list(range(5)) + [0, 0]])
+    got = np.asarray(model.logits(packed, positions=positions, segment_ids=seg))[0]
+    with torch.no_grad():
+        ref_a = torch_model(input_ids=torch.tensor(a[None])).logits.numpy()[0]
+        ref_b = torch_model(input_ids=torch.tensor(b[None])).logits.numpy()[0]
+    assert np.abs(got[:7] - ref_a).max() <= 1e-4
+    assert np.abs(got[7:12] - ref_b).max() <= 1e-4
+
+
+def _raw(case, **over):
+    config_cls, overrides = CASES[case]
+    cfg = getattr(transformers, config_cls)(**BASE, **overrides)
+    raw = json.loads(cfg.to_json_string())
+    raw.update(over)
+    return raw
+
+
+def test_moe_config_fields_and_refusals():
+    q = config_from_hf(_raw("qwen3_moe", norm_topk_prob=True, router_aux_loss_coef=0.02))
+    assert (q.num_experts, q.num_experts_per_tok, q.moe_intermediate_size) == (4, 2, 16)
+    assert q.norm_topk_prob and q.qk_norm and q.router_aux_loss_coef == 0.02
+    m = config_from_hf(_raw("mixtral", norm_topk_prob=False))
+    assert m.norm_topk_prob and m.moe_intermediate_size == 16 and m.sliding_window == 5
+    # Dense MLP layers inside a Qwen3-MoE stack cannot share one scanned layer: refused.
+    with pytest.raises(UserError, match=r"qwen3_moe with a dense MLP in layers \[1\]"):
+        config_from_hf(_raw("qwen3_moe", mlp_only_layers=[1]))
+    with pytest.raises(UserError, match=r"layers \[0\]"):
+        config_from_hf(_raw("qwen3_moe", decoder_sparse_step=2))
+    with pytest.raises(UserError, match="num_experts_per_tok 5"):
+        config_from_hf(_raw("mixtral", num_experts_per_tok=5))
+
+
+def test_route_matches_transformers_routers():
+    """Softmax before top-k; renormalised per family; Qwen3-MoE casts the weights to the
+    logits dtype (bf16 here), Mixtral keeps them fp32."""
+    from jaxlora.models.moe import route
+
+    logits = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
+    mods = transformers.models
+    for case, norm in (("qwen3_moe", False), ("qwen3_moe", True), ("mixtral", True)):
+        config_cls, overrides = CASES[case]
+        hf_cfg = getattr(transformers, config_cls)(
+            **{**BASE, **overrides, "hidden_size": 4, "norm_topk_prob": norm}
+        )
+        if case == "mixtral":
+            router = mods.mixtral.modeling_mixtral.MixtralTopKRouter(hf_cfg)
+        else:
+            router = mods.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter(hf_cfg)
+        router = router.to(torch.bfloat16)
+        with torch.no_grad():  # identity router: its logits are its input
+            router.weight.copy_(torch.eye(4))
+            _, ref_w, ref_e = router(torch.tensor(logits).to(torch.bfloat16))
+        lg = jnp.asarray(logits, jnp.bfloat16)
+        w, e, _ = route(lg, 2, norm, keep_fp32=case == "mixtral")
+        assert w.dtype == (jnp.float32 if case == "mixtral" else jnp.bfloat16)
+        assert ref_w.dtype == (torch.float32 if case == "mixtral" else torch.bfloat16)
+        np.testing.assert_array_equal(np.asarray(e), ref_e.numpy())
+        np.testing.assert_allclose(np.asarray(w, np.float32), ref_w.float().numpy(), atol=1e-6)
