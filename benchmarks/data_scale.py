@@ -4,7 +4,10 @@ Why this exists: issue 17 (tokenized cache, memory flat in dataset size, paralle
 tokenisation). Each measurement runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is
 its own. Rows are synthetic alpaca rows (instruction / input / output of varied lengths, seeded),
 written once as JSON Lines; with ``--demo`` they are LLaMA-Factory's ``alpaca_en_demo`` rows
-repeated instead (read from /work/shared, never copied into the repo).
+repeated instead, each instruction prefixed with its row number so no two rows are equal (read
+from /work/shared, never copied into the repo). Besides wall seconds, each line gives the CPU
+seconds of the loading process plus its tokenising workers (``cpu_s``): on a shared machine the
+wall time depends on what else runs, the CPU cost per row much less.
 
     PYTHONPATH=$PWD python3 benchmarks/data_scale.py --rows 50000 200000 1000000 --workers 2
 
@@ -42,7 +45,8 @@ def write_rows(path: Path, n: int, demo: bool) -> None:
     with path.open("w") as f:
         for i in range(n):
             if demo_rows:
-                row = demo_rows[i % len(demo_rows)]
+                row = dict(demo_rows[i % len(demo_rows)])
+                row["instruction"] = f"{i}: {row['instruction']}"
             else:
 
                 def words(lo: int, hi: int) -> str:
@@ -56,6 +60,15 @@ def write_rows(path: Path, n: int, demo: bool) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def _cpu() -> float:
+    """User + system CPU seconds of this process and its waited-for children (workers)."""
+    t = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        t += r.ru_utime + r.ru_stime
+    return t
+
+
 def child(path: str, before: bool, workers: int, cache: str) -> None:
     """One load in this process; prints seconds, samples and peak RSS as JSON."""
     from jaxlora.data import load_sft_dataset
@@ -64,14 +77,16 @@ def child(path: str, before: bool, workers: int, cache: str) -> None:
     tok = build_tokenizer(None, template="chatml")
     kw = {} if before else {"num_workers": workers, "cache_dir": cache}
     t0 = time.perf_counter()
+    c0 = _cpu()
     train, _, report = load_sft_dataset(tok, dataset=path, cutoff_len=1024, **kw)
     # Touch every 1000th sample, as a batcher would (memory-mapped rows are read lazily).
     touched = sum(len(train[i]) for i in range(0, len(train), 1000))
     dt = time.perf_counter() - t0
+    cpu = _cpu() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # The largest tokenising worker (the pool is shut down, so its processes were waited for).
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    out = {"seconds": dt, "samples": len(train), "touched": touched, "rss": rss}
+    out = {"seconds": dt, "cpu": cpu, "samples": len(train), "touched": touched, "rss": rss}
     print(json.dumps({**out, "worker_rss": workers}))
 
 
@@ -88,6 +103,8 @@ def measure(path: Path, rows: int, before: bool, workers: int, cache: str, label
         "workers": 0 if before else workers,
         "seconds": round(r["seconds"], 2),
         "rows_per_s": round(rows / r["seconds"], 1),
+        "cpu_s": round(r.get("cpu", 0.0), 2),
+        "load": round(os.getloadavg()[0], 1),
         "peak_rss_mb": round(r["rss"] / 2**20, 1),
         "worker_peak_rss_mb": round(r.get("worker_rss", 0) / 2**20, 1),
     }

@@ -171,3 +171,33 @@ def test_preference_completions_are_answer_plus_eot(chatml_tokenizer, llama3_tok
         assert tok.decode(ex.chosen_ids) == "Paris." + eot
         assert tok.decode(ex.rejected_ids) == "Rome, obviously." + eot
         assert counts.n_truncated == 0
+
+
+def test_chunk_encoding_equals_row_by_row_and_names_a_bad_row(chatml_tokenizer):
+    """encode_conversations renders a chunk in batched calls and tokenises through the Rust
+    tokenizer directly: same ids and masks as one row at a time through the wrapper, on single,
+    multi-turn, tool and system-default rows; a template error still names its row."""
+    from jaxlora.data import encode as enc
+    from jaxlora.errors import UserError
+
+    tools = [{"name": "f"}]
+    rows = [SINGLE, MULTI, SINGLE[:1] + [{"role": "assistant", "content": ""}], MULTI[1:]]
+    convs = [Conversation(m, tools if k == 2 else None, f"row {k + 1}") for k, m in enumerate(rows)]
+    for tmpl in (resolve_template(chatml_tokenizer), resolve_template(chatml_tokenizer, "qwen")):
+        got, _ = encode_conversations(convs, chatml_tokenizer, tmpl, cutoff_len=None)
+        assert enc._spans_batched(convs, chatml_tokenizer, tmpl) == [
+            enc.answer_spans(c, chatml_tokenizer, tmpl) for c in convs
+        ]
+        for c, ex in zip(convs, got, strict=True):
+            text, spans = enc.answer_spans(c, chatml_tokenizer, tmpl)
+            ref = chatml_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            np.testing.assert_array_equal(ex.input_ids, ref["input_ids"])
+            mask = enc._span_mask(np.asarray(ref["offset_mapping"]), spans).astype(np.int32)
+            mask[0] = 0
+            np.testing.assert_array_equal(ex.loss_mask, mask)
+    # A template that fails on one row: the error names that row, not the chunk.
+    picky = "{% for m in messages %}{% if m['content'] == 'Paris.' %}{{ raise_exception('no') }}"
+    picky += "{% endif %}{{ m['content'] }}{% endfor %}"
+    tmpl = resolve_template(chatml_tokenizer, None, picky)
+    with pytest.raises(UserError, match=r"^row 2: the chat template failed"):
+        encode_conversations(convs, chatml_tokenizer, tmpl, cutoff_len=None)

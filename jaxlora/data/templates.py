@@ -287,6 +287,38 @@ def render(
     add_generation_prompt: bool = False,
 ) -> str:
     """Render messages to text with the template (system default and tools applied)."""
+    msgs, kwargs = _prepare(template, messages, tools)
+    return tokenizer.apply_chat_template(
+        msgs,
+        chat_template=template.source,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **kwargs,
+    )
+
+
+def render_many(
+    tokenizer: Any,
+    template: ChatTemplate,
+    conversations: list[list[dict[str, str]]],
+    *,
+    add_generation_prompt: bool = False,
+) -> list[str]:
+    """``render`` of many tool-free, non-empty conversations in one batched
+    ``apply_chat_template`` call (the same rendering; its per-call set-up paid once)."""
+    if not conversations:
+        return []
+    batch = [_prepare(template, m, None)[0] for m in conversations]
+    return tokenizer.apply_chat_template(
+        batch,
+        chat_template=template.source,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def _prepare(template: ChatTemplate, messages, tools) -> tuple[list[dict], dict[str, Any]]:
+    """(messages with the default system prompt / tool description, template kwargs)."""
     msgs = list(messages)
     if template.default_system is not None and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": template.default_system})
@@ -300,10 +332,4 @@ def render(
                 msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + text}
             else:
                 msgs.insert(0, {"role": "system", "content": text})
-    return tokenizer.apply_chat_template(
-        msgs,
-        chat_template=template.source,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        **kwargs,
-    )
+    return msgs, kwargs
