@@ -9,6 +9,7 @@ adapter, latest checkpoint, full fine-tuning params) is decided in `jaxlora.trai
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def export_merged(
 
     `write=False` (multi-host, processes other than 0): only take part in gathering `params`
     (a collective per layer, see `hf.params_to_hf_tensors`); nothing is written."""
-    from jaxlora.io.hf import params_to_hf_tensors, write_hf_shards
+    from jaxlora.io.hf import extra_hf_tensors, params_to_hf_tensors, write_hf_shards
     from jaxlora.models.config import config_from_hf
 
     base_dir = Path(base_dir)
@@ -160,6 +161,8 @@ def export_merged(
         tensors = _merged_tensors(base_dir, cfg, adapter, np_dtype)
     else:
         tensors = params_to_hf_tensors(params, cfg, np_dtype)
+    # Gemma 3 multimodal: the vision tower and projector pass through (text-only: nothing).
+    tensors = itertools.chain(tensors, extra_hf_tensors(base_dir, cfg) if write else ())
     if not write:
         for _ in tensors:
             pass

@@ -11,6 +11,7 @@ opened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -47,7 +48,10 @@ def is_expert_leaf(path: tuple[str, ...]) -> bool:
 
 def hf_names(path: tuple[str, ...], num_layers: int, cfg: ModelConfig | None = None) -> list[str]:
     """HF tensor names for one leaf: one per layer for stacked leaves, one per (layer, expert)
-    in row-major order for MoE expert leaves (`cfg` needed), else a single name."""
+    in row-major order for MoE expert leaves (`cfg` needed), else a single name. The decoder's
+    prefix is `cfg.weight_prefix` (Gemma 3 multimodal checkpoints keep the text decoder under
+    `model.language_model.`), else `model.`."""
+    prefix = cfg.weight_prefix if cfg is not None else "model."
     suffix = SUFFIX[path[-1]]
     if path[0] == "lm_head":
         return [f"lm_head.{suffix}"]
@@ -65,8 +69,40 @@ def hf_names(path: tuple[str, ...], num_layers: int, cfg: ModelConfig | None = N
                 for i in range(num_layers)
                 for e in range(cfg.num_experts)
             ]
-        return [f"model.layers.{i}.{mid}.{suffix}" for i in range(num_layers)]
-    return ["model." + ".".join(path[:-1]) + "." + suffix]
+        return [f"{prefix}layers.{i}.{mid}.{suffix}" for i in range(num_layers)]
+    return [prefix + ".".join(path[:-1]) + "." + suffix]
+
+
+# Gemma 3 (multimodal) checkpoints saved before transformers 4.52 keep the text decoder here.
+_OLD_GEMMA3_PREFIX = "language_model.model."
+
+
+def checkpoint_config(cfg: ModelConfig, index: dict[str, Path]) -> ModelConfig:
+    """`cfg` with the weight prefix this checkpoint uses (old Gemma 3 layout, see above)."""
+    probe = f"{cfg.weight_prefix}embed_tokens.weight"
+    if cfg.model_type == "gemma3" and probe not in index:
+        if f"{_OLD_GEMMA3_PREFIX}embed_tokens.weight" in index:
+            return dataclasses.replace(cfg, weight_prefix=_OLD_GEMMA3_PREFIX)
+    return cfg
+
+
+def extra_hf_tensors(model_dir: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, Any]]:
+    """(name, array) of the tensors a Gemma 3 multimodal checkpoint has besides its text decoder
+    (vision tower, projector), read one at a time: a merged export passes them through
+    unchanged so transformers loads the whole model. Nothing for the text-only families."""
+    if cfg.model_type != "gemma3":
+        return
+    index = safetensors_index(model_dir)
+    cfg = checkpoint_config(cfg, index)
+    abstract, _ = abstract_params(cfg, jnp.float32)
+    ours = {
+        n
+        for kp, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]
+        for n in hf_names(_key_path(kp), cfg.num_hidden_layers, cfg)
+    }
+    for n in sorted(set(index) - ours - {"lm_head.weight", "language_model.lm_head.weight"}):
+        with safe_open(str(index[n]), framework="numpy") as h:
+            yield n, h.get_tensor(n)
 
 
 def stack_index(path: tuple[str, ...], i: int, cfg: ModelConfig) -> int | tuple[int, int]:
@@ -138,6 +174,7 @@ def load_params(
     """
     abstract, _ = abstract_params(cfg, dtype)
     index = safetensors_index(model_dir)
+    cfg = checkpoint_config(cfg, index)
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     names = {_key_path(kp): hf_names(_key_path(kp), cfg.num_hidden_layers, cfg) for kp, _ in flat}
     missing = [n for ns in names.values() for n in ns if n not in index]
@@ -251,6 +288,7 @@ def base_hf_tensors(model_dir: str | Path, cfg: ModelConfig) -> Iterator[tuple]:
     """
     abstract, _ = abstract_params(cfg, jnp.float32)
     index = safetensors_index(model_dir)
+    cfg = checkpoint_config(cfg, index)
     for kp, _leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         path = _key_path(kp)
         for i, n in enumerate(hf_names(path, cfg.num_hidden_layers, cfg)):

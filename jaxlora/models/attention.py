@@ -13,7 +13,9 @@ module decides, once per traced shape, which kernel serves it and says so in one
 `auto` picks per platform: TPU -> splash; GPU -> cudnn for bf16/fp16, else pallas; CPU ->
 block for T >= 256 (dense is as fast below). A kernel that cannot serve a case (fp32 on cuDNN,
 a sliding window on the Pallas GPU kernel, T not a multiple of 128 for splash, ...) falls back
-to the next candidate (block on CPU, else xla) and the log line gives the reason. Decode steps
+to the next candidate (block on CPU, else xla) and the log line gives the reason. An attention
+logit soft-cap (Gemma 2: `c * tanh(scores / c)`) runs only on the dense xla path (`_softcapped`):
+any other kernel falls back to it, announced. Decode steps
 with a KV cache always run dense (one query row: nothing to tile). `interpret=True` runs the
 Pallas kernels in the Pallas interpreter on any backend (CPU tests); `platform` overrides the
 backend the choice is made for (lowering a TPU/GPU step on a CPU host).
@@ -73,10 +75,12 @@ def _platform(spec: AttentionSpec) -> str:
     return {"cuda": "gpu", "rocm": "gpu"}.get(p, p)
 
 
-def _unsupported(kernel, platform, spec, t, dtype, head_dim, window) -> str | None:
+def _unsupported(kernel, platform, spec, t, dtype, head_dim, window, softcap=None) -> str | None:
     """Why `kernel` cannot run this case, or None when it can."""
     if kernel == "xla":
         return None
+    if softcap is not None:
+        return f"the {kernel} kernel has no attention logit soft-cap"
     if kernel == "block":
         return None  # plain XLA ops: runs anywhere (tuned for, and auto-picked on, CPU)
     if platform != _KERNEL_PLATFORM[kernel] and not (kernel != "cudnn" and spec.interpret):
@@ -98,22 +102,31 @@ def _unsupported(kernel, platform, spec, t, dtype, head_dim, window) -> str | No
     return None
 
 
-def select(spec: AttentionSpec, t: int, dtype, head_dim: int, window: int | None):
+def select(
+    spec: AttentionSpec,
+    t: int,
+    dtype,
+    head_dim: int,
+    window: int | None,
+    softcap: float | None = None,
+):
     """(kernel, reason): the kernel serving an uncached T x T call, and why (for the log)."""
     platform = _platform(spec)
     if spec.kernel == "auto":
         wanted = _PLATFORM_KERNELS.get(platform, ())
-        if platform == "cpu" and t < 2 * ATTENTION_BLOCK:
+        if platform == "cpu" and t < 2 * ATTENTION_BLOCK and softcap is None:
             return "xla", f"auto on cpu: T = {t} < {2 * ATTENTION_BLOCK}, dense is as fast"
     else:
         wanted = (spec.kernel,)
     reasons = []
     for kernel in wanted:
-        why = _unsupported(kernel, platform, spec, t, dtype, head_dim, window)
+        why = _unsupported(kernel, platform, spec, t, dtype, head_dim, window, softcap)
         if why is None:
             return kernel, f"{spec.kernel} on {platform}"
         reasons.append(why)
     fallback = "block" if platform == "cpu" and t >= 2 * ATTENTION_BLOCK else "xla"
+    if softcap is not None:
+        fallback = "xla"
     if not reasons:
         return fallback, f"auto on {platform}: no flash kernel for this platform"
     return fallback, "fallback: " + "; ".join(reasons)
@@ -137,18 +150,24 @@ def attention(
     mask: jax.Array | None = None,
     window: int | None = None,
     spec: AttentionSpec = DEFAULT_ATTENTION,
+    softcap: float | None = None,
 ) -> jax.Array:
     """q [B,T,N,Dh], k/v [B,S,K,Dh] -> [B,T,N,Dh] in q's dtype.
 
     Self-attention over a fresh sequence passes `segment_ids` [B, T] (0 = padding; packed
     samples never see each other), causal with the optional sliding `window`. A call with an
     explicit boolean `mask` [B, 1, T, S] instead (decode over a KV cache) runs dense.
+    `softcap`: scores become `softcap * tanh(scores / softcap)` before the mask (dense only).
     """
     if mask is not None or segment_ids is None:
+        if softcap is not None:
+            return _softcapped(q, k, v, mask, scale, softcap)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     t = q.shape[1]
-    kernel, reason = select(spec, t, q.dtype, q.shape[-1], window)
+    kernel, reason = select(spec, t, q.dtype, q.shape[-1], window, softcap)
     _announce(spec, kernel, reason, q.shape)
+    if softcap is not None:  # select() picked xla
+        return _softcapped(q, k, v, causal_mask(segment_ids, window), scale, softcap)
     if kernel == "splash":
         return flash.splash(q, k, v, segment_ids, scale, window, spec.interpret)
     if kernel == "pallas":
@@ -172,6 +191,21 @@ def causal_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> ja
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
     valid = (segment_ids != 0)[:, None, :]
     return (causal[None] & same & valid)[:, None]
+
+
+def _softcapped(q, k, v, mask, scale, softcap):
+    """Dense attention with soft-capped scores (as transformers' Gemma 2 eager attention):
+    S = c * tanh(scale * Q K^T / c), masked, softmax in fp32. q [B,T,N,Dh], k/v [B,S,K,Dh]."""
+    b, t, n, dh = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, dh)  # [B, T, K, G, Dh]
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = softcap * jnp.tanh(s / softcap)
+    if mask is not None:  # [B, 1, T, S] -> [B, 1, 1, T, S]
+        s = jnp.where(mask[:, :, None], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, dh).astype(q.dtype)
 
 
 def _blocks(t: int, block: int) -> list[tuple[int, int]]:

@@ -1,8 +1,10 @@
 """Architecture description of a Llama-family decoder, parsed from a Hugging Face `config.json`.
 
-One frozen dataclass covers Llama 2/3/3.1+, Qwen2/2.5, Qwen3 and Mistral; the differences between
-them are flags (biases, q/k norms, sliding window, rope scaling). Qwen3-MoE and Mixtral add the
-mixture-of-experts fields (`num_experts` > 0; parsed in `jaxlora.models.moe`).
+One frozen dataclass covers Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral and Gemma 2/3 (text); the
+differences between them are flags (biases, q/k norms, sliding window, rope scaling, and for
+Gemma the (1 + w) norms, sandwich norms, GeGLU, soft-caps and per-layer sliding/global layers).
+Qwen3-MoE and Mixtral add the mixture-of-experts fields (`num_experts` > 0; parsed in
+`jaxlora.models.moe`).
 Both spellings of the HF config are accepted: transformers <5 (`rope_theta`, `rope_scaling`,
 `torch_dtype`) and transformers 5 (`rope_parameters`, `dtype`).
 """
@@ -17,7 +19,16 @@ from typing import Any
 from jaxlora.errors import UserError
 from jaxlora.models.moe import MOE_MODEL_TYPES, moe_fields
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+) + GEMMA_MODEL_TYPES
+SLIDING, FULL = "sliding_attention", "full_attention"
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
@@ -54,6 +65,19 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.0
     output_router_logits: bool = False  # HF: add coef * load-balancing loss to the LM loss
     router_jitter_noise: float = 0.0  # Mixtral: multiplicative noise on the MoE input (train)
+    # Gemma 2/3 (all off for the other families):
+    hidden_act: str = "silu"  # "gelu_pytorch_tanh": GeGLU with the tanh-approximate GELU
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), in fp32 before the cast back
+    sandwich_norms: bool = False  # norms after attention and around the MLP (4 per layer)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (else head_dim)
+    attn_logit_softcap: float | None = None  # scores = c * tanh(scores / c) before the mask
+    final_logit_softcap: float | None = None  # logits = c * tanh(logits / c)
+    # Per-layer "sliding_attention" / "full_attention": only sliding layers use `sliding_window`
+    # (None: every layer uses `sliding_window`, as Mistral).
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3), unscaled
+    weight_prefix: str = "model."  # HF tensor prefix of the decoder ("model.language_model.")
 
     @property
     def rope(self) -> dict[str, Any]:
@@ -80,7 +104,7 @@ class ModelConfig:
         mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
         if self.num_experts:  # router + E experts
             mlp = d * self.num_experts + self.num_experts * 3 * d * self.moe_intermediate_size
-        per_layer = attn + mlp + 2 * d
+        per_layer = attn + mlp + (4 if self.sandwich_norms else 2) * d
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + nl * per_layer + d + head
 
@@ -118,6 +142,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
             f"{source}: model_type {model_type!r} is not supported; supported model types: "
             + ", ".join(SUPPORTED_MODEL_TYPES)
         )
+    if model_type in GEMMA_MODEL_TYPES:
+        return _gemma_from_hf(raw, source)
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise UserError(f"{source}: hidden_act {act!r} is not supported (only silu / SwiGLU)")
@@ -170,6 +196,97 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         pad_token_id=raw.get("pad_token_id"),
         torch_dtype=str(dtype),
         **moe,
+    )
+
+
+def _gemma_rope(params: Any, source: str) -> tuple[float, tuple | None]:
+    """(theta, scaling) of one Gemma layer type; only default and linear RoPE occur."""
+    params = dict(params or {})
+    theta = float(params.pop("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise UserError(f"{source}: Gemma rope_type {rope_type!r} is not supported")
+    return theta, (tuple(sorted(params.items())) if rope_type == "linear" else None)
+
+
+def _gemma_from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
+    """Gemma 2, Gemma 3 text, and the text part of a Gemma 3 (`text_config`) checkpoint."""
+    model_type = raw["model_type"]
+    text = raw
+    if model_type == "gemma3":
+        if not isinstance(raw.get("text_config"), dict):
+            raise UserError(f"{source}: a gemma3 config needs its `text_config`")
+        text = {**raw["text_config"], "tie_word_embeddings": raw.get("tie_word_embeddings", True)}
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        if key not in text:
+            raise UserError(f"{source}: missing required field {key!r}")
+    act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UserError(f"{source}: hidden_activation {act!r} is not supported for Gemma")
+    n = int(text["num_hidden_layers"])
+    types = text.get("layer_types")
+    if types is None and model_type == "gemma2":  # pre-transformers-5 configs: even = sliding
+        types = [SLIDING if i % 2 == 0 else FULL for i in range(n)]
+    elif types is None:  # Gemma 3 before layer_types: every `pattern`-th layer is global
+        pattern = int(text.get("sliding_window_pattern", text.get("_sliding_window_pattern", 6)))
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    if len(types) != n or set(types) - {SLIDING, FULL}:
+        raise UserError(f"{source}: layer_types must list {SLIDING!r}/{FULL!r} for {n} layers")
+    rope = text.get("rope_parameters")
+    local_theta = None
+    if isinstance(rope, dict) and FULL in rope:  # transformers 5, per layer type (Gemma 3)
+        theta, scaling = _gemma_rope(rope[FULL], source)
+        local_theta, local_scaling = _gemma_rope(rope.get(SLIDING), source)
+        if local_scaling is not None:
+            raise UserError(f"{source}: RoPE scaling on the sliding layers is not supported")
+    else:
+        if isinstance(rope, dict):
+            params = dict(rope)
+        else:
+            params = {**(text.get("rope_scaling") or {}), "rope_theta": text.get("rope_theta")}
+            params["rope_theta"] = params["rope_theta"] or 10000.0
+        theta, scaling = _gemma_rope(params, source)
+        if model_type != "gemma2":
+            local_theta = float(text.get("rope_local_base_freq", 10000.0))
+    heads = int(text["num_attention_heads"])
+    eos = text.get("eos_token_id", raw.get("eos_token_id"))
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or text.get("dtype") or "float32"
+
+    def opt(key):
+        return float(text[key]) if text.get(key) is not None else None
+
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=int(text["vocab_size"]),
+        hidden_size=int(text["hidden_size"]),
+        intermediate_size=int(text["intermediate_size"]),
+        num_hidden_layers=n,
+        num_attention_heads=heads,
+        num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or text["hidden_size"] // heads),
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(text.get("max_position_embeddings", 8192)),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
+        qkv_bias=bool(text.get("attention_bias", False)),
+        o_bias=bool(text.get("attention_bias", False)),
+        qk_norm=model_type != "gemma2",
+        sliding_window=int(text["sliding_window"]) if text.get("sliding_window") else None,
+        bos_token_id=text.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=text.get("pad_token_id"),
+        torch_dtype=str(dtype),
+        hidden_act="gelu_pytorch_tanh",
+        norm_plus_one=True,
+        sandwich_norms=True,
+        embed_scale=True,
+        query_pre_attn_scalar=opt("query_pre_attn_scalar"),
+        attn_logit_softcap=opt("attn_logit_softcapping"),
+        final_logit_softcap=opt("final_logit_softcapping"),
+        layer_types=tuple(types),
+        rope_local_theta=local_theta,
+        weight_prefix="model.language_model." if model_type == "gemma3" else "model.",
     )
 
 

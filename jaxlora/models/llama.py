@@ -1,8 +1,10 @@
-"""Flax (linen) decoder for the Llama family: Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral, and the
-mixture-of-experts Qwen3-MoE and Mixtral (their MLP is `jaxlora.models.moe.SparseMoe`).
+"""Flax (linen) decoder for the Llama family: Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3
+(text), and the mixture-of-experts Qwen3-MoE and Mixtral (their MLP is
+`jaxlora.models.moe.SparseMoe`).
 
 The families differ only by flags in `ModelConfig` (biases, q/k norms, rope scaling, sliding
-window, experts). Layers run under `nn.scan`, so every per-layer parameter carries a leading
+window, experts; Gemma's norms, GeGLU, soft-caps and per-layer window/RoPE: `models/gemma.py`).
+Layers run under `nn.scan`, so every per-layer parameter carries a leading
 layer axis and compile time does not grow with depth. Parameter names mirror the Hugging Face
 module names (`layers/self_attn/q_proj/kernel` <-> `model.layers.{i}.self_attn.q_proj.weight`),
 which keeps checkpoint I/O and PEFT export a renaming exercise.
@@ -23,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlora.models import gemma
 from jaxlora.models import prompt as vt
 from jaxlora.models.attention import AttentionSpec, attention, causal_mask
 from jaxlora.models.config import ModelConfig
@@ -108,13 +111,17 @@ class RMSNorm(nn.Module):
     eps: float = 1e-6
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.float32
+    plus_one: bool = False  # Gemma: weight stored as w, applied as (1 + w), zeros-initialised
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        ones = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        init = nn.with_logical_partitioning(ones, ("norm",))
         scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:  # Gemma multiplies in fp32 and casts after (transformers #29402)
+            return (x32 * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         # HF casts back to the input dtype before multiplying by the weight.
         return (scale.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
 
@@ -140,7 +147,10 @@ class Attention(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, segment_ids, cache=None, cache_index=None, prefix=None):
+    def __call__(
+        self, x, cos, sin, mask, segment_ids, cache=None, cache_index=None, prefix=None, slide=None
+    ):
+        """`slide`: this layer's scanned sliding-window flag (configs with mixed layer types)."""
         cfg = self.cfg
         b, t, _ = x.shape
         nh, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -152,12 +162,16 @@ class Attention(nn.Module):
         v = v.reshape(b, t, kh, hd)
         if cfg.qk_norm:
             norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            norm["plus_one"] = cfg.norm_plus_one
             q = RMSNorm(**norm, name="q_norm")(q)
             k = RMSNorm(**norm, name="k_norm")(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         new_cache = None
-        kw = dict(scale=hd**-0.5, window=cfg.sliding_window, spec=self.attention)
+        scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+        window = gemma.static_window(cfg)
+        mixed = gemma.mixed_layers(cfg)
+        kw = dict(scale=scale, softcap=cfg.attn_logit_softcap, spec=self.attention)
         if cache is not None:
             # Write this step's keys/values at cache_index. Prefill (segment ids given, the
             # cache empty before it) attends within the fresh block with the selected kernel;
@@ -176,16 +190,30 @@ class Attention(nn.Module):
             # queries, whose outputs nobody reads; this keeps their softmax finite). No flash
             # kernel takes extra always-visible keys: this runs dense.
             if mask is None:
-                mask = causal_mask(segment_ids, cfg.sliding_window)
+                mask = causal_mask(segment_ids, window)
+                if mixed:
+                    mask = gemma.PerKind(mask, causal_mask(segment_ids, cfg.sliding_window))
+            mask = gemma.pick(slide, mask)
             pk, pv = (jnp.broadcast_to(p, (b, *p.shape[1:])).astype(k.dtype) for p in prefix)
             n = pk.shape[1]
             k = jnp.concatenate([pk, k], axis=1)  # [B, n+S, K, Dh]
             v = jnp.concatenate([pv, v], axis=1)
             mask = jnp.concatenate([jnp.ones((*mask.shape[:3], n), bool), mask], axis=-1)
         if mask is not None:
-            out = attention(q, k, v, mask=mask, **kw)  # [B, T, N, Dh]
+            out = attention(q, k, v, mask=gemma.pick(slide, mask), **kw)  # [B, T, N, Dh]
+        elif mixed:  # the kernel's window is static: each layer runs its own branch
+            out = jax.lax.cond(
+                slide,
+                lambda q, k, v: attention(
+                    q, k, v, segment_ids=segment_ids, window=cfg.sliding_window, **kw
+                ),
+                lambda q, k, v: attention(q, k, v, segment_ids=segment_ids, window=None, **kw),
+                q,
+                k,
+                v,
+            )
         else:
-            out = attention(q, k, v, segment_ids=segment_ids, **kw)
+            out = attention(q, k, v, segment_ids=segment_ids, window=window, **kw)
         out = out.reshape(b, t, nh * hd)
         out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
         return out, new_cache
@@ -211,7 +239,10 @@ class MLP(nn.Module):
         f, d = cfg.intermediate_size, cfg.hidden_size
         gate = Linear(f, kernel_axes=("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Linear(f, kernel_axes=("embed", "mlp"), name="up_proj", **kw)(x)
-        h = jax.nn.silu(gate) * up  # [B, T, F]
+        if cfg.hidden_act == "silu":
+            h = jax.nn.silu(gate) * up  # [B, T, F]
+        else:  # Gemma's GeGLU: gelu_pytorch_tanh is the tanh approximation
+            h = jax.nn.gelu(gate, approximate=True) * up
         return Linear(d, kernel_axes=("mlp", "embed"), name="down_proj", **kw)(h)
 
 
@@ -224,8 +255,9 @@ class DecoderLayer(nn.Module):
     attention: AttentionSpec = AttentionSpec()
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, segment_ids, cache, cache_index, prefix=None):
+    def __call__(self, x, cos, sin, mask, segment_ids, cache, cache_index, prefix=None, slide=None):
         cfg = self.cfg
+        cos, sin = gemma.pick(slide, cos), gemma.pick(slide, sin)  # this layer's [B, T, Dh]
         sub = dict(
             cfg=cfg,
             dtype=self.dtype,
@@ -234,18 +266,24 @@ class DecoderLayer(nn.Module):
             deterministic=self.deterministic,
         )
         norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm["plus_one"] = cfg.norm_plus_one
         h = RMSNorm(**norm, name="input_layernorm")(x)
         h, new_cache = Attention(**sub, attention=self.attention, name="self_attn")(
-            h, cos, sin, mask, segment_ids, cache, cache_index, prefix
+            h, cos, sin, mask, segment_ids, cache, cache_index, prefix, slide
         )
+        if cfg.sandwich_norms:  # Gemma: the attention output is normed before the residual
+            h = RMSNorm(**norm, name="post_attention_layernorm")(h)
         x = x + self._bottleneck("attn", h)
-        h = RMSNorm(**norm, name="post_attention_layernorm")(x)
+        pre_mlp = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+        h = RMSNorm(**norm, name=pre_mlp)(x)
         stats = None  # MoE: [2, E] router statistics of this layer (scan output)
         if cfg.num_experts:
             mask = jnp.ones(h.shape[:2], bool) if segment_ids is None else segment_ids != 0
             h, stats = SparseMoe(**sub, name="mlp")(h, mask)
         else:
             h = MLP(**sub, name="mlp")(h)
+        if cfg.sandwich_norms:
+            h = RMSNorm(**norm, name="post_feedforward_layernorm")(h)
         x = x + self._bottleneck("mlp", h)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, (new_cache, stats)
@@ -299,7 +337,8 @@ class Decoder(nn.Module):
             layer,
             variable_axes={"params": 0, "lora": 0, BOTTLENECK: 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+            # cos, sin, mask, segment ids, cache, cache index, prefix, sliding flag
+            in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, 0, 0),
             length=cfg.num_hidden_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -311,7 +350,9 @@ class Decoder(nn.Module):
             deterministic=self.deterministic,
             attention=self.attention,
         )
-        self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm = RMSNorm(
+            cfg.rms_norm_eps, self.dtype, self.param_dtype, plus_one=cfg.norm_plus_one
+        )
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(
                 cfg.vocab_size,
@@ -350,11 +391,14 @@ class Decoder(nn.Module):
         rope_len = t if kv_cache is None else kv_cache[0].shape[2]
         # The barrier keeps cos/sin as two buffers: otherwise XLA fuses (recomputes) the
         # trigonometry into every q/k RoPE fusion, per head, in every layer and in the backward.
-        cos, sin = jax.lax.optimization_barrier(rope_cos_sin(self.cfg, positions, rope_len))
+        cos, sin = self._rope(positions, rope_len)
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
+        if self.cfg.embed_scale:  # Gemma: x sqrt(D), the factor rounded to the activation dtype
+            x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        slide = gemma.sliding_flags(self.cfg)  # [L] bool, scanned
         x, (new_cache, stats) = self.layers(
-            x, cos, sin, attn_mask, segment_ids, kv_cache, cache_index, prefix
+            x, cos, sin, attn_mask, segment_ids, kv_cache, cache_index, prefix, slide
         )
         x = self.norm(x)  # [B, T, D]
         if return_hidden:
@@ -363,12 +407,25 @@ class Decoder(nn.Module):
             out = self.embed_tokens.attend(x).astype(jnp.float32)
         else:
             out = self.lm_head(x).astype(jnp.float32)  # [B, T, V]
+        if not return_hidden:
+            out = gemma.softcap(out, self.cfg.final_logit_softcap)
         if kv_cache is not None:
             return out, new_cache
         if return_aux_loss:
             aux = jnp.float32(0.0) if stats is None else aux_loss(stats, segment_ids != 0)
             return out, aux
         return out
+
+    def _rope(self, positions: jax.Array, rope_len: int):
+        """cos, sin [B, T, Dh]; a `PerKind` pair of each when sliding layers have their own."""
+        # The barrier keeps cos/sin as buffers: otherwise XLA fuses (recomputes) the
+        # trigonometry into every q/k RoPE fusion, per head, in every layer and in the backward.
+        rope = rope_cos_sin(self.cfg, positions, rope_len)
+        local = gemma.local_rope_config(self.cfg)
+        if local is None:
+            return jax.lax.optimization_barrier(rope)
+        rope_l = jax.lax.optimization_barrier((rope, rope_cos_sin(local, positions, rope_len)))
+        return gemma.PerKind(rope_l[0][0], rope_l[1][0]), gemma.PerKind(rope_l[0][1], rope_l[1][1])
 
     def _virtual_prefix(self) -> tuple[jax.Array, jax.Array] | None:
         """Per-layer (keys, values) [L, 1, n, K, Dh] of the "prompt" collection, or None."""
@@ -384,9 +441,15 @@ class Decoder(nn.Module):
         emb = jnp.asarray(tree[vt.PROMPT_KEY]).astype(self.dtype)[None]  # [1, n, D]
         n = emb.shape[1]
         pos = jnp.arange(n, dtype=jnp.int32)[None]
-        cos, sin = rope_cos_sin(self.cfg, pos, n)
-        causal = jnp.tril(jnp.ones((n, n), bool))[None, None]  # [1, 1, n, n]
+        cos, sin = self._rope(pos, n)
+        seg = jnp.ones((1, n), jnp.int32)
+        causal = causal_mask(seg, gemma.static_window(self.cfg))  # [1, 1, n, n]
+        if gemma.mixed_layers(self.cfg):
+            causal = gemma.PerKind(causal, causal_mask(seg, self.cfg.sliding_window))
         shape = (self.cfg.num_hidden_layers, 1, n, self.cfg.num_key_value_heads, self.cfg.head_dim)
         cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-        _, ((keys, values), _) = self.layers(emb, cos, sin, causal, None, cache, jnp.int32(0), None)
+        slide = gemma.sliding_flags(self.cfg)
+        _, ((keys, values), _) = self.layers(
+            emb, cos, sin, causal, None, cache, jnp.int32(0), None, slide
+        )
         return keys, values
