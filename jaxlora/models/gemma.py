@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.models.attention import attention, causal_mask
 from jaxlora.models.config import SLIDING, ModelConfig
 
 
@@ -78,3 +79,36 @@ class PerKind:
     @classmethod
     def tree_unflatten(cls, _aux, children):
         return cls(*children)
+
+
+def layer_mask(cfg: ModelConfig, segment_ids: jax.Array, slide: jax.Array | None) -> jax.Array:
+    """This layer's dense causal mask [B, 1, T, T] (its own window when layers are mixed)."""
+    mask = causal_mask(segment_ids, static_window(cfg))
+    if not mixed_layers(cfg):
+        return mask
+    return jnp.where(slide, causal_mask(segment_ids, cfg.sliding_window), mask)
+
+
+def layer_attention(q, k, v, segment_ids, slide, cfg: ModelConfig, **kw) -> jax.Array:
+    """Uncached self-attention with this layer's window. A kernel's window is static, so mixed
+    layers run `lax.cond` on the scanned flag: each layer executes only its own branch."""
+    if not mixed_layers(cfg):
+        return attention(q, k, v, segment_ids=segment_ids, window=static_window(cfg), **kw)
+
+    def run(window):
+        return lambda q, k, v: attention(q, k, v, segment_ids=segment_ids, window=window, **kw)
+
+    return jax.lax.cond(slide, run(cfg.sliding_window), run(None), q, k, v)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array, rope_len: int, rope_fn):
+    """cos, sin [B, T, Dh] from `rope_fn(cfg, positions, rope_len)`; a `PerKind` pair of each
+    when the sliding layers have their own RoPE base (Gemma 3)."""
+    # The barrier keeps cos/sin as buffers: otherwise XLA fuses (recomputes) the trigonometry
+    # into every q/k RoPE fusion, per head, in every layer and in the backward.
+    full = rope_fn(cfg, positions, rope_len)
+    local = local_rope_config(cfg)
+    if local is None:
+        return jax.lax.optimization_barrier(full)
+    full, sliding = jax.lax.optimization_barrier((full, rope_fn(local, positions, rope_len)))
+    return PerKind(full[0], sliding[0]), PerKind(full[1], sliding[1])

@@ -169,8 +169,6 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
         new_cache = None
         scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
-        window = gemma.static_window(cfg)
-        mixed = gemma.mixed_layers(cfg)
         kw = dict(scale=scale, softcap=cfg.attn_logit_softcap, spec=self.attention)
         if cache is not None:
             # Write this step's keys/values at cache_index. Prefill (segment ids given, the
@@ -190,9 +188,7 @@ class Attention(nn.Module):
             # queries, whose outputs nobody reads; this keeps their softmax finite). No flash
             # kernel takes extra always-visible keys: this runs dense.
             if mask is None:
-                mask = causal_mask(segment_ids, window)
-                if mixed:
-                    mask = gemma.PerKind(mask, causal_mask(segment_ids, cfg.sliding_window))
+                mask = gemma.layer_mask(cfg, segment_ids, slide)
             mask = gemma.pick(slide, mask)
             pk, pv = (jnp.broadcast_to(p, (b, *p.shape[1:])).astype(k.dtype) for p in prefix)
             n = pk.shape[1]
@@ -201,19 +197,8 @@ class Attention(nn.Module):
             mask = jnp.concatenate([jnp.ones((*mask.shape[:3], n), bool), mask], axis=-1)
         if mask is not None:
             out = attention(q, k, v, mask=gemma.pick(slide, mask), **kw)  # [B, T, N, Dh]
-        elif mixed:  # the kernel's window is static: each layer runs its own branch
-            out = jax.lax.cond(
-                slide,
-                lambda q, k, v: attention(
-                    q, k, v, segment_ids=segment_ids, window=cfg.sliding_window, **kw
-                ),
-                lambda q, k, v: attention(q, k, v, segment_ids=segment_ids, window=None, **kw),
-                q,
-                k,
-                v,
-            )
-        else:
-            out = attention(q, k, v, segment_ids=segment_ids, window=window, **kw)
+        else:  # this layer's window (Gemma: per layer)
+            out = gemma.layer_attention(q, k, v, segment_ids, slide, cfg, **kw)
         out = out.reshape(b, t, nh * hd)
         out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
         return out, new_cache
@@ -389,9 +374,7 @@ class Decoder(nn.Module):
         if attn_mask is None and segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         rope_len = t if kv_cache is None else kv_cache[0].shape[2]
-        # The barrier keeps cos/sin as two buffers: otherwise XLA fuses (recomputes) the
-        # trigonometry into every q/k RoPE fusion, per head, in every layer and in the backward.
-        cos, sin = self._rope(positions, rope_len)
+        cos, sin = gemma.rope_tables(self.cfg, positions, rope_len, rope_cos_sin)
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
         if self.cfg.embed_scale:  # Gemma: x sqrt(D), the factor rounded to the activation dtype
             x = x * jnp.asarray(self.cfg.hidden_size**0.5, self.dtype)
@@ -416,17 +399,6 @@ class Decoder(nn.Module):
             return out, aux
         return out
 
-    def _rope(self, positions: jax.Array, rope_len: int):
-        """cos, sin [B, T, Dh]; a `PerKind` pair of each when sliding layers have their own."""
-        # The barrier keeps cos/sin as buffers: otherwise XLA fuses (recomputes) the
-        # trigonometry into every q/k RoPE fusion, per head, in every layer and in the backward.
-        rope = rope_cos_sin(self.cfg, positions, rope_len)
-        local = gemma.local_rope_config(self.cfg)
-        if local is None:
-            return jax.lax.optimization_barrier(rope)
-        rope_l = jax.lax.optimization_barrier((rope, rope_cos_sin(local, positions, rope_len)))
-        return gemma.PerKind(rope_l[0][0], rope_l[1][0]), gemma.PerKind(rope_l[0][1], rope_l[1][1])
-
     def _virtual_prefix(self) -> tuple[jax.Array, jax.Array] | None:
         """Per-layer (keys, values) [L, 1, n, K, Dh] of the "prompt" collection, or None."""
         if not self.has_variable(vt.COLLECTION, vt.PROMPT_KEY) and not self.has_variable(
@@ -441,7 +413,7 @@ class Decoder(nn.Module):
         emb = jnp.asarray(tree[vt.PROMPT_KEY]).astype(self.dtype)[None]  # [1, n, D]
         n = emb.shape[1]
         pos = jnp.arange(n, dtype=jnp.int32)[None]
-        cos, sin = self._rope(pos, n)
+        cos, sin = gemma.rope_tables(self.cfg, pos, n, rope_cos_sin)
         seg = jnp.ones((1, n), jnp.int32)
         causal = causal_mask(seg, gemma.static_window(self.cfg))  # [1, 1, n, n]
         if gemma.mixed_layers(self.cfg):
