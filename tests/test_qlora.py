@@ -52,23 +52,27 @@ def nf4(tiny_model_dir):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantised_while_loading(tiny_model_dir, base, bits, monkeypatch):
-    """Only quantised dicts of the projection kernels ever reach the device; embeddings, norms
-    and lm_head stay as loaded; the per-layer host quantiser equals quantising the stack."""
-    placed = {}
-    real_put = jax.device_put
+    """Kernels are loaded one layer [in, out] at a time (never a dense [L, in, out] stack on
+    device) and quantised there; embeddings, norms and lm_head stay as loaded; the per-layer
+    quantiser stacked equals quantising the stack on the host."""
+    from jaxlora.io import hf
 
-    def spy(value, *a, **kw):
-        placed[len(placed)] = value
-        return real_put(value, *a, **kw)
+    made = []
+    real = jax.make_array_from_callback
 
-    monkeypatch.setattr(jax, "device_put", spy)
+    def spy(shape, *a, **kw):
+        made.append(tuple(shape))
+        return real(shape, *a, **kw)
+
+    monkeypatch.setattr(hf.jax, "make_array_from_callback", spy)
     model = load_base_model(_cfg(tiny_model_dir, quantization_bit=bits), tiny_model_dir, "bfloat16")
     monkeypatch.undo()
-    kinds = {quant.quant_kind(v) for v in placed.values() if isinstance(v, dict)}
-    big = [v for v in placed.values() if not isinstance(v, dict) and np.ndim(v) == 3]
-    assert kinds == {"nf4" if bits == 4 else "int8"} and not big  # no dense [L, in, out] put
+    assert made and all(len(s) <= 2 for s in made), made  # norms [L, D]; no [L, in, out]
     names = [n for n, k in _kernels(model.params) if quant.is_quantized(k)]
     assert sorted(names) == sorted(PROJ)
+    assert {quant.quant_kind(k) for _, k in _kernels(model.params)} == {
+        "nf4" if bits == 4 else "int8"
+    }
     assert model.params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
     assert model.params["lm_head"]["kernel"].dtype == jnp.bfloat16
     assert model.params["norm"]["scale"].dtype == jnp.bfloat16
@@ -82,11 +86,11 @@ def test_quantised_while_loading(tiny_model_dir, base, bits, monkeypatch):
 
 def test_transform_leaves_non_kernels_alone():
     t = quantizing_transform(4)
-    emb = np.ones((8, 4), np.float32)
-    assert t(("embed_tokens", "embedding"), emb) is emb
-    assert t(("lm_head", "kernel"), emb) is emb
-    assert t(("layers", "self_attn", "q_proj", "bias"), emb) is emb
-    assert quant.is_quantized(t(("layers", "mlp", "up_proj", "kernel"), np.ones((2, 8, 4))))
+    assert t(("embed_tokens", "embedding")) is None
+    assert t(("lm_head", "kernel")) is None
+    assert t(("layers", "self_attn", "q_proj", "bias")) is None
+    q = t(("layers", "mlp", "up_proj", "kernel"))(jnp.ones((8, 4)))
+    assert quant.is_quantized(q) and q["nf4_codes"].shape == (4, 4)
 
 
 @pytest.mark.parametrize("bits, ratio, err", [(4, 0.3, 0.2), (8, 0.55, 0.02)])

@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxlora.errors import UserError
+from jaxlora.io import placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.llama import Decoder
 from jaxlora.models.moe import MIXTRAL_EXPERT_NAMES
@@ -161,16 +162,24 @@ def load_params(
     cfg: ModelConfig,
     dtype: Any = jnp.bfloat16,
     shardings: dict | None = None,
-    host_transform: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+    transform: Callable[[tuple[str, ...]], Callable | None] | None = None,
+    transform_shardings: dict | None = None,
 ) -> dict:
     """Load an HF checkpoint into the stacked params pytree.
 
-    `shardings`: optional tree of `jax.sharding.Sharding` (same structure as the params); each
-    device reads only its own slice. `host_transform(path, full_leaf)`: optional per-leaf hook
-    (e.g. quantisation while loading); it receives the whole stacked leaf on the host, one leaf at
-    a time, and returns the array or pytree to place on device. With `shardings` (for a
-    quantised leaf: a dict of shardings, one per codes/scales array) every process computes the
-    transformed leaf and places only its own devices' slices.
+    `shardings`: optional tree of `jax.sharding.Sharding` for the loaded `dtype` weights (same
+    structure as the params); each device reads only its own slice, so on a multi-host run
+    every host reads only the safetensors slices of its own devices. Without it every leaf goes
+    to this process's first local device.
+
+    `transform(path)`: optional; a jittable per-layer function for that leaf (e.g. NF4 / int8
+    quantisation, `[in, out] -> dict of arrays`) or None to load the leaf as is. A transformed
+    leaf is loaded ONE LAYER at a time into the placement `shardings` gives it (each device reads
+    its slice of that layer), transformed by a jitted SPMD program on the devices that hold the
+    slices (reductions such as NF4's per-kernel mean become collectives), and written into its
+    slot of the stacked result, placed by `transform_shardings[path]` (a tree shaped like the
+    function's output with the leading layer axis). No host ever holds a whole leaf, and at most
+    one layer of one kernel is on the devices in `dtype`.
     """
     abstract, _ = abstract_params(cfg, dtype)
     index = safetensors_index(model_dir)
@@ -185,13 +194,8 @@ def load_params(
         )
     # This process's first device (on a multi-host run jax.devices()[0] belongs to process 0).
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    flat_shardings = {}
-    if shardings is not None:
-        from jaxlora.models import quant
-
-        # A quantised kernel's sharding is a dict of shardings (one per codes/scales leaf).
-        leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=quant.is_quantized)[0]
-        flat_shardings = {_key_path(kp): s for kp, s in leaves}
+    flat_shardings = placement.flat_by_path(shardings)
+    flat_out = placement.flat_by_path(transform_shardings)
     out = {}
     with _open_all(index.values()) as handles:
         for kp, leaf in flat:
@@ -228,25 +232,43 @@ def load_params(
                 per = parts[0].shape
                 return np.stack(parts).reshape(grid.shape + per).astype(dtype)
 
-            full = tuple(slice(None) for _ in leaf.shape)
-            if host_transform is not None:
-                value = host_transform(path, read(full))
-                target = flat_shardings.get(path)
-                if target is None:
-                    out[path] = jax.device_put(value, default)
-                else:  # each device takes its block of the transformed (e.g. NF4) leaf
-                    out[path] = jax.tree_util.tree_map(_place_host, value, target)
-            else:
-                sharding = flat_shardings.get(path, default)
+            def read_one(n, idx, transpose=transpose):
+                return _read_slice(handles[index[n]], n, tuple(idx), transpose).astype(dtype)
+
+            read = placement.once_per_slice(read)
+
+            sharding = flat_shardings.get(path, default)
+            fn = transform(path) if transform is not None else None
+            if fn is None:
                 out[path] = jax.make_array_from_callback(leaf.shape, sharding, read)
+                continue
+            target = flat_out.get(path)
+            if not stacked:
+                w = jax.make_array_from_callback(leaf.shape, sharding, read)
+                out[path] = placement.jit_for(fn, target, default)(w)
+                continue
+            layer_in = placement.drop_stack_axes(sharding, n_stack)
+            if target is None:
+                target = jax.tree_util.tree_map(
+                    lambda _: default, jax.eval_shape(fn, jax.ShapeDtypeStruct(per_shape, dtype))
+                )
+            one = placement.jit_for(
+                fn,
+                jax.tree_util.tree_map(
+                    lambda t, k=n_stack: placement.drop_stack_axes(t, k), target
+                ),
+                default,
+            )
+            stack_shape = leaf.shape[:n_stack]  # [L] or [L, E]
+            acc = None
+            for i, n in enumerate(leaf_names):  # row-major over the stack axes
+                w = jax.make_array_from_callback(
+                    per_shape, layer_in, placement.once_per_slice(lambda idx, n=n: read_one(n, idx))
+                )  # [in, out] of one layer (expert), each device holding its slice
+                slot = np.asarray(np.unravel_index(i, stack_shape), np.int32)
+                acc = placement.put_layer(acc, one(w), slot, stack_shape, target)
+            out[path] = acc
     return _unflatten(out)
-
-
-def _place_host(value: Any, sharding: Any) -> jax.Array:
-    """A host-computed leaf as a global array: each addressable device gets its slice (no
-    cross-host transfer, so it works when the sharding spans other processes' devices)."""
-    host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:

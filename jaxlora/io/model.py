@@ -157,7 +157,8 @@ def load_model(
     *,
     dtype: Any = "bfloat16",
     shardings: dict | None = None,
-    host_transform=None,
+    transform=None,
+    transform_shardings: dict | None = None,
 ) -> Model:
     """Load an HF checkpoint directory (config.json + safetensors [+ tokenizer]).
 
@@ -167,7 +168,14 @@ def load_model(
     path = resolve_model_path(path)
     jdtype = resolve_dtype(dtype)
     cfg, raw = load_hf_config(path)
-    params = hf.load_params(path, cfg, jdtype, shardings=shardings, host_transform=host_transform)
+    params = hf.load_params(
+        path,
+        cfg,
+        jdtype,
+        shardings=shardings,
+        transform=transform,
+        transform_shardings=transform_shardings,
+    )
     return Model(
         config=cfg,
         params=params,

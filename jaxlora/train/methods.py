@@ -350,24 +350,21 @@ def params_for_export(split_or_run: Any, trainable: Any) -> dict:
 
 
 def quantizing_transform(bits: int, *, double_quant: bool = True, block_size: int = 64):
-    """host_transform(path, leaf) for `hf.load_params`: projection kernels -> NF4 / int8 dicts.
+    """transform(path) for `hf.load_params`: the per-layer NF4 / int8 quantiser for projection
+    kernels, None (load as is) for embeddings, lm_head, norms and biases
+    (`quant.default_predicate`).
 
-    Called once per stacked leaf while loading; inside it one layer at a time is moved to the
-    device and quantised there by the jitted `quant.quantize` (bit-identical to the numpy
-    `quant.quantize_np`, and ~2x faster even on CPU; on a GPU it takes milliseconds where
-    numpy takes seconds per layer). So at most one layer of one kernel is ever on device in
-    bf16; the stacked leaf stays on the host. Embeddings, lm_head, norms and biases pass
-    through (`quant.default_predicate`).
-    """
-    kw = dict(block_size=block_size, double_quant=double_quant)
+    The loader runs it jitted on one layer at a time, on the devices that hold that layer's
+    slices (SPMD over the mesh: NF4's per-block absmax and int8's per-column max are local to
+    a shard aligned with the blocks; the per-kernel double-quantisation offset is a cross-device
+    mean). Bit-identical to `quant.quantize_np` on the whole kernel (tests/test_qlora.py and the
+    2-process load test check it)."""
 
-    def transform(path: tuple[str, ...], leaf: np.ndarray) -> Any:
-        if not quant.default_predicate(tuple(path)):
-            return leaf
-        if leaf.ndim == 2:
-            return quant.quantize(jnp.asarray(leaf), bits, **kw)
-        parts = [quant.quantize(jnp.asarray(leaf[i]), bits, **kw) for i in range(leaf.shape[0])]
-        return {k: jnp.stack([p[k] for p in parts]) for k in parts[0]}  # [L, ...] per leaf
+    def layer(w: jax.Array) -> dict:  # [in, out] -> NF4 / int8 dict of [in', out'] leaves
+        return quant.quantize(w, bits, block_size=block_size, double_quant=double_quant)
+
+    def transform(path: tuple[str, ...]):
+        return layer if quant.default_predicate(tuple(path)) else None
 
     return transform
 
@@ -393,21 +390,32 @@ def quantized_shapes(shapes: Any, bits: int, *, double_quant: bool = True) -> An
 
 
 def load_base_model(
-    cfg: Config, model_path: str | Path, dtype: Any, shardings: Any = None
+    cfg: Config,
+    model_path: str | Path,
+    dtype: Any,
+    shardings: Any = None,
+    quant_shardings: Any = None,
 ) -> Model:
     """The base model as training needs it: `dtype` weights, or (quantization_bit 4 / 8) NF4 /
     int8 projection kernels quantised while loading, so no bf16 copy is ever on device.
 
-    `shardings`: unquantised, each device reads only its slice of every tensor; quantised (a tree
-    shaped like `quantized_shapes`), every process quantises a leaf on the host and its devices
-    take their blocks of it. The model carries the config's attention kernel choice into every
+    `shardings`: the `dtype` weights' shardings (each device reads only its slice of every
+    tensor); with quantisation also `quant_shardings`, a tree shaped like `quantized_shapes`:
+    each kernel is loaded layer by layer into `shardings` and quantised where its slices live
+    (see `hf.load_params`). The model carries the config's attention kernel choice into every
     module built from it."""
     bits = cfg.model.quantization_bit
     if not bits:
         model = load_model(model_path, dtype=dtype, shardings=shardings)
     else:
         transform = quantizing_transform(int(bits), double_quant=cfg.model.double_quantization)
-        model = load_model(model_path, dtype=dtype, shardings=shardings, host_transform=transform)
+        model = load_model(
+            model_path,
+            dtype=dtype,
+            shardings=shardings,
+            transform=transform,
+            transform_shardings=quant_shardings,
+        )
     model.attention = attention_spec(cfg)
     return model
 

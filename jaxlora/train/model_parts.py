@@ -73,18 +73,20 @@ def make_mesh(cfg: Config) -> Any:
 
 def load_placed(cfg: Config, model_path: Path, mesh: Any, dtype: Any) -> tuple[Model, Any]:
     """(base model on the mesh, param logical axes). Bases load straight into their shardings
-    on every host: unquantised, each device reads its slices of the safetensors; quantised, each
-    process quantises a leaf on the host and its devices take their blocks (never a detour
-    through one device, which cannot reach another host's devices)."""
+    on every host: each device reads only its slices of the safetensors; a quantised kernel is
+    loaded layer by layer into the same placement and quantised on the devices that hold it,
+    straight into its codes/scales shardings (never a detour through one device, which cannot
+    reach another host's devices)."""
     shapes, logical = abstract_params(load_hf_config(model_path)[0])
     bits = cfg.model.quantization_bit
-    target = None
+    target = quant_target = None
     if mesh.size > 1:
+        target = sharding.param_shardings(mesh, logical, shapes)
         if bits:
             dq = cfg.model.double_quantization
-            shapes = quantized_shapes(shapes, int(bits), double_quant=dq)
-        target = sharding.param_shardings(mesh, logical, shapes)
-    model = load_base_model(cfg, model_path, dtype, shardings=target)
+            q_shapes = quantized_shapes(shapes, int(bits), double_quant=dq)
+            quant_target = sharding.param_shardings(mesh, logical, q_shapes)
+    model = load_base_model(cfg, model_path, dtype, shardings=target, quant_shardings=quant_target)
     return model, logical
 
 
