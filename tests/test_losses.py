@@ -157,6 +157,34 @@ def test_chunked_grad_never_materialises_full_logits():
     assert temp_bytes(8) < full_logits_bytes / 2
 
 
+def _count_eqns(jaxpr, name: str) -> int:
+    """Equations called `name` in a closed jaxpr, counted into scans / custom-vjp bodies."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    n += _count_eqns(inner if hasattr(inner, "eqns") else sub, name)
+    return n
+
+
+def test_fused_loss_without_grad_computes_no_backward():
+    """Eval (no autodiff) traces the fused loss forward only: one matmul (the head), not the
+    d(loss)/dh product the training forward computes alongside."""
+    hidden, kernel, ids = _inputs()
+    mask = jnp.ones(ids.shape, jnp.int32)
+
+    def loss(h, w):
+        return L.masked_lm_loss(h, w, ids, mask, chunk_size=4)[0]
+
+    fwd = jax.make_jaxpr(loss)(hidden, kernel).jaxpr
+    assert _count_eqns(fwd, "dot_general") == 1  # logits = h @ W
+    train = jax.make_jaxpr(jax.value_and_grad(loss))(hidden, kernel).jaxpr
+    assert _count_eqns(train, "dot_general") >= 2  # + dlogits @ W^T in the training forward
+
+
 def test_bad_chunk_size_is_user_error():
     hidden, kernel, ids = _inputs()
     with pytest.raises(UserError, match="chunk_size"):

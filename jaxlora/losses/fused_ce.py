@@ -26,13 +26,15 @@ FUSED_CE_BUDGET_BYTES = {"cpu": 64 * 2**20}
 FUSED_CE_DEFAULT_BUDGET = 512 * 2**20
 
 
-def _fused_ce_chunks(h, w, targets, weights, positions: int, need_dw: bool):
+def _fused_ce_chunks(h, w, targets, weights, positions: int, need_dh: bool, need_dw: bool):
     """Loss sum and d(loss)/dh (+ d(loss)/dW) computed chunk by chunk in ONE forward pass.
 
     h [B, N, D] (position t predicts targets[:, t]), w [D, V], targets/weights [B, N]; chunks of
     `positions` along the sequence keep a sharded batch axis sharded. Per chunk the [B, pos, V]
     fp32 logits give the loss and, right away, dlogits = w_t * (softmax - onehot), whose product
     with W^T is d(loss)/dh: logits are never stored for a backward pass nor recomputed.
+    need_dh=False (no gradient wanted: eval, reference log-probs) computes the loss alone; dh
+    is then None.
     """
     b, n, d = h.shape
     n_chunks = -(-n // positions)
@@ -48,6 +50,8 @@ def _fused_ce_chunks(h, w, targets, weights, positions: int, need_dw: bool):
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, pos]
         tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         loss = jnp.sum(jnp.where(w_c > 0, (lse - tgt) * w_c, 0.0))
+        if not need_dh:  # forward only: no softmax, no [B, pos, V] x [V, D] product
+            return dw_acc, (loss, None)
         p = jnp.exp(logits - lse[..., None])
         onehot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)
         # bf16 x bf16 (fp32 accumulate) for the dX matmul, as the forward; dlogits are O(1/V).
@@ -61,21 +65,25 @@ def _fused_ce_chunks(h, w, targets, weights, positions: int, need_dw: bool):
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else jnp.zeros((), jnp.float32)
     dw, (losses, dh) = jax.lax.scan(body, dw0, (split(h), split(targets), split(weights)))
-    dh = dh.swapaxes(0, 1).reshape(b, n_chunks * positions, d)[:, :n]
+    if need_dh:
+        dh = dh.swapaxes(0, 1).reshape(b, n_chunks * positions, d)[:, :n]
     return jnp.sum(losses), dh, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def fused_ce_sum(h: Array, w: Array, targets: Array, weights: Array, positions: int) -> Array:
-    """sum_t weights_t * NLL(targets_t | h_t @ w); the gradient is computed in the forward."""
-    return _fused_ce_chunks(h, w, targets, weights, positions, need_dw=False)[0]
+    """sum_t weights_t * NLL(targets_t | h_t @ w); the gradient is computed in the forward.
+
+    Called outside autodiff (eval, DPO reference log-probs) this body runs, which computes the
+    loss alone; under `jax.grad` the forward rule below also computes d(loss)/dh."""
+    return _fused_ce_chunks(h, w, targets, weights, positions, need_dh=False, need_dw=False)[0]
 
 
 def _fused_ce_fwd(h, w, targets, weights, positions):
     # symbolic_zeros: `w.perturbed` says whether the head needs a gradient (full FT) or not.
     need_dw = bool(w.perturbed)
     loss, dh, dw = _fused_ce_chunks(
-        h.value, w.value, targets.value, weights.value, positions, need_dw
+        h.value, w.value, targets.value, weights.value, positions, True, need_dw
     )
     return loss, (dh, dw if need_dw else None, targets.value, weights.value, w.value)
 
