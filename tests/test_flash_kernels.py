@@ -104,14 +104,22 @@ def test_select_auto_per_platform_and_announced_fallbacks(caplog):
     f32, bf16 = jnp.float32, jnp.bfloat16
     spec = A.AttentionSpec
     assert A.select(spec(platform="tpu"), 4096, bf16, 128, None)[0] == "splash"
-    assert A.select(spec(platform="gpu"), 4096, bf16, 128, None)[0] == "cudnn"
+    # GPU: cuDNN only for rows that are one sample then padding (lengths, no mask); packed
+    # rows and left-padded prompts go to the Pallas kernel (segment ids), saying why.
+    assert A.select(spec(platform="gpu", right_padded=True), 4096, bf16, 128, None)[0] == "cudnn"
+    kernel, why = A.select(spec(platform="gpu"), 4096, bf16, 128, None)
+    assert kernel == "pallas" and "cuDNN only for unpacked" in why
+    kernel, why = A.select(spec("cudnn", platform="gpu"), 4096, bf16, 128, None)
+    assert kernel == "cudnn" and "mask bias, unverified" in why
     assert A.select(spec(platform="cpu"), 4096, f32, 128, None)[0] == "block"
     assert A.select(spec(platform="cpu"), 64, f32, 128, None)[0] == "xla"
     # fp32 on a GPU: cuDNN cannot, the Pallas kernel can.
     assert A.select(spec(platform="gpu"), 4096, f32, 128, None)[0] == "pallas"
     # fp32 + sliding window on a GPU: neither; dense, with both reasons.
-    kernel, why = A.select(spec(platform="gpu"), 4096, f32, 128, 512)
+    kernel, why = A.select(spec(platform="gpu", right_padded=True), 4096, f32, 128, 512)
     assert kernel == "xla" and "bf16/fp16" in why and "sliding window" in why
+    kernel, why = A.select(spec(platform="gpu"), 4096, bf16, 128, 512)  # packed + window
+    assert kernel == "xla" and "cuDNN only for unpacked" in why and "sliding window" in why
     kernel, why = A.select(spec("splash", platform="tpu"), 1000, bf16, 128, None)
     assert kernel == "xla" and "T % 128" in why
     kernel, why = A.select(spec("splash"), 4096, f32, 128, None)  # on this CPU, no interpreter

@@ -10,15 +10,22 @@ module decides, once per traced shape, which kernel serves it and says so in one
   pallas   GPU           Pallas/Triton flash attention, segment ids               models/flash.py
   cudnn    GPU           cuDNN flash via jax.nn.dot_product_attention(cudnn)      models/flash.py
 
-`auto` picks per platform: TPU -> splash; GPU -> cudnn for bf16/fp16, else pallas; CPU ->
-block for T >= 256 (dense is as fast below). A kernel that cannot serve a case (fp32 on cuDNN,
-a sliding window on the Pallas GPU kernel, T not a multiple of 128 for splash, ...) falls back
-to the next candidate (block on CPU, else xla) and the log line gives the reason. An attention
-logit soft-cap (Gemma 2: `c * tanh(scores / c)`) runs only on the dense xla path (`_softcapped`):
-any other kernel falls back to it, announced. Decode steps
+`auto` picks per platform: TPU -> splash; GPU -> cudnn for bf16/fp16 rows that are one sample
+then padding (`AttentionSpec.right_padded`: unpacked training data; cuDNN takes the padding as
+sequence lengths), else pallas (packed rows, left-padded prompts, fp32: the Pallas kernel takes
+segment ids natively; cuDNN through JAX would need a [B, 1, T, T] mask, see flash.cudnn);
+CPU -> block for T >= 256 (dense is as fast below). A kernel that cannot serve a case (fp32 on
+cuDNN, a sliding window on the Pallas GPU kernel, T not a multiple of 128 for splash, ...) falls
+back to the next candidate (block on CPU, else xla) and the log line gives the reason. An
+attention logit soft-cap (Gemma 2: `c * tanh(scores / c)`) runs only on the dense xla path
+(`_softcapped`): any other kernel falls back to it, announced. Decode steps
 with a KV cache always run dense (one query row: nothing to tile). `interpret=True` runs the
 Pallas kernels in the Pallas interpreter on any backend (CPU tests); `platform` overrides the
 backend the choice is made for (lowering a TPU/GPU step on a CPU host).
+
+On a multi-device mesh (`jax.set_mesh`, as the trainer does) the accelerator kernels run under
+`jax.shard_map`, each device on its own batch rows and heads (`kernel_partition`): XLA cannot
+partition a Pallas custom call and would otherwise gather q/k/v to full size on every device.
 
 The CPU block kernel: on XLA:CPU the dense path computes all T x T scores of every head, and
 autodiff inside the scanned layers saves the fp32 probabilities of every layer ([L, B, N, T, T]).
@@ -41,9 +48,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxlora.models import flash
 
@@ -65,6 +75,10 @@ class AttentionSpec:
     kernel: str = "auto"
     interpret: bool = False  # Pallas kernels in the interpreter (any backend; slow)
     platform: str | None = None  # None = jax.default_backend(); "tpu"/"gpu" when lowering
+    # Every row is ONE sample then padding (unpacked training batches; set by the trainer when
+    # packing is off). Only then may `auto` pick cuDNN: it takes that padding as sequence
+    # lengths. Packed rows and left-padded prompts (generation) keep it False.
+    right_padded: bool = False
 
 
 DEFAULT_ATTENTION = AttentionSpec()
@@ -119,10 +133,17 @@ def select(
     else:
         wanted = (spec.kernel,)
     reasons = []
+    if spec.kernel == "auto" and platform == "gpu" and not spec.right_padded:
+        # cuDNN through JAX has no segment ids: packed rows would go in as a [B, 1, T, T]
+        # additive bias (flash.cudnn), a path nobody has checked on a GPU yet.
+        wanted = tuple(x for x in wanted if x != "cudnn")
+        reasons.append("cuDNN only for unpacked right-padded rows (packed: Pallas)")
     for kernel in wanted:
         why = _unsupported(kernel, platform, spec, t, dtype, head_dim, window, softcap)
         if why is None:
-            return kernel, f"{spec.kernel} on {platform}"
+            if kernel == "cudnn" and not spec.right_padded:
+                reasons.append("segment ids as a [B, 1, T, T] mask bias, unverified on a GPU")
+            return kernel, "; ".join([f"{spec.kernel} on {platform}", *reasons])
         reasons.append(why)
     fallback = "block" if platform == "cpu" and t >= 2 * ATTENTION_BLOCK else "xla"
     if softcap is not None:
@@ -165,19 +186,73 @@ def attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     t = q.shape[1]
     kernel, reason = select(spec, t, q.dtype, q.shape[-1], window, softcap)
+    if kernel in ("splash", "pallas", "cudnn"):
+        fn = {
+            "splash": lambda q, k, v, s: flash.splash(q, k, v, s, scale, window, spec.interpret),
+            "pallas": lambda q, k, v, s: flash.pallas_gpu(q, k, v, s, scale, spec.interpret),
+            "cudnn": lambda q, k, v, s: flash.cudnn(q, k, v, s, scale, window, spec.right_padded),
+        }[kernel]
+        part = kernel_partition(q.shape[0], q.shape[2], k.shape[2])
+        if part is None:
+            _announce(spec, kernel, reason, q.shape)
+            return fn(q, k, v, segment_ids)
+        mesh, qkv, seg = part
+        _announce(spec, kernel, f"{reason}; per device via shard_map, q/k/v {qkv}", q.shape)
+        # check_vma=False: JAX's Pallas kernels declare no varying-mesh-axes types for their
+        # outputs (pallas_call refuses under check_vma=True). Gradients stay exact: every mesh
+        # axis the specs leave out only replicates work (tests/test_flash_sharded.py).
+        return jax.shard_map(
+            fn, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=False
+        )(q, k, v, segment_ids)
     _announce(spec, kernel, reason, q.shape)
     if softcap is not None:  # select() picked xla
         return _softcapped(q, k, v, causal_mask(segment_ids, window), scale, softcap)
-    if kernel == "splash":
-        return flash.splash(q, k, v, segment_ids, scale, window, spec.interpret)
-    if kernel == "pallas":
-        return flash.pallas_gpu(q, k, v, segment_ids, scale, spec.interpret)
-    if kernel == "cudnn":
-        return flash.cudnn(q, k, v, segment_ids, scale, window)
     dense_mask = causal_mask(segment_ids, window)
     if kernel == "block":
         return block_causal_attention(q, k, v, dense_mask, scale, ATTENTION_BLOCK)
     return jax.nn.dot_product_attention(q, k, v, mask=dense_mask, scale=scale)
+
+
+def kernel_partition(batch: int, heads: int, kv_heads: int):
+    """(mesh, q/k/v spec, segment-ids spec) to run a kernel per device, or None (no mesh).
+
+    A Pallas kernel (splash, the GPU kernel) is one custom call on whatever shape it is given:
+    XLA cannot split it, so inside the partitioned train step its inputs would be gathered to
+    full size on every device. Run under `jax.shard_map` instead, each device calls the kernel
+    on its own rows and heads. The split follows the flax logical rules in context (those of
+    `parallel.sharding`: "batch" -> the batch mesh axes, "q_heads" -> "tensor"), so the kernel
+    sees q/k/v already laid out as the projections made them. A mesh axis is used only where
+    the size divides (batch: trailing axes dropped until it does, as `parallel.sharding`
+    does); heads are split only when both N and K divide (query-head block j then uses exactly
+    kv-head block j, so GQA stays local). None without a multi-device mesh (`jax.set_mesh`).
+    """
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    logical = nn.logical_to_mesh_axes(("batch", None, "q_heads", None))
+    if logical is None:
+        return None
+    sizes = dict(mesh.shape)
+
+    def axes(entry) -> tuple[str, ...]:
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        return tuple(a for a in names if a in sizes)
+
+    b_axes = axes(logical[0])
+    while b_axes and batch % math.prod(sizes[a] for a in b_axes):
+        b_axes = b_axes[:-1]
+    h_axes = tuple(a for a in axes(logical[2]) if a not in b_axes)
+    if h_axes and (
+        heads % math.prod(sizes[a] for a in h_axes)
+        or kv_heads % math.prod(sizes[a] for a in h_axes)
+    ):
+        h_axes = ()
+    if math.prod(sizes[a] for a in (*b_axes, *h_axes)) == 1:
+        return None
+    b = None if not b_axes else b_axes[0] if len(b_axes) == 1 else b_axes
+    h = None if not h_axes else h_axes[0] if len(h_axes) == 1 else h_axes
+    return mesh, P(b, None, h, None), P(b, None)
 
 
 def causal_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:

@@ -126,8 +126,36 @@ def pallas_gpu(q, k, v, segment_ids, scale: float, interpret: bool):
     )
 
 
-def cudnn(q, k, v, segment_ids, scale: float, window: int | None):
-    """cuDNN flash attention: causal in the kernel, packing as a boolean same-segment mask."""
+def cudnn(q, k, v, segment_ids, scale: float, window: int | None, right_padded: bool):
+    """cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`), causal.
+
+    `right_padded` (each row is ONE sample followed by padding: unpacked training batches):
+    the padding goes in as per-row sequence lengths, cuDNN's native PADDING_CAUSAL mask; no
+    [B, 1, T, T] array is built. A row of padding only (a dummy row) gets length 1, not 0: its
+    first token attends to itself, so nothing divides by zero; its outputs are never used.
+
+    Otherwise (packed rows, left padding): JAX's cuDNN API has no segment ids, so the
+    same-segment test goes in as a boolean [B, 1, T, T] mask, which JAX turns into an additive
+    bf16/fp16 bias that the kernel reads block by block (no skipping of cross-segment blocks),
+    and in JAX < 0.11.1 the backward also computes that bias's gradient (jax-ml/jax#34685).
+    cuDNN's own packed layout (`q_offsets`/`kv_offsets`) is only reachable through JAX's
+    private `jax._src.cudnn` module, Hopper-only, and its GQA offsets were wrong before
+    jax-ml/jax#39521 (JAX 0.11.1); it is not used. `auto` therefore never picks this branch.
+    """
+    local = None if window is None else (window - 1, 0)
+    if right_padded:
+        lengths = jnp.maximum(jnp.sum(segment_ids != 0, axis=1), 1).astype(jnp.int32)  # [B]
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            scale=scale,
+            is_causal=True,
+            query_seq_lengths=lengths,
+            key_value_seq_lengths=lengths,
+            local_window_size=local,
+            implementation="cudnn",
+        )
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
     return jax.nn.dot_product_attention(
         q,
@@ -136,6 +164,6 @@ def cudnn(q, k, v, segment_ids, scale: float, window: int | None):
         mask=same[:, None],  # [B, 1, T, T]
         scale=scale,
         is_causal=True,
-        local_window_size=None if window is None else (window - 1, 0),
+        local_window_size=local,
         implementation="cudnn",
     )

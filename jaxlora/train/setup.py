@@ -171,7 +171,14 @@ def _assemble(cfg: Config, data: DataBundle, tokenizer: Any, log: Callable[[str]
     parts = build_model_parts(cfg, model_path, tokenizer, log)
     stage = make_stage(cfg, parts, data, log)  # DPO: may add a reference copy to parts.frozen
     batches = build_batches(cfg, data, parts.mesh, stage)
-    steps = build_steps(cfg, parts, stage, batches.example(), batches.total_steps)
+    steps = build_steps(  # unpacked rows are right padded (data/batching.py)
+        cfg,
+        parts,
+        stage,
+        batches.example(),
+        batches.total_steps,
+        right_padded=not getattr(data.report, "packing", True),
+    )
     run_dir, resuming = claim_run_dir(cfg, log)
     write_header(run_dir, cfg, data.report, resuming, log)
     tcfg = cfg.train

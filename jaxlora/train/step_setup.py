@@ -97,10 +97,18 @@ def build_optimizer(cfg: Config, parts: ModelParts, total_steps: int) -> tuple[A
 
 
 def build_steps(
-    cfg: Config, parts: ModelParts, stage: Any, example: dict, total_steps: int
+    cfg: Config,
+    parts: ModelParts,
+    stage: Any,
+    example: dict,
+    total_steps: int,
+    right_padded: bool = False,
 ) -> Steps:
     """Optimiser + initial state (consumes `parts.trainable`) and the jitted steps, specialised
-    for batches shaped like `example` (a host batch with `loss_scale`)."""
+    for batches shaped like `example` (a host batch with `loss_scale`). `right_padded`: every
+    batch row is one sample then padding (unpacked data), which lets `attention: auto` use
+    cuDNN on a GPU (models/attention.py); the model's own spec (generation: left padding)
+    keeps the default."""
     tx, schedule = build_optimizer(cfg, parts, total_steps)
     state, state_sh = sharding.init_train_state(
         parts.mesh,
@@ -111,6 +119,7 @@ def build_steps(
     )
     parts.trainable = None  # the state owns it now (and donates it at every step)
     model, spec = parts.model, parts.adapter_spec
+    attn = dataclasses.replace(model.attention, right_padded=right_padded)
     # LM head + loss chunks (sequence positions): the backend's fp32-logits budget for THIS
     # device's rows; inside the jitted step the batch axis is global, so decide it here.
     chunk = fused_ce_positions(cfg.train.per_device_train_batch_size, model.config.vocab_size, None)
@@ -119,9 +128,10 @@ def build_steps(
         deterministic=not (spec and spec.dropout > 0),
         remat=cfg.model.remat,
         scan_unroll=1 if cfg.model.scan_layers else model.config.num_hidden_layers,
+        attention=attn,
     )
     train_loss = stage.loss_fn(train_module, chunk)
-    eval_loss = stage.loss_fn(model.module(spec), chunk)
+    eval_loss = stage.loss_fn(model.module(spec, attention=attn), chunk)
 
     mesh = parts.mesh
     frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, parts.frozen)

@@ -1,0 +1,110 @@
+"""Worker for tests/test_flash_sharded.py: run in a subprocess with 4 host devices.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python3 tests/flash_sharded_worker.py \
+        KERNEL:KV_HEADS ...
+
+Mesh data=1 x fsdp=2 x tensor=2, the trainer's mesh context (`sharding.mesh_context`: the mesh
+and the flax logical rules). q/k/v are laid out as the model's projections leave them (batch
+over data+fsdp, heads over tensor when they divide). For each KERNEL (splash | pallas, Pallas
+interpreter) and KV_HEADS (4 query heads; 2 = GQA split over tensor, 1 = MQA: heads cannot be
+split, replicated over tensor) prints one JSON line: relative errors of the output and the q/k/v
+gradients against the dense XLA path (packed rows + padding), the `attention` log line (says
+whether the shard_map path ran) and the all-gathers in the compiled fwd+bwd HLO.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxlora.models import attention as A
+from jaxlora.parallel import sharding
+
+B, N, DH = 4, 4, 64
+T = {"splash": 256, "pallas": 128}
+
+
+def inputs(t: int, kv: int):
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (B, t, N, DH), jnp.float32)
+    k = jax.random.normal(ks[1], (B, t, kv, DH), jnp.float32)
+    v = jax.random.normal(ks[2], (B, t, kv, DH), jnp.float32)
+    g = jax.random.normal(ks[3], (B, t, N, DH), jnp.float32)
+    a, b = int(t * 0.3), int(t * 0.45)  # rows: 3 packed samples + padding, 2 samples, 1 sample
+    rows = [[1] * a + [2] * b + [3] * (t - a - b - 20) + [0] * 20, [1] * a + [2] * (t - a)]
+    rows += [[1] * t, [1] * (t - 40) + [0] * 40]
+    return q, k, v, g, jnp.asarray(rows, jnp.int32)
+
+
+def main(kernel: str, kv: int) -> None:
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("jaxlora.attention")
+    log.handlers, log.propagate = [handler], False
+    log.setLevel(logging.INFO)
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2)
+    t = T[kernel]
+    q, k, v, g, seg = inputs(t, kv)
+    real = (seg != 0)[:, :, None, None]  # padding rows' outputs are never used
+    spec = A.AttentionSpec(kernel, interpret=True)
+    scale = DH**-0.5
+
+    def loss(fn):
+        def f(q, k, v, seg):
+            out = fn(q, k, v, seg)
+            return jnp.sum(jnp.where(real, out.astype(jnp.float32) * g, 0.0)), out
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+
+    def kern(q, k, v, seg):
+        return A.attention(q, k, v, scale=scale, segment_ids=seg, spec=spec)
+
+    def dense(q, k, v, seg):
+        return jax.nn.dot_product_attention(q, k, v, mask=A.causal_mask(seg), scale=scale)
+
+    heads = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor" if kv % 2 == 0 else None, None))
+    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+    args = (
+        jax.device_put(q, heads),
+        jax.device_put(k, heads),
+        jax.device_put(v, heads),
+        jax.device_put(seg, rows),
+    )
+    step = jax.jit(loss(kern))
+    with sharding.mesh_context(mesh):
+        compiled = step.lower(*args).compile()
+    (_, out), grads = compiled(*args)
+    (_, want_out), want = jax.jit(loss(dense))(q, k, v, seg)
+
+    def rel(x, y) -> float:
+        x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+        return float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
+
+    hlo = compiled.as_text()
+    line = {
+        "kernel": kernel,
+        "kv_heads": kv,
+        "rel_out": rel(jnp.where(real, out, 0), jnp.where(real, want_out, 0)),
+        **{f"rel_d{n}": rel(x, y) for n, x, y in zip("qkv", grads, want, strict=True)},
+        "shard_map_logged": any("shard_map" in r for r in records),
+        "log": records,
+        "all_gathers": len(re.findall(r"\ball-gather(?:-start)?\(", hlo)),
+        "all_to_alls": len(re.findall(r"\ball-to-all\(", hlo)),
+        "out_sharding": str(out.sharding.spec),
+    }
+    print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    for case in sys.argv[1:]:
+        name, kv_heads = case.split(":")
+        main(name, int(kv_heads))
