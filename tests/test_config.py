@@ -203,7 +203,8 @@ def test_round_trip_dict_and_yaml(tmp_path: Path) -> None:
         ["lora_alpha=24", "use_rslora=true", "packing=true", "mesh.fsdp=2", "mesh.data=1"],
     )
     flat = config_to_dict(cfg)
-    assert flat["lora_rank"] == 16 and flat["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    mesh = {"data": 1, "fsdp": 2, "tensor": 1, "expert": 1}
+    assert flat["lora_rank"] == 16 and flat["mesh"] == mesh
     assert not any(isinstance(v, dict) for k, v in flat.items() if k != "mesh")
     assert config_from_dict(flat) == cfg
     out = tmp_path / "sub" / "config.yaml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 import jaxlora
 from jaxlora.errors import UserError
 from jaxlora.models.config import config_from_hf
+from jaxlora.models.moe import EXPERT_NAMES
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -171,3 +173,132 @@ def test_route_matches_transformers_routers():
         assert ref_w.dtype == (torch.float32 if case == "mixtral" else torch.bfloat16)
         np.testing.assert_array_equal(np.asarray(e), ref_e.numpy())
         np.testing.assert_allclose(np.asarray(w, np.float32), ref_w.float().numpy(), atol=1e-6)
+
+
+def _peft_grads_per_expert(pm, n_layers, e, r):
+    """PEFT's LoRA gradients in our layout. PEFT (transformers 5) converts our per-expert
+    adapter into `target_parameters` LoRAs of the fused `experts.gate_up_proj` (rank 2r, rows
+    e*2r + j of A, columns j*E + e of the block-diagonal B) and `experts.down_proj` (rank r)."""
+    out = {}
+    named = dict(pm.named_parameters())
+
+    def g(name):
+        return named[name].grad.numpy()
+
+    for i in range(n_layers):
+        stem = f"base_model.model.model.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[("self_attn", proj, "lora_a", i)] = g(
+                f"{stem}.self_attn.{proj}.lora_A.default.weight"
+            ).T
+            out[("self_attn", proj, "lora_b", i)] = g(
+                f"{stem}.self_attn.{proj}.lora_B.default.weight"
+            ).T
+        a = g(f"{stem}.mlp.experts.base_layer.lora_A.default.weight").reshape(e, 2 * r, -1)
+        b = g(f"{stem}.mlp.experts.base_layer.lora_B.default.weight")  # [2I, 2r*E]
+        f = b.shape[0] // 2
+        b = b.reshape(2 * f, 2 * r, e)
+        out[("experts", "gate", "lora_a", i)] = a[:, :r].transpose(0, 2, 1)  # [E, D, r]
+        out[("experts", "up", "lora_a", i)] = a[:, r:].transpose(0, 2, 1)
+        out[("experts", "gate", "lora_b", i)] = b[:f, :r].transpose(2, 1, 0)  # [E, r, I]
+        out[("experts", "up", "lora_b", i)] = b[f:, r:].transpose(2, 1, 0)
+        a = g(f"{stem}.mlp.experts.lora_A.default.weight").reshape(e, r, -1)
+        b = g(f"{stem}.mlp.experts.lora_B.default.weight").reshape(-1, r, e)
+        out[("experts", "down", "lora_a", i)] = a.transpose(0, 2, 1)
+        out[("experts", "down", "lora_b", i)] = b.transpose(2, 1, 0)
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_moe_lora_matches_peft(tmp_path, case):
+    """LoRA on attention and on every expert: PEFT (transformers 5) loads our adapter with the
+    same logits, one step's loss (CE + coef * aux) and gradients match PEFT's, and the merged
+    export loads in transformers with the same logits."""
+    from peft import PeftModel
+
+    from jaxlora.io.export import export_merged
+    from jaxlora.io.peft import load_peft_adapter, save_peft_adapter
+    from jaxlora.peft.lora import Adapter, LoraConfig, init_lora
+    from jaxlora.train.steps import lm_loss_fn
+
+    torch_model = save_moe(
+        tmp_path / "base", case, output_router_logits=True, router_aux_loss_coef=0.1
+    )
+    model = jaxlora.load_model(tmp_path / "base", dtype="float32")
+    r, e, n_layers = 2, 4, BASE["num_hidden_layers"]
+    lcfg = LoraConfig(
+        rank=r,
+        alpha=4.0,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
+    tree = init_lora(jax.random.key(0), model.params, lcfg)
+    # Non-zero B so the adapter changes the model and A gets a gradient.
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    tree = jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            0.3 * jax.random.normal(k, x.shape) if p[-1].key == "lora_b" else x
+            for k, (p, x) in zip(keys, leaves, strict=True)
+        ],
+    )
+    adapter = Adapter(tree, lcfg)
+    save_peft_adapter(adapter, tmp_path / "adapter")
+    back = load_peft_adapter(tmp_path / "adapter")  # our own reader round-trips it
+    for (p1, x1), (p2, x2) in zip(
+        jax.tree_util.tree_flatten_with_path(back.params)[0],
+        jax.tree_util.tree_flatten_with_path(tree)[0],
+        strict=True,
+    ):
+        assert p1 == p2
+        np.testing.assert_array_equal(np.asarray(x1), np.asarray(x2))
+
+    ids, mask = _batch()
+    ours = np.asarray(model.logits(ids, adapter, segment_ids=mask))
+    pm = PeftModel.from_pretrained(torch_model, tmp_path / "adapter", is_trainable=True).eval()
+    labels = np.where(mask == 1, ids, -100)
+    out = pm(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        labels=torch.tensor(labels),
+        output_router_logits=True,
+    )
+    valid = mask.astype(bool)
+    assert np.abs(out.logits.detach().numpy() - ours)[valid].max() <= 1e-4
+    assert np.abs(ours - np.asarray(model.logits(ids, segment_ids=mask)))[valid].max() > 1e-2
+    out.loss.backward()
+
+    module = model.module(adapter.spec)
+    loss = lm_loss_fn(module, model.config, "lora", None)
+    n_targets = float(mask[:, 1:].sum())
+    batch = {
+        "input_ids": jnp.asarray(ids, jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape),
+        "segment_ids": jnp.asarray(mask, jnp.int32),
+        "loss_mask": jnp.asarray(mask, jnp.int32),
+        "loss_scale": jnp.float32(1.0 / n_targets),
+    }
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
+        tree, model.params, batch, jax.random.key(0)
+    )
+    assert abs(float(value) - out.loss.item()) <= 1e-5
+    assert abs(float(aux[2]["moe/aux_loss"]) - out.aux_loss.item()) <= 1e-6
+    ref = _peft_grads_per_expert(pm, n_layers, e, r)
+    block = "block_sparse_moe" if case == "mixtral" else "mlp"
+    names = dict(zip(("gate", "up", "down"), EXPERT_NAMES[case], strict=True))
+    worst = 0.0
+    for (where, proj, kind, i), want in ref.items():
+        if where == "self_attn":
+            got = grads["layers"]["self_attn"][proj][kind][i]
+        else:
+            got = grads["layers"][block]["experts"][names[proj]][kind][i]
+        worst = max(worst, float(np.abs(np.asarray(got) - want).max()))
+    assert worst <= 1e-4, worst
+    assert max(float(np.abs(v).max()) for v in ref.values()) > 1e-3  # gradients are not all 0
+
+    # Merged export: transformers loads it and gives the adapted logits.
+    export_merged(tmp_path / "base", tmp_path / "merged", adapter=adapter)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    assert np.abs(got.numpy() - ours)[valid].max() <= 1e-4

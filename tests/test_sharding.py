@@ -71,7 +71,7 @@ def test_make_mesh_single_device_error():
 
     n = jax.device_count()
     mesh = make_mesh()
-    assert dict(mesh.shape) == {"data": n, "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": n, "fsdp": 1, "expert": 1, "tensor": 1}
     with pytest.raises(UserError, match="devices"):
         make_mesh(data=n + 1)
 
@@ -148,7 +148,7 @@ def test_param_and_state_specs_follow_rules(results, mesh):
 
 def test_batch_and_special_cases(results):
     x = results["extra"]
-    assert x["batch_specs"]["input_ids"] == "P(('data', 'fsdp'), None)"
+    assert x["batch_specs"]["input_ids"] == "P(('data', 'fsdp', 'expert'), None)"
     assert x["batch_specs"]["loss_scale"] == "P()"
     assert x["batch_shard_rows"] == 2  # 8 rows over data x fsdp = 4
     assert x["bad_batch_error"].startswith("batch['input_ids'] has 6 rows")

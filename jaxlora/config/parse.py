@@ -59,7 +59,9 @@ _IGNORED_BY_REASON: dict[str, tuple[str, ...]] = {
     "no torch.distributed; multi-host runs use jax.distributed": (
         "ddp_timeout", "ddp_backend", "ddp_find_unused_parameters",
     ),
-    "sharding is set with `mesh: {data, fsdp, tensor}`": ("deepspeed", "fsdp", "fsdp_config"),
+    "sharding is set with `mesh: {data, fsdp, expert, tensor}`": (
+        "deepspeed", "fsdp", "fsdp_config",
+    ),
     "TensorBoard events and metrics.jsonl are always written under output_dir": (
         "report_to", "logging_dir", "run_name", "use_swanlab",
     ),

@@ -86,6 +86,10 @@ class ModelArgs:
     chat_template: str | None = None  # a Jinja chat template string
     quantization_bit: int | None = None  # 4 (NF4) or 8 (int8) frozen base = QLoRA
     quantization_type: str = "nf4"
+    # Mixture-of-experts models: add this * the router load-balancing loss to the training loss
+    # (overrides the checkpoint's router_aux_loss_coef; None = the checkpoint's
+    # output_router_logits decides, as in transformers). LLaMA-Factory's key.
+    moe_aux_loss_coef: float | None = None
     double_quantization: bool = True
     remat: str = "none"
     scan_layers: bool = True
@@ -225,6 +229,7 @@ class MeshArgs:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1  # expert parallelism: splits MoE experts (and, elsewhere, batch rows)
 
 
 @dataclass(frozen=True)

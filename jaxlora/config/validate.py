@@ -97,7 +97,8 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:  # key -> file 
              f"{t.max_steps}")  # fmt: skip
     if t.max_steps == -1 and t.num_train_epochs <= 0:
         fail(["num_train_epochs"], f"`num_train_epochs` must be > 0; got {t.num_train_epochs}")
-    axes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    mesh = cfg.mesh
+    axes = {"data": mesh.data, "fsdp": mesh.fsdp, "expert": mesh.expert, "tensor": mesh.tensor}
     for axis, size in axes.items():
         if size != -1 and size < 1:
             fail(

@@ -23,6 +23,7 @@ from jaxlora.io.bottleneck import write_bottleneck_files
 from jaxlora.io.hf import abstract_params
 from jaxlora.io.peft import check_adapter_fits, write_peft_files
 from jaxlora.io.peft_prompt import write_prompt_files
+from jaxlora.models.moe import MOE_MODEL_TYPES
 from jaxlora.peft.bottleneck import BottleneckAdapter
 from jaxlora.peft.lora import Adapter, merge
 from jaxlora.peft.prompt import PromptAdapter
@@ -195,6 +196,12 @@ def export_gguf(
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--gguf-type {gguf_type!r}: use one of {', '.join(GGUF_TYPES)}")
     base_dir = Path(base_dir)
+    model_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
+    if model_type in MOE_MODEL_TYPES:
+        raise UserError(
+            f"GGUF export of mixture-of-experts models ({model_type}) is not supported; use "
+            "`jaxlora export RUN --out DIR --merged` and llama.cpp's convert_hf_to_gguf.py"
+        )
     params, cfg, _raw = _merged(base_dir, adapter, params)
     template = chat_template or getattr(tokenizer, "chat_template", None)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

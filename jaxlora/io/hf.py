@@ -27,7 +27,6 @@ from jaxlora.errors import UserError
 from jaxlora.io import placement
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.llama import Decoder
-from jaxlora.models.moe import MIXTRAL_EXPERT_NAMES
 
 SUFFIX = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -44,7 +43,7 @@ def abstract_params(cfg: ModelConfig, dtype: Any = jnp.float32) -> tuple[dict, d
 
 def is_expert_leaf(path: tuple[str, ...]) -> bool:
     """A leaf stacked over layers AND experts ([L, E, ...]): one HF tensor per (layer, expert)."""
-    return path[:3] == ("layers", "mlp", "experts")
+    return len(path) > 3 and path[0] == "layers" and path[2] == "experts"
 
 
 def hf_names(path: tuple[str, ...], num_layers: int, cfg: ModelConfig | None = None) -> list[str]:
@@ -58,13 +57,9 @@ def hf_names(path: tuple[str, ...], num_layers: int, cfg: ModelConfig | None = N
         return [f"lm_head.{suffix}"]
     if path[0] == "layers":
         mid = ".".join(path[1:-1])
-        mixtral = cfg is not None and cfg.model_type == "mixtral"
-        if mixtral and path[1] == "mlp":  # Mixtral's checkpoint: block_sparse_moe.{gate,experts}
-            mid = "block_sparse_moe." + ".".join(path[2:-1])
-        if is_expert_leaf(path):
+        if is_expert_leaf(path):  # layers/<block>/experts/<proj>/kernel
             assert cfg is not None, "expert leaves need the model config"
-            proj = MIXTRAL_EXPERT_NAMES[path[3]] if mixtral else path[3]
-            block = "block_sparse_moe" if mixtral else "mlp"
+            block, proj = path[1], path[3]
             return [
                 f"model.layers.{i}.{block}.experts.{e}.{proj}.{suffix}"
                 for i in range(num_layers)

@@ -7,6 +7,18 @@ and adapters made by PEFT load here. Key layout (PEFT strips the adapter name wh
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight      [out, r]
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector   [out]  (DoRA)
 
+Mixture-of-experts models (Qwen3-MoE, Mixtral) have one LoRA per expert, named per expert as in
+the checkpoint (the transformers 4 module layout):
+
+    base_model.model.model.layers.{i}.mlp.experts.{e}.gate_proj.lora_A.weight          (Qwen3-MoE)
+    base_model.model.model.layers.{i}.block_sparse_moe.experts.{e}.w1.lora_A.weight    (Mixtral)
+
+PEFT >= 0.19 on transformers 5 (whose experts are fused 3-D parameters) converts these on load
+into its `target_parameters` LoRA of `experts.gate_up_proj` / `experts.down_proj`
+(`peft.utils.transformers_weight_conversion`: gate and up become one rank-2r LoRA with a
+block-diagonal B, alpha doubled), which computes the same function; older transformers load
+them as they are.
+
 rsLoRA and DoRA are plain config flags (`use_rslora`, `use_dora`). PiSSA adapters are exported
 already converted to a LoRA on the original base (`jaxlora.peft.lora.pissa_to_lora`), so their
 config says `init_lora_weights: true`. PEFT adapters saved WITHOUT that conversion (init "pissa",
@@ -34,25 +46,42 @@ from jaxlora.io.bottleneck import (
 )
 from jaxlora.io.peft_prompt import is_prompt_adapter, load_prompt_adapter
 from jaxlora.peft.bottleneck import BottleneckAdapter
-from jaxlora.peft.lora import LINEAR_MODULES, Adapter, LoraConfig, iter_modules, set_path
+from jaxlora.peft.lora import (
+    LINEAR_MODULES,
+    Adapter,
+    LoraConfig,
+    adapter_targets,
+    iter_modules,
+    set_path,
+)
 from jaxlora.peft.prompt import PromptAdapter
 
 PREFIX = "base_model.model.model.layers"
 # PEFT inits that replace the base weights (the adapter is relative to the rewritten base).
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp|block_sparse_moe)\."
+    r"(?:experts\.(\d+)\.)?(\w+)\."
     r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
 )
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
 def adapter_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     """PEFT-named fp32 tensors of an adapter."""
     out = {}
     for path, node in iter_modules(adapter.params):
-        _, block, module = path
         a = np.asarray(jax.device_get(node["lora_a"]), np.float32)  # [L, in, r]
         b = np.asarray(jax.device_get(node["lora_b"]), np.float32)  # [L, r, out]
+        if len(path) == 4:  # MoE experts, layers/<block>/experts/<proj>: [L, E, in, r], ...
+            _, block, _, module = path
+            for i in range(a.shape[0]):
+                for e in range(a.shape[1]):
+                    stem = f"{PREFIX}.{i}.{block}.experts.{e}.{module}"
+                    out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i, e].T)
+                    out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i, e].T)
+            continue
+        _, block, module = path
         mag = node.get("magnitude")
         mag = None if mag is None else np.asarray(jax.device_get(mag), np.float32)
         for i in range(a.shape[0]):
@@ -157,36 +186,47 @@ def load_peft_adapter(path: str | Path) -> Adapter | PromptAdapter:
                 "(save the adapter with safe_serialization=True)"
             )
         raise UserError(f"{d}: adapter_model.safetensors not found")
-    per_layer: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
+    # (block, expert?, module, kind) -> {(layer, expert) or (layer,): tensor}
+    per_layer: dict[tuple[str, bool, str, str], dict[tuple[int, ...], np.ndarray]] = {}
     with safe_open(str(weights), framework="numpy") as f:
         for key in f.keys():
             m = KEY_RE.match(key.replace(".default", ""))
             if m is None:
                 raise UserError(f"{weights}: unsupported adapter tensor {key!r}")
-            layer, block, module, kind = m.groups()
-            if module not in LINEAR_MODULES:
+            layer, block, expert, module, kind = m.groups()
+            known = EXPERT_PROJS if expert is not None else LINEAR_MODULES
+            if module not in known:
                 raise UserError(f"{weights}: adapter on unsupported module {module!r}")
             kind = kind.split(".")[0]
-            per_layer.setdefault((block, module, kind), {})[int(layer)] = f.get_tensor(key)
+            if expert is not None and kind != "lora_A" and kind != "lora_B":
+                raise UserError(f"{weights}: DoRA on MoE experts is not supported ({key})")
+            idx = (int(layer),) if expert is None else (int(layer), int(expert))
+            per_layer.setdefault((block, expert is not None, module, kind), {})[idx] = f.get_tensor(
+                key
+            )
     params: dict = {}
-    for (block, module, kind), layers in per_layer.items():
-        n = max(layers) + 1
-        if sorted(layers) != list(range(n)):
-            raise UserError(f"{weights}: {module} adapter is not present on every layer")
-        stacked = np.stack([layers[i] for i in range(n)]).astype(np.float32)
+    for (block, is_expert, module, kind), parts in per_layer.items():
+        grid = tuple(max(ix[d] for ix in parts) + 1 for d in range(len(next(iter(parts)))))
+        if len(parts) != int(np.prod(grid)):
+            what = "layer and expert" if is_expert else "layer"
+            raise UserError(f"{weights}: {module} adapter is not present on every {what}")
+        first = next(iter(parts.values()))
+        stacked = np.stack([parts[ix] for ix in np.ndindex(*grid)]).astype(np.float32)
+        stacked = stacked.reshape(*grid, *first.shape)
         if kind == "lora_A":
-            name, value = "lora_a", stacked.transpose(0, 2, 1)  # [L, in, r]
+            name, value = "lora_a", np.swapaxes(stacked, -1, -2)  # [L(, E), in, r]
         elif kind == "lora_B":
-            name, value = "lora_b", stacked.transpose(0, 2, 1)  # [L, r, out]
+            name, value = "lora_b", np.swapaxes(stacked, -1, -2)  # [L(, E), r, out]
         else:
-            name, value = "magnitude", stacked.reshape(n, -1)  # [L, out]
-        params = set_path(params, ("layers", block, module, name), jax.numpy.asarray(value))
+            name, value = "magnitude", stacked.reshape(grid[0], -1)  # [L, out]
+        path = ("layers", block, "experts", module) if is_expert else ("layers", block, module)
+        params = set_path(params, (*path, name), jax.numpy.asarray(value))
     rank = int(raw["r"])
     config = LoraConfig(
         rank=rank,
         alpha=float(raw.get("lora_alpha", rank)),
         dropout=float(raw.get("lora_dropout", 0.0)),
-        targets=tuple(m for m in LINEAR_MODULES if any(k[1] == m for k in per_layer)),
+        targets=adapter_targets(params),
         use_rslora=bool(raw.get("use_rslora", False)),
         use_dora=bool(raw.get("use_dora", False)),
     )
@@ -197,7 +237,7 @@ def check_adapter_fits(
     adapter: Adapter | PromptAdapter, params: dict, source: str = "adapter"
 ) -> None:
     """Raise a UserError naming the module when adapter and base shapes disagree."""
-    from jaxlora.peft.lora import get_path, kernel_dims
+    from jaxlora.peft.lora import get_path, kernel_dims, kernel_shape
 
     if isinstance(adapter, BottleneckAdapter):
         check_bottleneck_fits(adapter, params, source)
@@ -219,11 +259,18 @@ def check_adapter_fits(
         return
 
     for path, node in iter_modules(adapter.params):
-        n_layers, d_in, d_out = kernel_dims(get_path(params, path)["kernel"])
+        try:
+            shape = kernel_shape(get_path(params, path)["kernel"])
+        except KeyError:
+            raise UserError(
+                f"{source}: the adapter targets {'.'.join(path[1:])}, which the base model does "
+                "not have; was it trained on a different base model?"
+            ) from None
         a, b = node["lora_a"].shape, node["lora_b"].shape
-        if a[0] != n_layers or a[1] != d_in or b[2] != d_out:
+        lead, d_in, d_out = shape[:-2], shape[-2], shape[-1]  # lead: [L] or [L, E]
+        if tuple(a[:-2]) != lead or a[-2] != d_in or b[-1] != d_out:
             raise UserError(
                 f"{source}: {'.'.join(path[1:])} adapter has shape A{list(a)} B{list(b)} but the "
-                f"base model has {n_layers} layers with [{d_in} -> {d_out}]; was it trained on "
+                f"base model has {list(lead)} x [{d_in} -> {d_out}]; was it trained on "
                 "a different base model?"
             )

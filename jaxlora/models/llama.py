@@ -30,7 +30,7 @@ from jaxlora.models import prompt as vt
 from jaxlora.models.attention import AttentionSpec, attention, causal_mask
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import BOTTLENECK_ACTS, AdapterSpec, Linear
-from jaxlora.models.moe import SparseMoe, aux_loss
+from jaxlora.models.moe import MOE_BLOCK, SparseMoe, aux_loss
 
 BOTTLENECK = "adapter"  # variable collection of bottleneck adapters (per layer, scanned)
 
@@ -264,7 +264,7 @@ class DecoderLayer(nn.Module):
         stats = None  # MoE: [2, E] router statistics of this layer (scan output)
         if cfg.num_experts:
             mask = jnp.ones(h.shape[:2], bool) if segment_ids is None else segment_ids != 0
-            h, stats = SparseMoe(**sub, name="mlp")(h, mask)
+            h, stats = SparseMoe(**sub, name=MOE_BLOCK[cfg.model_type])(h, mask)
         else:
             h = MLP(**sub, name="mlp")(h)
         if cfg.sandwich_norms:

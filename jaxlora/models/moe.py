@@ -14,12 +14,14 @@ Routing follows transformers 5 exactly (`Qwen3MoeTopKRouter`, `MixtralTopKRouter
     y      = sum_j w_j * down_e(silu(gate_e(h)) * up_e(h))     over the k chosen experts e
 
 Experts are stacked weights, kernels [E, in, out] (transposes of HF's per-expert [out, in]
-`experts.{e}.gate_proj.weight` / Mixtral's `w1`/`w3`/`w2`). The k copies of every token are
-sorted by expert and each projection is ONE grouped matmul, `jax.lax.ragged_dot` (group sizes =
-tokens per expert): no Python loop over experts and no E-fold dense compute. Its gradient works
-on CPU in JAX 0.10.2 and 0.12 (checked against per-expert matmuls), so no dense dispatch einsum
-is needed. Nothing is dropped (no capacity factor), as in transformers, so tokens never interact
-and a packed row routes exactly as each sample alone.
+`mlp.experts.{e}.gate_proj.weight` / Mixtral's `block_sparse_moe.experts.{e}.w1.weight`; the
+param tree uses the checkpoint's module names, `EXPERT_NAMES` / `MOE_BLOCK`). The k copies of
+every token are sorted by expert and each projection is ONE grouped matmul,
+`jax.lax.ragged_dot` (group sizes = tokens per expert): no Python loop over experts and no
+E-fold dense compute. Its gradient works on CPU in JAX 0.10.2 and 0.12 (checked against
+per-expert matmuls), so no dense dispatch einsum is needed. Nothing is dropped (no capacity
+factor), as in transformers, so tokens never interact and a packed row routes exactly as each
+sample alone.
 
 LoRA on experts ("lora" collection, same paths): per expert A [E, in, r] and B [E, r, out],
 applied with the same ragged matmuls; PEFT names them per expert (see `jaxlora.io.peft`).
@@ -42,8 +44,10 @@ from jaxlora.models import quant
 from jaxlora.models.linear import AdapterSpec, Linear
 
 MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
-# Our expert projection names -> Mixtral's checkpoint names (Qwen3-MoE uses ours).
-MIXTRAL_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+# Module names mirror the checkpoints: Qwen3-MoE `mlp.experts.{e}.{gate,up,down}_proj`,
+# Mixtral `block_sparse_moe.experts.{e}.{w1,w3,w2}` (gate, up, down).
+EXPERT_NAMES = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
+MOE_BLOCK = {"qwen3_moe": "mlp", "mixtral": "block_sparse_moe"}
 
 
 def moe_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -196,7 +200,8 @@ class SparseMoe(nn.Module):
             adapter=self.adapter,
             deterministic=self.deterministic,
         )
-        experts = ExpertsBlock(**kw, features=f, hidden=d, name="experts")
+        names = EXPERT_NAMES[cfg.model_type]
+        experts = ExpertsBlock(**kw, features=f, hidden=d, names=names, name="experts")
         ys = experts(xs, sizes)  # [N*k, D]
         w = jnp.take(top_w.reshape(-1), order)  # [N*k]
         ys = (ys * w[:, None]).astype(self.dtype)  # Mixtral: fp32 weights, cast back (as HF)
@@ -205,11 +210,12 @@ class SparseMoe(nn.Module):
 
 
 class ExpertsBlock(nn.Module):
-    """The E SwiGLU experts (`mlp.experts`): gate_proj, up_proj, down_proj as `ExpertLinear`."""
+    """The E SwiGLU experts (`experts`): gate, up and down projections as `ExpertLinear`."""
 
     num_experts: int
     features: int
     hidden: int
+    names: tuple[str, str, str]  # gate, up, down module names (`EXPERT_NAMES`)
     dtype: Any
     param_dtype: Any
     adapter: AdapterSpec | None
@@ -225,9 +231,10 @@ class ExpertsBlock(nn.Module):
             deterministic=self.deterministic,
         )
         up_axes = ("expert", "embed", "mlp")
-        gate = ExpertLinear(features=self.features, kernel_axes=up_axes, name="gate_proj", **kw)
-        up = ExpertLinear(features=self.features, kernel_axes=up_axes, name="up_proj", **kw)
+        g, u, dn = self.names
+        gate = ExpertLinear(features=self.features, kernel_axes=up_axes, name=g, **kw)
+        up = ExpertLinear(features=self.features, kernel_axes=up_axes, name=u, **kw)
         down_axes = ("expert", "mlp", "embed")
-        down = ExpertLinear(features=self.hidden, kernel_axes=down_axes, name="down_proj", **kw)
+        down = ExpertLinear(features=self.hidden, kernel_axes=down_axes, name=dn, **kw)
         hs = jax.nn.silu(gate(xs, sizes)) * up(xs, sizes)  # [N*k, F]
         return down(hs, sizes)  # [N*k, D]

@@ -2,11 +2,11 @@
 
 Why this file exists: the trainer never branches on the number of devices. Every param carries
 logical axis names (`nn.with_logical_partitioning` in the model: "vocab", "embed", "q_heads",
-"kv_heads", "mlp", "norm", scan axis "layers"); ONE table, `LOGICAL_RULES`, maps them to the mesh
-axes ("data", "fsdp", "tensor"). From that table this module derives the sharding of the frozen
-base, the adapter, the optimiser state and the batch; `jaxlora.train.step_setup` turns them into the
-`in_shardings`/`out_shardings` of the jitted steps (the pjit model: `jax.jit` partitions the step,
-XLA inserts collectives).
+"kv_heads", "mlp", "norm", "expert", scan axis "layers"); ONE table, `LOGICAL_RULES`, maps them to
+the mesh axes ("data", "fsdp", "expert", "tensor"). From that table this module derives the
+sharding of the frozen base, the adapter, the optimiser state and the batch;
+`jaxlora.train.step_setup` turns them into the `in_shardings`/`out_shardings` of the jitted steps
+(the pjit model: `jax.jit` partitions the step, XLA inserts collectives).
 
 Divisibility rule (per leaf, deterministic): a dimension is sharded over its mesh axes only when
 its size is divisible by the product of their sizes; otherwise trailing mesh axes of that rule are
@@ -33,8 +33,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlora.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # batch rows are split over both; "tensor" replicas see the same rows
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Batch rows are split over data, fsdp and expert; "tensor" replicas see the same rows. The
+# "expert" axis (expert parallelism) splits the stacked MoE experts [E, ...] of every layer; outside
+# the experts it is one more data-parallel axis. XLA partitions the ragged expert matmuls and
+# inserts the collectives that bring tokens and their experts together.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical axis name -> mesh axis (or axes, major first), in priority order. The order matters for
 # flax activation constraints: ("batch", "length", "embed") gets batch -> (data, fsdp) first, so
@@ -46,6 +50,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("q_heads", "tensor"),  # Megatron-style: column-parallel q/k/v/gate/up, row-parallel o/down
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("expert", "expert"),  # the experts axis of MoE kernels [L, E, in, out]
     ("layers", None),  # scan axis: every device holds all layers' slices
     ("norm", None),
     ("length", None),
@@ -82,28 +87,36 @@ def _resolve_mesh_shape(sizes: dict[str, int], n_devices: int) -> tuple[int, ...
     total = math.prod(sizes.values())
     if total != n_devices:
         raise UserError(
-            f"mesh: data x fsdp x tensor = {' x '.join(str(v) for v in sizes.values())} = {total}, "
+            f"mesh: {' x '.join(sizes)} = {' x '.join(str(v) for v in sizes.values())} = {total}, "
             f"but there are {n_devices} devices; make the product {n_devices} or set one axis "
             "to -1"
         )
-    return tuple(int(sizes[a]) for a in MESH_AXES)
+    return tuple(int(sizes[a]) for a in MESH_AXES if a in sizes)
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence | None = None,
+    expert: int = 1,
 ) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all), every axis `Auto`.
+    """A ("data", "fsdp", "expert", "tensor") mesh over `devices` (default: all), every axis
+    `Auto`.
 
     -1 means "the remaining devices". Axis types are passed explicitly because `jax.make_mesh`
     defaults to `Explicit` axes in JAX 0.12, under which flax linen matmuls with a sharded
     contracting dimension fail to type-check.
     """
     devs = list(jax.devices() if devices is None else devices)
-    shape = _resolve_mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devs))
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    shape = _resolve_mesh_shape(sizes, len(devs))
     axis_type = getattr(jax.sharding, "AxisType", None)
     if axis_type is not None:
         try:
-            return jax.make_mesh(shape, MESH_AXES, axis_types=(axis_type.Auto,) * 3, devices=devs)
+            return jax.make_mesh(
+                shape, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES), devices=devs
+            )
         except TypeError:  # a jax.make_mesh without axis_types / devices keywords
             pass
     from jax.experimental import mesh_utils
@@ -323,7 +336,7 @@ def init_train_state(
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[B, T] arrays: rows over data x fsdp, tokens whole (replicated over tensor)."""
+    """[B, T] arrays: rows over data x fsdp x expert, tokens whole (replicated over tensor)."""
     return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
@@ -339,7 +352,7 @@ def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedShar
 
 
 def batch_shards(mesh: Mesh) -> int:
-    """How many ways a global batch's rows are split (data x fsdp)."""
+    """How many ways a global batch's rows are split (data x fsdp x expert)."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
@@ -366,7 +379,8 @@ def host_batch_slice(mesh: Mesh, global_batch_size: int, process_index: int | No
     shards = batch_shards(mesh)
     if global_batch_size % shards:
         raise UserError(
-            f"global batch size {global_batch_size} is not divisible by data x fsdp = {shards} "
+            f"global batch size {global_batch_size} is not divisible by data x fsdp x expert = "
+            f"{shards} "
             f"(mesh {dict(mesh.shape)}); choose a multiple of {shards}"
         )
     pid = jax.process_index() if process_index is None else process_index
@@ -387,8 +401,8 @@ def host_batch_slice(mesh: Mesh, global_batch_size: int, process_index: int | No
 def put_batch(mesh: Mesh, host_batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Global batch arrays from this host's rows (`host_batch_slice` of the global batch).
 
-    Arrays get rows split over data x fsdp; 0-d entries (loss_scale) must be equal on every host
-    and are replicated. On one process the host batch is the whole batch.
+    Arrays get rows split over data x fsdp x expert; 0-d entries (loss_scale) must be equal on
+    every host and are replicated. On one process the host batch is the whole batch.
     """
     n_hosts = len({d.process_index for d in mesh.devices.flat})
     blocks = _local_batch_blocks(mesh)  # distinct row blocks this host's devices hold
@@ -402,7 +416,8 @@ def put_batch(mesh: Mesh, host_batch: Mapping[str, Any]) -> dict[str, jax.Array]
         if arr.shape[0] % blocks:
             raise UserError(
                 f"batch[{key!r}] has {arr.shape[0]} rows on this host, not divisible by the "
-                f"{blocks} batch shard(s) it holds (data x fsdp = {batch_shards(mesh)} over "
+                f"{blocks} batch shard(s) it holds (data x fsdp x expert = {batch_shards(mesh)} "
+                "over "
                 f"{n_hosts} host(s)); make the global batch a multiple of {batch_shards(mesh)}"
             )
         out[key] = jax.make_array_from_process_local_data(sharding, arr)

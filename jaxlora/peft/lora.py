@@ -39,6 +39,49 @@ LINEAR_MODULES: dict[str, tuple[str, ...]] = {
     "down_proj": ("layers", "mlp", "down_proj"),
 }
 INITS = ("kaiming", "gaussian", "pissa")
+# Mixture of experts: the MLP targets are the stacked experts (kernels [L, E, in, out]; adapters
+# A [L, E, in, r], B [L, E, r, out], one LoRA per expert). Mixtral's w1/w3/w2 are its gate/up/
+# down projections, so `gate_proj` etc. (or `w1` etc.) target them.
+EXPERT_MODULES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "gate_proj": (
+        ("layers", "mlp", "experts", "gate_proj"),
+        ("layers", "block_sparse_moe", "experts", "w1"),
+    ),
+    "up_proj": (
+        ("layers", "mlp", "experts", "up_proj"),
+        ("layers", "block_sparse_moe", "experts", "w3"),
+    ),
+    "down_proj": (
+        ("layers", "mlp", "experts", "down_proj"),
+        ("layers", "block_sparse_moe", "experts", "w2"),
+    ),
+}
+TARGET_ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's names
+
+
+def candidate_paths(name: str) -> tuple[tuple[str, ...], ...]:
+    """Every param-tree path the target `name` may have (dense MLP first, then experts)."""
+    return (LINEAR_MODULES[name], *EXPERT_MODULES.get(name, ()))
+
+
+def _has_path(tree: dict, path: tuple[str, ...]) -> bool:
+    for k in path:
+        if not isinstance(tree, dict) or k not in tree:
+            return False
+        tree = tree[k]
+    return True
+
+
+def module_path(params: dict, name: str) -> tuple[str, ...]:
+    """The path of target `name`'s module in this model's param tree."""
+    for path in candidate_paths(name):
+        if _has_path(params, path):
+            return path
+    raise UserError(f"lora_target: this model has no {name!r} module")
+
+
+def is_expert_path(path: tuple[str, ...]) -> bool:
+    return len(path) > 2 and path[2] == "experts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +121,7 @@ class Adapter:
 def parse_targets(target: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """`all` or a comma list of HF module names -> validated tuple (in canonical order)."""
     names = target.split(",") if isinstance(target, str) else list(target)
-    names = [n.strip() for n in names if n.strip()]
+    names = [TARGET_ALIASES.get(n.strip(), n.strip()) for n in names if n.strip()]
     if names == ["all"]:
         return tuple(LINEAR_MODULES)
     for n in names:
@@ -86,7 +129,7 @@ def parse_targets(target: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
             raise UserError(
                 f"lora_target: unknown module {n!r}{did_you_mean(n, LINEAR_MODULES)}; valid: "
                 + ", ".join(LINEAR_MODULES)
-                + " or all"
+                + " (Mixtral: w1, w3, w2 = gate_proj, up_proj, down_proj) or all"
             )
     if not names:
         raise UserError("lora_target is empty; use `all` or a comma list such as q_proj,v_proj")
@@ -124,7 +167,7 @@ def kernel_shape(kernel: Any) -> tuple[int, ...]:
 
 
 def kernel_dims(kernel: Any) -> tuple[int, int, int]:
-    """(num_layers, in, out) of a stacked kernel, quantised or not."""
+    """(num_layers, in, out) of a stacked kernel, quantised or not (experts: [L, E, in, out])."""
     shape = kernel_shape(kernel)
     return shape[0], shape[-2], shape[-1]
 
@@ -143,18 +186,25 @@ def init_lora(key: jax.Array, params: dict, cfg: LoraConfig) -> dict:
         raise ValueError("PiSSA changes the base weights; call init_pissa(key, params, cfg)")
     adapter: dict = {}
     for i, name in enumerate(cfg.targets):
-        path = LINEAR_MODULES[name]
+        path = module_path(params, name)
+        if is_expert_path(path) and (cfg.use_dora or cfg.dropout > 0.0):
+            raise UserError(
+                f"lora_target {name}: LoRA on MoE experts takes neither use_dora nor lora_dropout "
+                "(PEFT's expert-parameter LoRA refuses both); set lora_dropout: 0 / use_dora: "
+                "false or target only q_proj,k_proj,v_proj,o_proj"
+            )
         kernel = get_path(params, path)["kernel"]
-        n_layers, d_in, d_out = kernel_dims(kernel)
+        shape = kernel_shape(kernel)
+        lead, d_in, d_out = shape[:-2], shape[-2], shape[-1]  # lead: [L] or [L, E]
         k = jax.random.fold_in(key, i)
         if cfg.init == "gaussian":
             # PEFT init_lora_weights="gaussian": normal(std = 1 / r) on lora_A.
-            a = jax.random.normal(k, (n_layers, d_in, cfg.rank), jnp.float32) / cfg.rank
+            a = jax.random.normal(k, (*lead, d_in, cfg.rank), jnp.float32) / cfg.rank
         else:
             # PEFT: kaiming_uniform_(a=sqrt(5)) on lora_A [r, in] -> U(-1/sqrt(in), 1/sqrt(in)).
             bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(k, (n_layers, d_in, cfg.rank), jnp.float32, -bound, bound)
-        node = {"lora_a": a, "lora_b": jnp.zeros((n_layers, cfg.rank, d_out), jnp.float32)}
+            a = jax.random.uniform(k, (*lead, d_in, cfg.rank), jnp.float32, -bound, bound)
+        node = {"lora_a": a, "lora_b": jnp.zeros((*lead, cfg.rank, d_out), jnp.float32)}
         if cfg.use_dora:
             node["magnitude"] = dora_magnitude(kernel, node["lora_a"], node["lora_b"], cfg.scale)
         adapter = set_path(adapter, path, node)
@@ -265,7 +315,12 @@ def init_pissa(key: jax.Array, params: dict, cfg: LoraConfig, niter: int = 0) ->
     """
     adapter, new_params = {}, params
     for i, name in enumerate(cfg.targets):
-        path = LINEAR_MODULES[name]
+        path = module_path(params, name)
+        if is_expert_path(path):
+            raise UserError(
+                f"pissa_init: PiSSA on MoE experts ({name}) is not supported; target only "
+                "q_proj,k_proj,v_proj,o_proj or use the default init"
+            )
         kernel = get_path(params, path)["kernel"]
         n_layers, d_in, d_out = kernel_dims(kernel)
         if cfg.rank > min(d_in, d_out):
@@ -319,7 +374,7 @@ def merge(params: dict, adapter: Adapter) -> dict:
         base = get_path(params, path)["kernel"]
         w = dense_kernel(base)
         a, b = node["lora_a"].astype(jnp.float32), node["lora_b"].astype(jnp.float32)
-        merged = w + s * jnp.einsum("lir,lro->lio", a, b)
+        merged = w + s * jnp.einsum("...ir,...ro->...io", a, b)
         if "magnitude" in node:
             # PEFT merge: the norm is taken of the merged weight W + s·A·B (per output column).
             norm = jnp.sqrt(jnp.sum(merged * merged, axis=-2, keepdims=True))
@@ -331,18 +386,15 @@ def merge(params: dict, adapter: Adapter) -> dict:
 
 def iter_modules(adapter_params: dict):
     """Yield (module path, {lora_a, lora_b[, magnitude]}) for every adapted module."""
-    for _name, path in LINEAR_MODULES.items():
-        try:
-            node = get_path(adapter_params, path)
-        except KeyError:
-            continue
-        yield path, node
+    for name in LINEAR_MODULES:
+        for path in candidate_paths(name):
+            if _has_path(adapter_params, path):
+                yield path, get_path(adapter_params, path)
 
 
 def adapter_targets(adapter_params: dict) -> tuple[str, ...]:
-    return tuple(
-        n for n, p in LINEAR_MODULES.items() if any(p == q for q, _ in iter_modules(adapter_params))
-    )
+    found = {q for q, _ in iter_modules(adapter_params)}
+    return tuple(n for n in LINEAR_MODULES if any(p in found for p in candidate_paths(n)))
 
 
 def num_params(tree: Any) -> int:

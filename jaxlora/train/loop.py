@@ -171,6 +171,7 @@ def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], Non
                             "grad_norm_sum": d["grad_norm"] if last else 0.0,
                             "n": 1.0 if last else 0.0,
                             **{f"sum/{x}": v for x, v in d.items() if x.startswith("pref/")},
+                            **{x: v for x, v in d.items() if x.startswith("moe/")},
                         }
                     )
                 pending = []
@@ -184,6 +185,8 @@ def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], Non
                     "train/tokens_per_s": tok_window / max(dt, 1e-9),
                     "train/epoch": m / batches.steps_per_epoch,
                 }
+                if s.get("moe/batches"):  # router load-balancing loss, mean per micro-batch
+                    scalars["train/aux_loss"] = s["moe/aux_loss"] / s["moe/batches"]
                 # Stage metrics (DPO, KTO) arrive as sums over rows plus "pref/count[/group]".
                 stage_sums = {x[4:]: v for x, v in s.items() if x.startswith("sum/")}
                 for x, v in preference_means(stage_sums).items():

@@ -417,6 +417,11 @@ def load_base_model(
             transform_shardings=quant_shardings,
         )
     model.attention = attention_spec(cfg)
+    coef = cfg.model.moe_aux_loss_coef
+    if coef is not None and model.config.num_experts:
+        model.config = dataclasses.replace(
+            model.config, router_aux_loss_coef=float(coef), output_router_logits=True
+        )
     return model
 
 

@@ -68,7 +68,7 @@ def compute_dtypes(cfg: Config) -> tuple[Any, Any]:
 
 def make_mesh(cfg: Config) -> Any:
     m = cfg.mesh
-    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert)
 
 
 def load_placed(cfg: Config, model_path: Path, mesh: Any, dtype: Any) -> tuple[Model, Any]:

@@ -61,6 +61,8 @@ class Run:
             result["eval/perplexity"] = math.exp(min(loss, 50.0))
         for k, v in preference_means(sums).items():
             result["eval/" + k] = v
+        if sums.get("moe/batches"):  # router load-balancing loss, mean per batch
+            result["eval/aux_loss"] = sums["moe/aux_loss"] / sums["moe/batches"]
         return result
 
     def sample_generations(self, state: dict, n: int, max_new_tokens: int = 64) -> str | None:

@@ -45,18 +45,27 @@ def merge_trees(base: dict, update: dict) -> dict:
 def lm_loss_fn(
     module: Decoder, cfg: ModelConfig, mode: str, chunk_size: int | None
 ) -> Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
-    """loss(trainable, frozen, batch, rng) -> (scaled loss, (loss_sum, n_tokens))."""
+    """loss(trainable, frozen, batch, rng) -> (scaled loss, (loss_sum, n_tokens[, metrics])).
+
+    Mixture-of-experts models also return the router load-balancing loss of the batch
+    (metrics "moe/aux_loss" and "moe/batches" = 1, summed by the loop into a mean per batch);
+    it is added to the loss as `router_aux_loss_coef * aux_loss` when the model config has
+    `output_router_logits` (transformers' semantics; `moe_aux_loss_coef` in the run config turns
+    it on). Each micro-batch adds its own term, so accumulation averages them, as HF does."""
+    moe = cfg.num_experts > 0
 
     def loss(trainable, frozen, batch, rng):
         variables = variables_for(mode, trainable, frozen)
-        hidden = module.apply(
+        out = module.apply(
             variables,
             batch["input_ids"],
             batch["positions"],
             batch["segment_ids"],
             return_hidden=True,
+            return_aux_loss=moe,
             rngs={"dropout": rng},
-        )  # [B, T, D]
+        )
+        hidden, aux = out if moe else (out, None)  # [B, T, D], [] fp32
         kernel = head_kernel(variables["params"], cfg)  # [D, V]
         loss_sum, n = masked_lm_loss(
             hidden,
@@ -66,7 +75,12 @@ def lm_loss_fn(
             batch["segment_ids"],
             chunk_size=chunk_size,
         )
-        return loss_sum * batch.get("loss_scale", 1.0), (loss_sum, n)
+        scaled = loss_sum * batch.get("loss_scale", 1.0)
+        if not moe:
+            return scaled, (loss_sum, n)
+        if cfg.output_router_logits:
+            scaled = scaled + cfg.router_aux_loss_coef * aux
+        return scaled, (loss_sum, n, {"moe/aux_loss": aux, "moe/batches": jnp.float32(1.0)})
 
     return loss
 
