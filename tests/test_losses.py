@@ -69,7 +69,7 @@ def test_chunked_token_logprobs_equal_unchunked(chunk_size):
     np.testing.assert_allclose(chunked, full, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_size,softcap", [(3, None), (4, None), (5, 7.5)])
+@pytest.mark.parametrize("chunk_size,softcap", [(3, None), (4, None), (5, 7.5), (4, 1.5)])
 def test_chunked_loss_value_and_grad_equal_unchunked(chunk_size, softcap):
     hidden, kernel, ids = _inputs(2)
     mask = jnp.asarray(np.random.default_rng(0).integers(0, 2, (B, T)), jnp.int32)
@@ -137,7 +137,9 @@ def test_fused_loss_in_bf16_matches_fp32_math_on_the_same_values():
     np.testing.assert_allclose(np.asarray(g16, np.float32), g32, rtol=2e-2, atol=2e-3)
 
 
-def test_chunked_grad_never_materialises_full_logits():
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_grad_never_materialises_full_logits(softcap):
+    """Also with a final-logit soft-cap (Gemma 2): the fused loss keeps memory flat."""
     b, t, v = 2, 129, 4096
     k = jax.random.split(jax.random.PRNGKey(5), 3)
     hidden = jax.random.normal(k[0], (b, t, D))
@@ -147,7 +149,10 @@ def test_chunked_grad_never_materialises_full_logits():
     full_logits_bytes = b * (t - 1) * v * 4
 
     def temp_bytes(cs):
-        g = jax.grad(lambda h, w: _lm_loss(h, w, ids, mask, chunk_size=cs)[0], (0, 1))
+        g = jax.grad(
+            lambda h, w: _lm_loss(h, w, ids, mask, chunk_size=cs, logit_softcap=softcap)[0],
+            (0, 1),
+        )
         stats = jax.jit(g).lower(hidden, kernel).compile().memory_analysis()
         if stats is None:
             pytest.skip("backend reports no memory analysis")

@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io.model import adapter_variables
+from jaxlora.models import gemma
 from jaxlora.models.attention import AttentionSpec
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import AdapterSpec
@@ -157,7 +158,10 @@ def _head_logits(params: dict, cfg: ModelConfig, dtype: Any, h: jax.Array) -> ja
     """fp32 logits [B, V] from final hidden states [B, D], as the decoder's LM head computes them
     (only the last position is projected: prefill never builds [B, P, V] logits)."""
     kernel = head_kernel(params, cfg)  # [D, V]
-    return (h.astype(dtype) @ kernel.astype(dtype)).astype(jnp.float32)
+    logits = (h.astype(dtype) @ kernel.astype(dtype)).astype(jnp.float32)
+    if cfg.final_logit_softcap is not None:  # Gemma 2
+        logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+    return logits
 
 
 @functools.lru_cache(maxsize=32)
@@ -165,7 +169,12 @@ def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None, attention
     """The jitted prefill + decode loop for one (architecture, dtype, adapter settings, attention
     kernel). Prefill runs the selected kernel over the prompt block; decode steps run dense."""
     module = Decoder(cfg, dtype=dtype, param_dtype=dtype, adapter=spec, attention=attention)
-    window = cfg.sliding_window
+    window = gemma.static_window(cfg)
+
+    def masks(*args):  # [B, 1, T, S]; Gemma with mixed layers: one per layer kind
+        if gemma.mixed_layers(cfg):
+            return gemma.PerKind(cache_mask(*args, None), cache_mask(*args, cfg.sliding_window))
+        return cache_mask(*args, window)
 
     def decode_batch(
         params,
@@ -205,7 +214,7 @@ def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None, attention
         positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]
         key_valid = jnp.zeros((b, s), bool).at[:, :p].set(real)  # [B, S]
         key_pos = jnp.zeros((b, s), jnp.int32).at[:, :p].set(positions)  # [B, S]
-        mask = cache_mask(key_valid, key_pos, jnp.arange(p), positions, window)
+        mask = masks(key_valid, key_pos, jnp.arange(p), positions)
         hidden, cache = module.apply(
             variables,
             tokens,
@@ -242,7 +251,7 @@ def _decode_fn(cfg: ModelConfig, dtype: Any, spec: AdapterSpec | None, attention
                 key_valid, jnp.ones((b,), bool), slot, axis=1
             )
             key_pos = jax.lax.dynamic_update_index_in_dim(key_pos, pos, slot, axis=1)
-            mask = cache_mask(key_valid, key_pos, slot[None], pos[:, None], window)
+            mask = masks(key_valid, key_pos, slot[None], pos[:, None])
             hidden, cache = module.apply(
                 variables,
                 tok[:, None],

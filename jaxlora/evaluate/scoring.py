@@ -63,6 +63,7 @@ def _loss_fn(cfg, dtype, spec, attention):
             batch["input_ids"],
             batch["loss_mask"],
             batch["segment_ids"],
+            logit_softcap=cfg.final_logit_softcap,
         )
 
     return jax.jit(f)

@@ -6,6 +6,9 @@ and, right away, d(loss)/d(logits) = w * (softmax - onehot), whose product with 
 d(loss)/d(hidden); the backward pass only scales that saved gradient. Per step that saves one
 [tokens, V] pass and all logits memory (1.09x on the CPU benchmark, benchmarks/RESULTS.md).
 Value and gradient equal the plain computation (tests/test_losses.py).
+
+A final-logit soft-cap (Gemma 2: l = c * tanh(z / c) of the raw logits z) is elementwise, so it
+fuses too: per chunk d(loss)/dz = d(loss)/dl * (1 - (l / c)^2), and memory stays flat.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ FUSED_CE_BUDGET_BYTES = {"cpu": 64 * 2**20}
 FUSED_CE_DEFAULT_BUDGET = 512 * 2**20
 
 
-def _fused_ce_chunks(h, w, targets, weights, positions: int, need_dh: bool, need_dw: bool):
+def _fused_ce_chunks(
+    h, w, targets, weights, positions: int, need_dh: bool, need_dw: bool, softcap=None
+):
     """Loss sum and d(loss)/dh (+ d(loss)/dW) computed chunk by chunk in ONE forward pass.
 
     h [B, N, D] (position t predicts targets[:, t]), w [D, V], targets/weights [B, N]; chunks of
@@ -47,6 +52,8 @@ def _fused_ce_chunks(h, w, targets, weights, positions: int, need_dh: bool, need
     def body(dw_acc, xs):
         h_c, t_c, w_c = xs  # [B, pos, D], [B, pos], [B, pos]
         logits = jnp.einsum("bpd,dv->bpv", h_c, w, preferred_element_type=jnp.float32)
+        if softcap is not None:  # [B, pos, V] capped logits
+            logits = softcap * jnp.tanh(logits / softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, pos]
         tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         loss = jnp.sum(jnp.where(w_c > 0, (lse - tgt) * w_c, 0.0))
@@ -55,7 +62,10 @@ def _fused_ce_chunks(h, w, targets, weights, positions: int, need_dh: bool, need
         p = jnp.exp(logits - lse[..., None])
         onehot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)
         # bf16 x bf16 (fp32 accumulate) for the dX matmul, as the forward; dlogits are O(1/V).
-        dlogits = ((p - onehot) * w_c[..., None]).astype(w.dtype)  # [B, pos, V]
+        dlogits = (p - onehot) * w_c[..., None]  # d(loss)/d(capped logits)
+        if softcap is not None:  # chain rule through c * tanh(z / c): 1 - tanh^2
+            dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
+        dlogits = dlogits.astype(w.dtype)  # [B, pos, V]
         dh = jnp.einsum("bpv,dv->bpd", dlogits, w, preferred_element_type=jnp.float32)
         if need_dw:  # only when the head is trained (full fine-tuning)
             dw_acc = dw_acc + jnp.einsum(
@@ -70,25 +80,33 @@ def _fused_ce_chunks(h, w, targets, weights, positions: int, need_dh: bool, need
     return jnp.sum(losses), dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def fused_ce_sum(h: Array, w: Array, targets: Array, weights: Array, positions: int) -> Array:
-    """sum_t weights_t * NLL(targets_t | h_t @ w); the gradient is computed in the forward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fused_ce_sum(
+    h: Array,
+    w: Array,
+    targets: Array,
+    weights: Array,
+    positions: int,
+    softcap: float | None = None,
+) -> Array:
+    """sum_t weights_t * NLL(targets_t | softcap(h_t @ w)); the gradient is computed in the
+    forward. `softcap` (static): logits c * tanh(z / c) first (Gemma 2), None for none.
 
     Called outside autodiff (eval, DPO reference log-probs) this body runs, which computes the
     loss alone; under `jax.grad` the forward rule below also computes d(loss)/dh."""
-    return _fused_ce_chunks(h, w, targets, weights, positions, need_dh=False, need_dw=False)[0]
+    return _fused_ce_chunks(h, w, targets, weights, positions, False, False, softcap)[0]
 
 
-def _fused_ce_fwd(h, w, targets, weights, positions):
+def _fused_ce_fwd(h, w, targets, weights, positions, softcap):
     # symbolic_zeros: `w.perturbed` says whether the head needs a gradient (full FT) or not.
     need_dw = bool(w.perturbed)
     loss, dh, dw = _fused_ce_chunks(
-        h.value, w.value, targets.value, weights.value, positions, True, need_dw
+        h.value, w.value, targets.value, weights.value, positions, True, need_dw, softcap
     )
     return loss, (dh, dw if need_dw else None, targets.value, weights.value, w.value)
 
 
-def _fused_ce_bwd(positions, res, g):
+def _fused_ce_bwd(positions, softcap, res, g):
     dh, dw, targets, weights, w = res
     g = jnp.asarray(g, jnp.float32)
     dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)

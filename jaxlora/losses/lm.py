@@ -140,27 +140,20 @@ def masked_lm_loss(
     """Token-weighted causal-LM loss: (sum of target-token NLL, target-token count), fp32 scalars.
 
     Divide the sums over all micro-batches (and devices) by the total count for the mean loss.
-    Without a softcap this is the fused head + cross-entropy (`fused_ce_sum`): value and
+    This is the fused head + cross-entropy (`fused_ce_sum`, the soft-cap included): value and
     gradient equal the plain computation, no [tokens, V] logits are kept for the backward pass.
     """
-    if logit_softcap is None:
-        w = target_weights(loss_mask, segment_ids)  # [B, T-1]
-        dtype = jnp.promote_types(hidden.dtype, lm_head_kernel.dtype)
-        positions = fused_ce_positions(hidden.shape[0], lm_head_kernel.shape[-1], chunk_size)
-        loss_sum = fused_ce_sum(
-            hidden[:, :-1].astype(dtype),  # [B, T-1, D]
-            lm_head_kernel.astype(dtype),  # [D, V]
-            input_ids[:, 1:].astype(jnp.int32),  # [B, T-1]
-            w,
-            positions,
-        )
-        return loss_sum, jnp.sum(w)
-    logps = token_logprobs(
-        hidden, lm_head_kernel, input_ids, chunk_size=chunk_size, logit_softcap=logit_softcap
-    )  # [B, T-1]
     w = target_weights(loss_mask, segment_ids)  # [B, T-1]
-    # `where` (not just `* w`) keeps a non-finite log-prob at an ignored position out of the sum.
-    loss_sum = -jnp.sum(jnp.where(w > 0, logps * w, 0.0))
+    dtype = jnp.promote_types(hidden.dtype, lm_head_kernel.dtype)
+    positions = fused_ce_positions(hidden.shape[0], lm_head_kernel.shape[-1], chunk_size)
+    loss_sum = fused_ce_sum(
+        hidden[:, :-1].astype(dtype),  # [B, T-1, D]
+        lm_head_kernel.astype(dtype),  # [D, V]
+        input_ids[:, 1:].astype(jnp.int32),  # [B, T-1]
+        w,
+        positions,
+        logit_softcap,
+    )
     return loss_sum, jnp.sum(w)
 
 

@@ -228,7 +228,8 @@ class DPOSetup:
 
     # ------------------------------------------------------------------------- forward passes
     def _pair_logps(self, hidden, kernel, ids, mask, seg, chunk_size) -> PairLogps:
-        tok = token_logprobs(hidden, kernel, ids, chunk_size=chunk_size)  # [R, T-1] fp32
+        cap = self.model_config.final_logit_softcap
+        tok = token_logprobs(hidden, kernel, ids, chunk_size=chunk_size, logit_softcap=cap)
         if self.packed:
             s = 2 * self.pairs_per_row
             sums, counts = reduce_logps(tok, mask, seg, num_segments=s)  # [B, S]

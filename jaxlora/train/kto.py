@@ -49,7 +49,8 @@ def sequence_logps(module, variables, batch, model_config, chunk_size=None, rngs
     ids, mask, seg, pos = _rows(batch)
     hidden = module.apply(variables, ids, pos, seg, return_hidden=True, rngs=rngs or {})
     kernel = head_kernel(variables["params"], model_config)  # [D, V]
-    tok = token_logprobs(hidden, kernel, ids, chunk_size=chunk_size)  # [2B, T-1] fp32
+    cap = model_config.final_logit_softcap
+    tok = token_logprobs(hidden, kernel, ids, chunk_size=chunk_size, logit_softcap=cap)
     sums, _ = reduce_logps(tok, mask, seg)  # [2B]
     b = ids.shape[0] // 2
     present = jnp.any(seg[:b] > 0, axis=-1)  # [B]: dummy rows are all padding

@@ -74,6 +74,7 @@ def lm_loss_fn(
             batch["loss_mask"],
             batch["segment_ids"],
             chunk_size=chunk_size,
+            logit_softcap=cfg.final_logit_softcap,
         )
         scaled = loss_sum * batch.get("loss_scale", 1.0)
         if not moe:
