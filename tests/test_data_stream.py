@@ -6,6 +6,8 @@ Streams have no shuffle, so the reference is the cached pipeline's batches with 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -41,7 +43,7 @@ def _streamed(tok, path, stage, n, *, workers=1, start=None, pi=0, pc=1, **kw):
     )
     out = []
     try:
-        for samples, pos in sb.global_batches(start):
+        for samples, pos, _ in sb.global_batches(start):
             out.append((sb.collate(samples), pos))
             if len(out) == n:
                 return out
@@ -107,3 +109,76 @@ def test_stream_refusals(tmp_path, chatml_tokenizer):
     # A saved position past the end of the (changed) files is refused in one line.
     with pytest.raises(UserError, match="fewer than the saved stream position"):
         _streamed(chatml_tokenizer, path, "sft", 1, start=StreamPosition(0, 50, 0))
+
+
+def _train_cfg(model_dir, out, **kw):
+    from jaxlora.config import config_from_dict
+
+    base = dict(
+        model_name_or_path=str(model_dir),
+        dataset="demo:identity_sft",
+        streaming=True,
+        cutoff_len=96,
+        max_samples=36,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_steps=2,
+        max_steps=7,  # 14 micro-batches: past the end of the 9-batch epoch
+        bf16=False,
+        output_dir=str(out),
+    )
+    base.update(kw)
+    return config_from_dict(base)
+
+
+@pytest.mark.slow
+def test_streamed_training_resumes_like_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
+    """`streaming: true` through `train`: stopped by the preemption guard after optimiser step
+    3 (it checkpoints there, mid-epoch, with the stream position) and resumed, the run logs the
+    losses and writes the adapter an uninterrupted streamed run does."""
+    from safetensors.numpy import load_file
+
+    from jaxlora.train import preemption
+    from jaxlora.train.loop import train
+
+    quiet = {"progress": False, "log": lambda s: None}
+    full = tmp_path / "full"
+    assert train(_train_cfg(tiny_model_dir, full), **quiet).final_step == 7
+    calls = {"n": 0}
+
+    def stop_after_3(self):
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    monkeypatch.setattr(preemption.PreemptionGuard, "should_stop", stop_after_3)
+    part = tmp_path / "part"
+    assert train(_train_cfg(tiny_model_dir, part), **quiet).preempted
+    monkeypatch.undo()
+    assert train(_train_cfg(tiny_model_dir, part), **quiet).final_step == 7
+
+    def losses(path):
+        recs = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train/loss"], r["train/epoch"]) for r in recs if "train/loss" in r]
+
+    assert losses(part) == losses(full) and losses(full)[-1][2] == 1.0  # ran into epoch 1
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"max_steps": -1}, "needs `max_steps`"),
+        ({"val_size": 0.1}, "give `eval_dataset`"),
+        ({"stage": "dpo"}, "sft or pt, not dpo"),
+        ({"packing": True}, "packs stage pt only"),
+    ],
+)
+def test_streaming_config_refusals_are_one_line(tmp_path, change, message):
+    with pytest.raises(UserError, match=message) as e:
+        _train_cfg(tmp_path, tmp_path / "o", **change)
+    assert "\n" not in str(e.value) and "streaming" in str(e.value)

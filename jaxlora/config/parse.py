@@ -114,11 +114,6 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "mixture_of_depths": (_NOOP, "mixture of depths is not implemented"),
     "rope_scaling": (_NOOP, "RoPE scaling is read from the model's config.json"),
     "train_from_scratch": (_NOOP, "jaxlora fine-tunes existing checkpoints"),
-    "streaming": (
-        _NOOP,
-        "streaming is not implemented; datasets are tokenised once into a memory-mapped cache "
-        "(host memory stays flat in dataset size); use max_samples to cut them",
-    ),
     "mask_history": (_NOOP, "every assistant turn is trained; split the conversations instead"),
     "eval_on_each_dataset": (_NOOP, "eval datasets are evaluated together"),
     "create_new_adapter": (_NOOP, "`adapter_name_or_path` continues training that adapter"),

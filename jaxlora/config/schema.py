@@ -119,6 +119,7 @@ class DataArgs:
     interleave_probs: str | None = None  # comma list of probabilities, one per dataset
     preprocessing_num_workers: int | None = None  # tokenising processes; None = all cores
     tokenized_path: str | None = None  # tokenised-cache directory; None = $JAXLORA_CACHE/data
+    streaming: bool = False  # sft/pt: tokenise rows as batches are drawn (file order, max_steps)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,8 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:  # key -> file 
         if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6 or (n_sets and len(probs) != n_sets):
             fail(["interleave_probs"], f"`interleave_probs` must be {n_sets or 'one per dataset'} "
                  f"non-negative numbers that sum to 1; got {d.interleave_probs}")  # fmt: skip
+    if d.streaming:
+        _validate_streaming(cfg, fail)
     if t.warmup_ratio > 0 and t.warmup_steps > 0:
         fail(
             ["warmup_ratio", "warmup_steps"],
@@ -256,3 +258,22 @@ def _validate_method_keys(cfg: Config, fail: Callable[[list[str], str], None]) -
         fail(["encoder_hidden_size", "prefix_projection"],
              "`encoder_hidden_size` sizes the `prefix_projection` MLP; set "
              "`prefix_projection: true` or drop it")  # fmt: skip
+
+
+def _validate_streaming(cfg, fail) -> None:
+    """What `streaming: true` cannot do (rows are tokenised as read: no length known ahead)."""
+    d, f, t = cfg.data, cfg.finetune, cfg.train
+    if f.stage not in ("sft", "pt"):
+        fail(["streaming", "stage"], f"`streaming: true` trains stage sft or pt, not {f.stage}")
+    elif t.max_steps < 1:
+        fail(["streaming", "max_steps"], "`streaming: true` needs `max_steps` (a stream has no "
+             "known length for epochs and the learning-rate schedule)")  # fmt: skip
+    elif d.val_size:
+        fail(["streaming", "val_size"], "`streaming: true` cannot split off `val_size` (the "
+             "stream's length is unknown); give `eval_dataset` instead")  # fmt: skip
+    elif f.stage == "sft" and d.packing:
+        fail(["streaming", "packing"], "`streaming: true` packs stage pt only; remove `packing: "
+             "true` (SFT rows are padded per batch)")  # fmt: skip
+    elif d.mix_strategy != "concat":
+        fail(["streaming", "mix_strategy"], "`streaming: true` reads datasets one after another; "
+             "use `mix_strategy: concat` or turn streaming off")  # fmt: skip

@@ -68,12 +68,22 @@ class DataReport:
     fingerprint: str = ""  # hash of the encoded train + eval samples (e.g. cache keys)
     cache_hits: int = 0  # datasets read from the tokenised cache
     cache_misses: int = 0  # datasets tokenised by this call
+    streaming: bool = False  # train rows tokenised as read (counts unknown ahead)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
+        if self.streaming:
+            return "; ".join(
+                [
+                    f"data: streamed from {', '.join(self.datasets)} (rows tokenised as "
+                    f"training reads them, in file order), template {self.template_name}",
+                    f"{self.n_eval} eval samples",
+                ]
+                + self.notes
+            )
         parts = [
             f"data: {self.n_train} train / {self.n_eval} eval samples from "
             f"{', '.join(self.datasets)} ({self.n_rows} rows), template {self.template_name}",

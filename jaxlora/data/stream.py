@@ -175,9 +175,10 @@ class StreamBatcher:
 
     def global_batches(
         self, pos: StreamPosition | None = None
-    ) -> Iterator[tuple[list[Example | None], StreamPosition]]:
-        """(the B samples of each global batch, None = dummy row; position after it), across
-        epochs, forever. An epoch's last batch is filled with dummy rows."""
+    ) -> Iterator[tuple[list[Example | None], StreamPosition, int]]:
+        """(the B samples of each global batch, None = dummy row; the position after it; the
+        epoch it belongs to), across epochs, forever. An epoch's last batch is filled with
+        dummy rows."""
         pos = pos or StreamPosition()
         while True:
             batch: list = []
@@ -185,10 +186,10 @@ class StreamBatcher:
             for unit, after in self._units(pos):
                 batch.append(unit)
                 if len(batch) == self.batch_size:
-                    yield batch, after
+                    yield batch, after, pos.epoch
                     batch = []
             if batch:
-                yield batch + [None] * (self.batch_size - len(batch)), after
+                yield batch + [None] * (self.batch_size - len(batch)), after, pos.epoch
             elif after == pos and pos.row == 0:
                 raise UserError("the streamed datasets hold no trainable sample")
             pos = StreamPosition(pos.epoch + 1, 0, 0)

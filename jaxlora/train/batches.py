@@ -35,6 +35,7 @@ class DataBundle:
     report: Any
     pad_id: int
     cutoff_len: int = 1024
+    stream: Any = None  # `streaming: true`: the data.stream.SampleStream (train is then empty)
 
     def in_order_batcher(self, samples: list, batch_size: int) -> Batcher:
         """Unshuffled global batches of `samples` (eval, reference pre-pass), this host's rows."""
@@ -54,14 +55,14 @@ def data_cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.tokenized_path) if cfg.data.tokenized_path else cache_root()
 
 
-def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
-    """Read, render, tokenise and (maybe) pack the train/eval sets the stage needs."""
-    d, f = cfg.data, cfg.finetune
+def loader_args(cfg: Config) -> dict:
+    """The keyword arguments every data loader takes, from the config."""
+    d = cfg.data
     if d.dataset is None:
         raise UserError(
             "config key `dataset` is required for training (a file, a comma list, or demo:<name>)"
         )
-    common = dict(
+    return dict(
         dataset=resolve_demo_names(d.dataset),
         dataset_dir=d.dataset_dir,
         cutoff_len=d.cutoff_len,
@@ -76,6 +77,12 @@ def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
             [float(x) for x in d.interleave_probs.split(",")] if d.interleave_probs else None
         ),
     )
+
+
+def load_data(cfg: Config, tokenizer: Any) -> DataBundle:
+    """Read, render, tokenise and (maybe) pack the train/eval sets the stage needs."""
+    d, f = cfg.data, cfg.finetune
+    common = loader_args(cfg)
     if f.stage == "pt":
         train, evals, report = data_lib.load_text_dataset(
             tokenizer, formatting=d.formatting, **common
@@ -161,6 +168,17 @@ class Batches:
     def position(self, m: int) -> tuple[int, int]:
         """(epoch, batch index) of micro-step m."""
         return divmod(m, self.steps_per_epoch)
+
+    def epoch_progress(self, m: int) -> float:
+        """Epochs done at micro-step m (the `train/epoch` metric)."""
+        return m / self.steps_per_epoch
+
+    def checkpoint_meta(self, m_next: int) -> dict:
+        """Nothing beyond `micro_step`: batch m is a pure function of m."""
+        return {}
+
+    def resume(self, meta: dict, m: int) -> None:
+        """Nothing to restore (see `checkpoint_meta`)."""
 
     def batch_tokens(self, m: int) -> int:
         """Real (non-pad) tokens of global micro-batch m, for tokens/s."""

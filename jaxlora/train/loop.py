@@ -92,6 +92,7 @@ def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], Non
     if resume_step is not None:
         state, meta = ckpt.restore(resume_step, state)
         start_micro = int(meta["micro_step"])
+        batches.resume(meta, start_micro)
         log(f"resuming from checkpoint at step {resume_step} ({ckpt.directory})")
     main = distributed.is_main_process()
     if start_micro < total_micro:
@@ -183,7 +184,7 @@ def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], Non
                     "train/lr": float(lr_at(step - 1)),
                     "train/grad_norm": s["grad_norm_sum"] / max(s["n"], 1e-9),
                     "train/tokens_per_s": tok_window / max(dt, 1e-9),
-                    "train/epoch": m / batches.steps_per_epoch,
+                    "train/epoch": batches.epoch_progress(m),
                 }
                 if s.get("moe/batches"):  # router load-balancing loss, mean per micro-batch
                     scalars["train/aux_loss"] = s["moe/aux_loss"] / s["moe/batches"]
@@ -234,6 +235,7 @@ def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], Non
                     "best_eval_loss": best,
                     "bad_evals": bad_evals,
                     "nonfinite_skips": skipped,
+                    **batches.checkpoint_meta(m + 1),
                 }
                 with clock.phase("checkpoint"):
                     ckpt.save(step, state, run_meta)

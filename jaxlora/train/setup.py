@@ -28,6 +28,7 @@ from jaxlora.train.model_parts import ModelParts, build_model_parts
 from jaxlora.train.run_dir import check_resume, claim_run_dir, write_header
 from jaxlora.train.stage import make_stage
 from jaxlora.train.step_setup import Steps, build_steps
+from jaxlora.train.stream_batches import build_stream_batches, load_stream_data
 from jaxlora.train.timing import RunClock
 from jaxlora.train.tracking import preference_means
 
@@ -141,7 +142,7 @@ def build_run(
     with phase("setup"):
         tokenizer = _checked_tokenizer(cfg, log)
     with phase("data"):
-        data = load_data(cfg, tokenizer)
+        data = (load_stream_data if cfg.data.streaming else load_data)(cfg, tokenizer)
     log(data.report.summary())
     with phase("setup"):
         return _assemble(cfg, data, tokenizer, log)
@@ -172,7 +173,8 @@ def _assemble(cfg: Config, data: DataBundle, tokenizer: Any, log: Callable[[str]
     model_path = resolve_model_path(cfg.model.model_name_or_path)
     parts = build_model_parts(cfg, model_path, tokenizer, log)
     stage = make_stage(cfg, parts, data, log)  # DPO: may add a reference copy to parts.frozen
-    batches = build_batches(cfg, data, parts.mesh, stage)
+    build = build_stream_batches if data.stream is not None else build_batches
+    batches = build(cfg, data, parts.mesh, stage)
     steps = build_steps(  # unpacked rows are right padded (data/batching.py)
         cfg,
         parts,
