@@ -1,7 +1,7 @@
 """Worker for tests/test_flash_sharded.py: run in a subprocess with 4 host devices.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python3 tests/flash_sharded_worker.py \
-        KERNEL:KV_HEADS ...
+        KERNEL:KV_HEADS ... [lower=TMPDIR]
 
 Mesh data=1 x fsdp=2 x tensor=2, the trainer's mesh context (`sharding.mesh_context`: the mesh
 and the flax logical rules). q/k/v are laid out as the model's projections leave them (batch
@@ -9,7 +9,8 @@ over data+fsdp, heads over tensor when they divide). For each KERNEL (splash | p
 interpreter) and KV_HEADS (4 query heads; 2 = GQA split over tensor, 1 = MQA: heads cannot be
 split, replicated over tensor) prints one JSON line: relative errors of the output and the q/k/v
 gradients against the dense XLA path (packed rows + padding), the `attention` log line (says
-whether the shard_map path ran) and the all-gathers in the compiled fwd+bwd HLO.
+whether the shard_map path ran) and the all-gathers in the compiled fwd+bwd HLO. `lower=DIR`
+prints the `bench --lower-for tpu` summary of a tiny packed LoRA step on the same mesh.
 """
 
 from __future__ import annotations
@@ -104,7 +105,43 @@ def main(kernel: str, kv: int) -> None:
     print(json.dumps(line), flush=True)
 
 
+def lower(tmp: str) -> None:
+    """`bench --lower-for tpu` of a tiny packed LoRA step on the same mesh: summary line."""
+    from pathlib import Path
+
+    from jaxlora.bench.lower import lower_step
+    from jaxlora.config import config_from_dict
+
+    raw = {  # hidden 96 != T; 4 q / 2 kv heads, head_dim 24
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 96,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+    }
+    path = Path(tmp) / "config.json"
+    path.write_text(json.dumps(raw))
+    cfg = config_from_dict(
+        dict(
+            model_name_or_path=f"random:{path}",
+            lora_rank=4,
+            cutoff_len=256,
+            packing=True,
+            per_device_train_batch_size=1,
+            bf16=True,
+            mesh={"data": 1, "fsdp": 2, "tensor": 2},
+        )
+    )
+    print(json.dumps({"kernel": "lower", **lower_step(cfg, "tpu")[1]}), flush=True)
+
+
 if __name__ == "__main__":
     for case in sys.argv[1:]:
+        if case.startswith("lower="):
+            lower(case.split("=", 1)[1])
+            continue
         name, kv_heads = case.split(":")
         main(name, int(kv_heads))

@@ -4,7 +4,8 @@ Subprocesses with 4 simulated host devices (the device count is fixed when JAX s
 data=1 x fsdp=2 x tensor=2, kernels in the Pallas interpreter. Without the shard_map the
 compiled step all-gathers q/k/v (14 all-gathers in the fwd+bwd of this case, output
 replicated: XLA cannot split a kernel call); with it there are none and the output keeps the
-batch/head sharding.
+batch/head sharding. `bench --lower-for tpu` on the same mesh shows the splash calls on the
+per-device block.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ def _env(devices: int) -> dict:
     }
 
 
-def test_kernels_per_device_match_dense_without_gathers():
-    cases = ["splash:2", "pallas:1"]  # GQA heads split over tensor; MQA heads replicated
+def _worker(*cases: str) -> list[dict]:
     worker = REPO / "tests" / "flash_sharded_worker.py"
     proc = subprocess.run(
         [sys.executable, str(worker), *cases],
@@ -41,7 +41,13 @@ def test_kernels_per_device_match_dense_without_gathers():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+
+
+@pytest.mark.slow
+def test_kernels_per_device_match_dense_without_gathers():
+    # GQA: heads split over tensor; MQA: 1 kv head cannot be split, heads replicated.
+    lines = _worker("splash:2", "pallas:1")
     assert [(x["kernel"], x["kv_heads"]) for x in lines] == [("splash", 2), ("pallas", 1)]
     for x in lines:
         for key in ("rel_out", "rel_dq", "rel_dk", "rel_dv"):
@@ -51,6 +57,16 @@ def test_kernels_per_device_match_dense_without_gathers():
     split, replicated = lines
     assert "'tensor'" in split["out_sharding"] and "'fsdp'" in split["out_sharding"]
     assert "'tensor'" not in replicated["out_sharding"] and "'fsdp'" in replicated["out_sharding"]
+
+
+def test_lower_for_tpu_on_mesh_runs_splash_on_the_device_block(tmp_path):
+    """`bench --lower-for tpu` on fsdp=2 x tensor=2: a 4-partition module whose splash calls
+    take one row of 2 of the 4 query heads (global batch 2): the per-device block."""
+    (lowered,) = _worker(f"lower={tmp_path}")
+    assert lowered["num_partitions"] == 4 and lowered["batch"] == 2
+    assert lowered["kernel_custom_calls"]["tpu_custom_call"] >= 2
+    assert lowered["splash_q_shapes"] == ["1x2x256x24"], lowered
+    assert lowered["f32_score_buffers"] == []
 
 
 @pytest.mark.slow

@@ -16,6 +16,16 @@ What lowers where (JAX 0.10-0.12, CPU-only jaxlib):
     lowering needs the Triton compiler of a CUDA jaxlib. Both fail with that error, reported
     as a UserError naming the kernel; lower with `attention=xla` to see the rest of the step.
 Only `random:<shape>` models are supported (a checkpoint would have to be read).
+
+A multi-device mesh (`mesh: {fsdp: 2, tensor: 2}` ...) lowers the partitioned step for that
+many chips: host CPU devices stand in for them (`XLA_FLAGS=--xla_force_host_platform_device_
+count=N`; the device count is fixed when JAX starts), the frozen base takes the training
+shardings, and the module records `mhlo.num_partitions = N`. What it can show without the chips:
+the kernel sits in an `sdy.manual_computation` (the shard_map of models/attention.py) and its
+operands are the per-device shapes (`splash_q_shapes`: [B/batch shards, N/tensor, T, Dh]), so
+the kernel itself needs no gathered q/k/v. Which collectives XLA's SPMD partitioner then adds
+around it is decided when compiling for TPU, which a CPU host cannot do; the same program
+compiled for the 4 CPU devices has no all-gather in the attention (tests/test_flash_sharded.py).
 """
 
 from __future__ import annotations
@@ -61,9 +71,13 @@ def build_lowering_run(cfg: Config, platform: str) -> BenchRun:
     raw = random_shape_config(spec, cfg.source)
     mcfg = config_from_hf(raw, "random model config")
     shapes, logical = abstract_params(mcfg, base_dtype)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if mesh.size > 1:  # each leaf as training places it (parallel/sharding.py)
+        placed = sharding.param_shardings(mesh, logical, shapes)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        placed = jax.tree_util.tree_map(lambda _: device, shapes)
     params = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes
+        lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, placed
     )
     model = Model(config=mcfg, params=params, dtype=base_dtype, raw_config=raw)
     parts = split_model(cfg, mesh, model, logical, compute)
@@ -99,14 +113,27 @@ def score_buffers(shapes: list[tuple[int, ...]], heads: int, kv_heads: int) -> l
     return out
 
 
+def splash_q_shapes(text: str) -> list[str]:
+    """Distinct q shapes entering the splash kernel functions ([B, N, T, Dh] per call, B = 1:
+    the kernel is vmapped over rows), as lowered: per device inside a shard_map."""
+    fn = r"func\.func private @_splash_attention\w*"
+    return sorted(set(re.findall(fn + r"\(%arg0: tensor<((?:\d+x){3}\d+)x\w+>", text)))
+
+
 def lower_step(cfg: Config, platform: str) -> tuple[str, dict[str, Any]]:
     """(StableHLO text, summary) of the config's train step lowered for `platform`."""
-    if jax.device_count() != 1:
-        raise UserError("--lower-for lowers the single-device step; run it with one device")
     target = PLATFORMS.get(platform)
     if target is None:
         raise UserError(f"--lower-for must be one of tpu, cuda; got {platform!r}")
-    run = build_lowering_run(cfg, target)
+    try:
+        run = build_lowering_run(cfg, target)
+    except UserError as e:
+        if "devices" not in str(e) or jax.device_count() > 1:
+            raise
+        raise UserError(
+            f"{e}. --lower-for lowers a multi-device mesh on host CPU devices: start it with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=<mesh size>"
+        ) from None
     batch = run.put_batch(run.batcher.get(0, 0))
     args = (_abstract(run.state), _abstract(run.frozen), _abstract(batch))
     from jaxlora.parallel import sharding
@@ -140,6 +167,9 @@ def lower_step(cfg: Config, platform: str) -> tuple[str, dict[str, Any]]:
             for x in score_buffers(square, mc.num_attention_heads, mc.num_key_value_heads)
         ],
         "hlo_chars": len(text),
+        "mesh": dict(run.parts.mesh.shape),
+        "num_partitions": run.parts.mesh.size,
+        "splash_q_shapes": splash_q_shapes(text),
     }
     return text, summary
 
