@@ -9,12 +9,26 @@
 #
 # Steps (each writes one JSON line per result under $OUT when OUT is set, else under ./device_check):
 #   1. versions: python, jax, jaxlib, device kind, cuDNN (devices.json)
-#   2. attention kernels vs dense XLA at T = 2048 packed, bf16, fwd + q/k/v grads, Llama-3-8B head
-#      layout (32 q / 8 kv heads, head_dim 128): cudnn, pallas, block (kernels.jsonl)
+#   2. attention kernels vs dense XLA at T = 2048, bf16, fwd + q/k/v grads, Llama-3-8B head
+#      layout (32 q / 8 kv heads, head_dim 128), each on the rows it serves (kernels.jsonl):
+#        cudnn         unpacked right-padded rows + a dummy all-padding row, padding as sequence
+#                      lengths: what `attention: auto` picks on a GPU for unpacked data
+#        cudnn-packed  packed rows as a [B,1,T,T] mask bias: the risky case, only on request
+#        pallas        packed rows by segment ids: what `auto` picks on a GPU for packed data
+#        block         the CPU kernel, as a control
+#      Read `ok_out/ok_dq/ok_dk/ok_dv` and `ms_fwd_bwd` of each line: if cudnn-packed is ok and
+#      faster than pallas, `auto` could route packed rows to it (models/attention.py select).
 #   3. jaxlora bench, Llama-3-8B shape, random weights, LoRA r16, seq 4096 packed (bench_lora.json)
 #   4. jaxlora bench, same shape, QLoRA NF4 (needs checkpoint weights: a random 8B-shape HF
 #      checkpoint is written to $SCRATCH first, ~16 GB bf16; skipped when under 4 minutes are
 #      left) (bench_qlora.json)
+# The bench runs use `attention: auto` on packed rows, i.e. the Pallas kernel; the log line
+# "attention: <kernel> kernel for q ..." in each bench log names what ran.
+#
+# STEPS="1 2" runs only those steps; KERNEL_ARGS replaces step 2's arguments. Dry run on a CPU
+# (Pallas interpreter, small shape; cuDNN lines then say "cuDNN is not detected"):
+#   STEPS="1 2" KERNEL_ARGS="--interpret --t 256 --heads 4 --kv-heads 2 --head-dim 64" \
+#     bash benchmarks/device_check.sh
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,8 +42,11 @@ PY="${PYTHON:-python3}"
 START=$(date +%s)
 left() { echo $((480 - ($(date +%s) - START))); }
 
-echo "== 1. versions"
-"$PY" - <<'EOF' | tee "$OUT/devices.json"
+STEPS="${STEPS:-1 2 3 4}"
+KERNEL_ARGS="${KERNEL_ARGS:---t 2048 --batch 3}"
+step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+step 1 && echo "== 1. versions" && "$PY" - <<'EOF' | tee "$OUT/devices.json"
 import json, platform, jax, jaxlib
 info = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
         "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()]}
@@ -41,9 +58,13 @@ except Exception as e:  # noqa: BLE001
 print(json.dumps(info))
 EOF
 
-echo "== 2. attention kernels vs XLA (T=2048 packed, bf16, fwd + grads)"
-timeout 150 "$PY" "$REPO/benchmarks/kernel_check.py" --t 2048 --batch 2 \
-  --kernels cudnn,pallas,block || echo '{"step": "kernels", "error": "failed or timed out"}' >>"$OUT/kernels.jsonl"
+if step 2; then
+  echo "== 2. attention kernels vs XLA (bf16, fwd + grads): $KERNEL_ARGS"
+  # shellcheck disable=SC2086  # KERNEL_ARGS is a list of flags
+  timeout 150 "$PY" "$REPO/benchmarks/kernel_check.py" $KERNEL_ARGS \
+    --kernels cudnn,cudnn-packed,pallas,block \
+    || echo '{"step": "kernels", "error": "failed or timed out"}' >>"$OUT/kernels.jsonl"
+fi
 
 bench() {  # name, timeout, config, overrides...
   local name=$1 limit=$2 cfg=$3
@@ -59,16 +80,19 @@ bench() {  # name, timeout, config, overrides...
   fi
 }
 
-echo "== 3. LoRA r16, Llama-3-8B shape, seq 4096 packed (left: $(left)s)"
-bench lora 200 "$REPO/configs/bench-llama3-8b-shape.yaml"
+if step 3; then
+  echo "== 3. LoRA r16, Llama-3-8B shape, seq 4096 packed (left: $(left)s)"
+  bench lora 200 "$REPO/configs/bench-llama3-8b-shape.yaml"
+fi
 
-echo "== 4. QLoRA NF4, Llama-3-8B shape (left: $(left)s)"
-if [ "$(left)" -lt 240 ]; then
-  echo '{"bench": "qlora", "skipped": "under 4 minutes left"}' | tee "$OUT/bench_qlora.json"
-else
-  CKPT="$SCRATCH/llama3-8b-shape"
-  if [ ! -f "$CKPT/config.json" ]; then
-    timeout $(( $(left) - 150 )) "$PY" - "$CKPT" <<'EOF' || echo "checkpoint writing failed"
+if step 4; then
+  echo "== 4. QLoRA NF4, Llama-3-8B shape (left: $(left)s)"
+  if [ "$(left)" -lt 240 ]; then
+    echo '{"bench": "qlora", "skipped": "under 4 minutes left"}' | tee "$OUT/bench_qlora.json"
+  else
+    CKPT="$SCRATCH/llama3-8b-shape"
+    if [ ! -f "$CKPT/config.json" ]; then
+      timeout $(( $(left) - 150 )) "$PY" - "$CKPT" <<'EOF' || echo "checkpoint writing failed"
 import sys
 from jaxlora.io.tiny import make_tiny_model
 # Llama-3-8B shape (bench/shapes.py "llama3-8b"), random weights, bf16 on disk.
@@ -77,12 +101,13 @@ make_tiny_model(sys.argv[1], hidden_size=4096, intermediate_size=14336, num_hidd
                 rope_theta=500000.0, max_position_embeddings=8192, dtype="bfloat16",
                 template="llama3")
 EOF
-  fi
-  if [ -f "$CKPT/config.json" ]; then
-    bench qlora $(( $(left) - 10 )) "$REPO/configs/bench-llama3-8b-shape.yaml" \
-      "model_name_or_path=$CKPT" quantization_bit=4 remat=full
-  else
-    echo '{"bench": "qlora", "skipped": "no checkpoint"}' | tee "$OUT/bench_qlora.json"
+    fi
+    if [ -f "$CKPT/config.json" ]; then
+      bench qlora $(( $(left) - 10 )) "$REPO/configs/bench-llama3-8b-shape.yaml" \
+        "model_name_or_path=$CKPT" quantization_bit=4 remat=full
+    else
+      echo '{"bench": "qlora", "skipped": "no checkpoint"}' | tee "$OUT/bench_qlora.json"
+    fi
   fi
 fi
 echo "== done in $(( $(date +%s) - START ))s; results in $OUT"
