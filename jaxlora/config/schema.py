@@ -47,12 +47,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # dots: save matmul outputs only; dots_no_batch: save only matmuls without batch dims
     # (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     "remat": ("none", "full", "dots", "dots_no_batch"),
-    # Attention kernel (jaxlora/models/attention.py). auto: TPU splash, GPU cuDNN flash (bf16/
-    # fp16; else the Pallas GPU kernel), CPU block-causal for T >= 256; any case a kernel
-    # cannot serve falls back (block on CPU, else dense xla) with a logged reason.
-    # xla: dense jax.nn.dot_product_attention (the reference); cudnn: cuDNN flash (GPU);
-    # pallas: Pallas/Triton flash with segment ids (GPU); splash: Pallas splash (TPU);
-    # block: the CPU block-causal kernel (plain XLA ops; runs anywhere).
+    # Attention kernel (jaxlora/models/attention.py). auto: TPU splash; GPU cuDNN flash for
+    # bf16/fp16 unpacked training rows (padding as sequence lengths), the Pallas GPU kernel for
+    # packed rows, left-padded prompts and fp32; CPU block-causal for T >= 256; any case a
+    # kernel cannot serve falls back (block on CPU, else dense xla) with a logged reason.
+    # xla: dense jax.nn.dot_product_attention (the reference); cudnn: cuDNN flash (GPU; packed
+    # rows as a [B,1,T,T] mask bias); pallas: Pallas/Triton flash with segment ids (GPU);
+    # splash: Pallas splash (TPU); block: the CPU block-causal kernel (plain XLA; anywhere).
+    # None of the GPU/TPU kernels has run on a GPU/TPU yet (interpreter and lowering checks).
     "attention": ("auto", "xla", "cudnn", "pallas", "splash", "block"),
     "formatting": ("auto", "alpaca", "sharegpt", "messages", "preference", "text"),
     "mix_strategy": ("concat", "interleave_under", "interleave_over"),
