@@ -46,3 +46,35 @@ def test_streamed_merge_equals_in_memory_merge(tiny_model_dir, tmp_path, dora):
         model.params["layers"]["self_attn"]["q_proj"]["kernel"]
     )
     assert float(np.abs(moved).max()) > 1e-3
+
+
+def test_gguf_export_streams_from_disk_without_loading_the_model(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """`export_gguf` of base + adapter never builds the model (no `hf.load_params`, nothing on a
+    device): the merged tensors are read, merged and spooled one at a time, and the file holds
+    the in-memory merge (f16-rounded)."""
+    from jaxlora.io import hf
+    from jaxlora.io.export import export_gguf
+
+    model = jaxlora.load_model(tiny_model_dir, dtype="float32")
+    cfg = LoraConfig(rank=4, alpha=8, targets=("q_proj", "down_proj"), use_dora=True)
+    params = init_lora(jax.random.key(0), model.params, cfg)
+    params = jax.tree_util.tree_map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), params
+    )
+    ad = Adapter(params, cfg)
+
+    def refuse(*a, **kw):
+        raise AssertionError("export_gguf loaded the whole model")
+
+    monkeypatch.setattr(hf, "load_params", refuse)
+    out = export_gguf(tiny_model_dir, tmp_path / "g", adapter=ad, tokenizer=model.tokenizer)
+    monkeypatch.undo()
+    got = jaxlora.load_model(out / "model.gguf", dtype="float32").params
+    want = merge(model.params, ad)
+    jax.tree_util.tree_map(
+        lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-4),
+        got,
+        want,
+    )

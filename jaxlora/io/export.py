@@ -25,7 +25,7 @@ from jaxlora.io.peft import check_adapter_fits, write_peft_files
 from jaxlora.io.peft_prompt import write_prompt_files
 from jaxlora.models.moe import MOE_MODEL_TYPES
 from jaxlora.peft.bottleneck import BottleneckAdapter
-from jaxlora.peft.lora import Adapter, merge
+from jaxlora.peft.lora import Adapter
 from jaxlora.peft.prompt import PromptAdapter
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -83,24 +83,6 @@ def refuse_merge(adapter: Any) -> None:
             "virtual tokens are extra keys/values in front of every sequence, not a change to any "
             "weight; export the adapter (PEFT loads it) or use it with --adapter"
         )
-
-
-def _merged(base_dir: Path, adapter: Adapter | None, params: dict | None) -> tuple[dict, Any, dict]:
-    """(params, ModelConfig, raw config.json): base re-read in fp32 (never the quantised copy)
-    with the adapter merged in, or `params` as given (full fine-tuning)."""
-    from jaxlora.io.model import load_model
-    from jaxlora.models.config import config_from_hf
-
-    refuse_merge(adapter)
-    raw = json.loads((base_dir / "config.json").read_text())
-    if params is not None:
-        return params, config_from_hf(raw), raw
-    model = load_model(base_dir, dtype="float32")
-    params = model.params
-    if adapter is not None:
-        check_adapter_fits(adapter, params, "adapter")
-        params = merge(params, adapter)
-    return params, model.config, raw
 
 
 def _merged_tensors(base_dir: Path, cfg: Any, adapter: Adapter | None, dtype: Any):
@@ -189,25 +171,46 @@ def export_gguf(
     chat_template: str | None = None,
     gguf_type: str = "f16",
     overwrite: bool = False,
+    write: bool = True,
 ) -> Path:
-    """`model.gguf` (merged, llama.cpp / Ollama) + an Ollama `Modelfile`, written atomically."""
+    """`model.gguf` (merged, llama.cpp / Ollama) + an Ollama `Modelfile`, written atomically.
+
+    Streams like `export_merged`: the base is re-read from disk one tensor at a time and the
+    adapter merged on the host (`_merged_tensors`), or `params` (full fine-tuning) gathered one
+    layer at a time (`hf.params_to_hf_tensors`); each tensor is encoded and spooled to the file
+    as it comes, so no whole model is ever held on a device or on the host. `write=False`
+    (multi-host, processes other than 0): only take part in gathering `params`."""
     from jaxlora.io.gguf_export import GGUF_FILE, GGUF_TYPES, ollama_modelfile, write_gguf
+    from jaxlora.io.hf import params_to_hf_tensors
+    from jaxlora.models.config import config_from_hf
 
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--gguf-type {gguf_type!r}: use one of {', '.join(GGUF_TYPES)}")
+    refuse_merge(adapter)
     base_dir = Path(base_dir)
-    model_type = json.loads((base_dir / "config.json").read_text()).get("model_type")
+    raw = json.loads((base_dir / "config.json").read_text())
+    model_type = raw.get("model_type")
     if model_type in MOE_MODEL_TYPES:
         raise UserError(
             f"GGUF export of mixture-of-experts models ({model_type}) is not supported; use "
             "`jaxlora export RUN --out DIR --merged` and llama.cpp's convert_hf_to_gguf.py"
         )
-    params, cfg, _raw = _merged(base_dir, adapter, params)
+    cfg = config_from_hf(raw)
+    if params is None:
+        if adapter is not None:
+            check_adapter_fits(adapter, abstract_params(cfg)[0], "adapter")
+        tensors = _merged_tensors(base_dir, cfg, adapter, np.float32)
+    else:
+        tensors = params_to_hf_tensors(params, cfg, np.float32)
+    if not write:
+        for _ in tensors:
+            pass
+        return Path(out_dir)
     template = chat_template or getattr(tokenizer, "chat_template", None)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_gguf(
             tmp / GGUF_FILE,
-            params,
+            tensors,
             cfg,
             base_dir=base_dir,
             tokenizer=tokenizer,

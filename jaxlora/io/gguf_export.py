@@ -167,7 +167,7 @@ def _encode(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
 
 def write_gguf(
     path: str | Path,
-    params: dict,
+    tensors: Any,
     cfg: ModelConfig,
     *,
     base_dir: Path,
@@ -176,10 +176,16 @@ def write_gguf(
     qtype: str = "f16",
     name: str = "jaxlora export",
 ) -> Path:
-    """One GGUF file from a (merged) params pytree."""
+    """One GGUF file from a (merged) params pytree, or from an iterable of (HF name, array in HF
+    layout) pairs consumed one at a time: gguf-py's `use_temp_file` spools each encoded tensor to
+    a temporary file as it is added (memory up to 256 MiB, then disk), so only one tensor is in
+    memory at once; the file is assembled when all are in."""
     import gguf
 
     from jaxlora.io.hf import params_to_hf_tensors
+
+    if isinstance(tensors, dict):  # a params pytree
+        tensors = params_to_hf_tensors(tensors, cfg, np.float32)
 
     if qtype not in GGUF_TYPES:
         raise UserError(f"--gguf-type {qtype!r}: use one of {', '.join(GGUF_TYPES)}")
@@ -187,11 +193,11 @@ def write_gguf(
         raise UserError(f"GGUF export supports {', '.join(EXPORT_ARCH)}, not {cfg.model_type}")
     arch = EXPORT_ARCH[cfg.model_type]
     fields = tokenizer_fields(base_dir, tokenizer, chat_template)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, use_temp_file=True)
     _add_model_fields(writer, cfg, name, qtype)
     for key, value in fields.items():
         _add_field(writer, key, value)
-    for hf_name, w in params_to_hf_tensors(params, cfg, np.float32):
+    for hf_name, w in tensors:
         if arch == "llama" and ".self_attn.q_proj." in hf_name:
             w = permute_qk(w, cfg.num_attention_heads)
         elif arch == "llama" and ".self_attn.k_proj." in hf_name:

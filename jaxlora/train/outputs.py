@@ -137,6 +137,16 @@ def export_from_run(
                 raise UserError(
                     f"{src} is a full fine-tuning run; use --merged (or copy {src}/model)"
                 )
+            if gguf_type and (src / "model" / "config.json").is_file():
+                # the finished run's HF checkpoint, streamed tensor by tensor from disk
+                return export_gguf(
+                    src / "model",
+                    out_dir,
+                    tokenizer=load_tokenizer(base),
+                    chat_template=template,
+                    gguf_type=gguf_type,
+                    overwrite=overwrite,
+                )
             from jaxlora.train.methods import params_for_export, rebuild_split
 
             split = rebuild_split(cfg, base)
