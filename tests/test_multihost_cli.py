@@ -5,7 +5,9 @@ localhost (coordinator on 127.0.0.1, a 4-device global mesh, FSDP across both ho
 one process with 4 devices, the reference (same global batch, same mesh shape). Both must exit 0,
 log the same train and eval losses, and write the same adapter (LoRA, QLoRA NF4, DPO with cached
 reference log-probs) or merged model (full fine-tuning) — within 1e-5 relative, fp32. The LoRA
-case also runs `jaxlora export --merged` on the 2-process run directory.
+case also runs `jaxlora export --merged` on the 2-process run directory. The other methods (DoRA,
+freeze, pt, int8 QLoRA, DPO with a live reference, eval with generation samples and early
+stopping) are cases of the same test, marked long (opt-in, tests/conftest.py).
 
 These are the expensive tests of the suite (about a minute per process start on the shared
 2-core CPU), so they use the micro model, 3 optimiser steps, and are marked slow.
@@ -66,7 +68,20 @@ CASES = {
     "qlora": "dataset: demo:identity_sft\nlora_rank: 4\nquantization_bit: 4\n",
     "dpo": "stage: dpo\ndataset: demo:dpo_demo\nlora_rank: 4\nprecompute_ref_logps: true\n",
     "full": "dataset: demo:identity_sft\nfinetuning_type: full\n",
+    "dora": "dataset: demo:identity_sft\nlora_rank: 4\nuse_dora: true\n",
+    "freeze": "dataset: demo:identity_sft\nfinetuning_type: freeze\nfreeze_trainable_layers: 1\n",
+    "pt": "stage: pt\ndataset: {corpus}\nlora_rank: 4\n",
+    "qlora8": "dataset: demo:identity_sft\nlora_rank: 4\nquantization_bit: 8\n",
+    "dpo_live": "stage: dpo\ndataset: demo:dpo_demo\nlora_rank: 4\n",
+    # eval every step, 2 generated samples per eval (a decode on every process), and a threshold
+    # no eval can beat: early stopping ends both runs after the second evaluation (step 2 of 6)
+    "eval_stop": "dataset: demo:identity_sft\nlora_rank: 4\ngeneration_eval_samples: 2\n"
+    "early_stopping_patience: 1\nearly_stopping_threshold: 100.0\n",
 }
+# Keys of BASE a case sets differently (the config parser refuses duplicate keys).
+OVERRIDES = {"eval_stop": {"max_steps": "6", "eval_steps": "1"}}
+STEPS = {"eval_stop": 2}  # optimiser steps logged (3 otherwise)
+FULL_WEIGHTS = ("full", "freeze")  # these export model/, the rest adapter/
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +151,20 @@ def train_two_hosts(cfg: Path, env: dict, extra_args: tuple[str, ...] = ()):
     return procs
 
 
+def _set_keys(text: str, values: dict[str, str]) -> str:
+    return "\n".join(
+        f"{ln.split(':')[0]}: {values[ln.split(':')[0]]}" if ln.split(":")[0] in values else ln
+        for ln in text.split("\n")
+    )
+
+
 def _write_cfg(root: Path, model: Path, name: str, case: str) -> tuple[Path, Path]:
     out = root / name
     cfg = root / f"{name}.yaml"
-    cfg.write_text(BASE.format(model=model, out=out) + CASES[case])
+    corpus = root / "corpus.txt"  # raw text for stage pt
+    corpus.write_text("\n".join(f"The number {i} comes before {i + 1}." for i in range(60)))
+    base = _set_keys(BASE.format(model=model, out=out), OVERRIDES.get(case, {}))
+    cfg.write_text(base + CASES[case].format(corpus=corpus))
     return cfg, out
 
 
@@ -183,11 +208,15 @@ def test_two_hosts_train_and_export_like_one(case, model_dir, env, tmp_path):
     assert rc == 0, out[-5000:]
 
     two, one = _losses(run2), _losses(run1)
-    assert sorted(two) == sorted(one) and len(one["train/loss"]) == 3
+    assert sorted(two) == sorted(one) and len(one["train/loss"]) == STEPS.get(case, 3)
     for k in one:
         np.testing.assert_allclose(two[k], one[k], rtol=1e-5, err_msg=k)
     assert (run2 / "report.md").is_file()
-    sub = "model" if case == "full" else "adapter"
+    if case == "eval_stop":  # both hosts stopped together and generated samples at each eval
+        assert "early stopping at step 2" in out0, out0[-3000:]
+        last = json.loads((run2 / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["time/generation_s"] > 0, last
+    sub = "model" if case in FULL_WEIGHTS else "adapter"
     _assert_same_tensors(_tensors(run2 / sub), _tensors(run1 / sub))
     if case == "lora":  # the merged export of the 2-host run equals the reference's
         for run in (run1, run2):
