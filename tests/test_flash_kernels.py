@@ -214,3 +214,34 @@ def test_train_steps_with_splash_interpret_equal_xla(tiny_model_dir, tmp_path, c
     dense = run("xla", attention="xla")
     assert len(dense) == 3
     np.testing.assert_allclose(splash, dense, rtol=1e-5)
+
+
+@pytest.mark.parametrize("right_padded", [True, False])
+def test_cudnn_call_semantics_match_dense(monkeypatch, right_padded):
+    """What flash.cudnn asks of `jax.nn.dot_product_attention` (sequence lengths for right-padded
+    rows, incl. a dummy all-padding row; else the same-segment mask; causal; window) means the
+    same attention as the dense reference. Checked through the API's XLA implementation (cuDNN
+    implements the same contract and cannot run here): outputs at real rows and q/k/v grads."""
+    calls = []
+    api = jax.nn.dot_product_attention
+
+    def as_xla(*args, implementation=None, **kw):
+        calls.append((implementation, sorted(k for k, v in kw.items() if v is not None)))
+        return api(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    t, window, scale = 128, 40, DH**-0.5
+    q, k, v, g, packed = _inputs(t)
+    rows = jnp.asarray([[1] * 90 + [0] * 38, [0] * t], jnp.int32)  # one sample + pad; dummy row
+    seg = rows if right_padded else packed
+    got = _value_and_grads(
+        lambda q, k, v: flash.cudnn(q, k, v, seg, scale, window, right_padded), q, k, v, g, seg
+    )
+    monkeypatch.setattr(jax.nn, "dot_product_attention", api)
+    want = _value_and_grads(lambda q, k, v: _dense(q, k, v, seg, window, scale), q, k, v, g, seg)
+    used = "query_seq_lengths" if right_padded else "mask"
+    assert calls and all(c[0] == "cudnn" and used in c[1] for c in calls), calls
+    assert _rel(got[0], want[0]) <= 1e-5
+    for x, y in zip(got[1], want[1], strict=True):
+        assert bool(jnp.all(jnp.isfinite(x)))
+        assert _rel(x, y) <= 1e-5

@@ -131,8 +131,10 @@ def cudnn(q, k, v, segment_ids, scale: float, window: int | None, right_padded: 
 
     `right_padded` (each row is ONE sample followed by padding: unpacked training batches):
     the padding goes in as per-row sequence lengths, cuDNN's native PADDING_CAUSAL mask; no
-    [B, 1, T, T] array is built. A row of padding only (a dummy row) gets length 1, not 0: its
-    first token attends to itself, so nothing divides by zero; its outputs are never used.
+    [B, 1, T, T] array is built. (With causality a real query never reaches a key after its
+    sample anyway; the lengths let cuDNN skip the padding's work.) A row of padding only (a dummy
+    row) gets length 1, not 0: its first token attends to itself, so no softmax is empty; its
+    outputs are never used.
 
     Otherwise (packed rows, left padding): JAX's cuDNN API has no segment ids, so the
     same-segment test goes in as a boolean [B, 1, T, T] mask, which JAX turns into an additive
