@@ -64,7 +64,9 @@ def export_adapter(
                 (tmp / TEMPLATE_FILE).write_text(chat_template)
         else:
             extra = {TEMPLATE_FILE: chat_template} if chat_template else None
-            write_peft_files(adapter, tmp, base_model=base_model, extra_files=extra)
+            write_peft_files(
+                adapter, tmp, base_model=base_model, extra_files=extra, model_config=model_config
+            )
         _save_tokenizer(tokenizer, tmp, chat_template)  # inside: a full disk leaves nothing
     return Path(out_dir)
 

@@ -19,6 +19,10 @@ into its `target_parameters` LoRA of `experts.gate_up_proj` / `experts.down_proj
 block-diagonal B, alpha doubled), which computes the same function; older transformers load
 them as they are.
 
+Gemma 3 multimodal checkpoints (`gemma3`: LoRA on the text decoder only) name the layers
+`base_model.model.model.language_model.layers.{i}...` and write `target_modules` as a regex over
+the language model, so PEFT leaves the vision tower's same-named projections alone.
+
 rsLoRA and DoRA are plain config flags (`use_rslora`, `use_dora`). PiSSA adapters are exported
 already converted to a LoRA on the original base (`jaxlora.peft.lora.pissa_to_lora`), so their
 config says `init_lora_weights: true`. PEFT adapters saved WITHOUT that conversion (init "pissa",
@@ -59,16 +63,25 @@ from jaxlora.peft.prompt import PromptAdapter
 PREFIX = "base_model.model.model.layers"
 # PEFT inits that replace the base weights (the adapter is relative to the rewritten base).
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp|block_sparse_moe)\."
+KEY_RE = re.compile(  # the text decoder: model., model.language_model., language_model.model.
+    r"^(?:base_model\.model\.)?(?:model\.language_model\.|language_model\.model\.|model\.)"
+    r"layers\.(\d+)\.(self_attn|mlp|block_sparse_moe)\."
     r"(?:experts\.(\d+)\.)?(\w+)\."
     r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
 )
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
-def adapter_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
-    """PEFT-named fp32 tensors of an adapter."""
+def _prefix(model_config: Any) -> str:
+    """Where PEFT puts the decoder layers of this base (Gemma 3 multimodal: its text part)."""
+    if model_config is not None and model_config.model_type == "gemma3":
+        return "base_model.model.model.language_model.layers"
+    return PREFIX
+
+
+def adapter_tensors(adapter: Adapter, model_config: Any = None) -> dict[str, np.ndarray]:
+    """PEFT-named fp32 tensors of an adapter (`model_config`: the base's, for its layout)."""
+    prefix = _prefix(model_config)
     out = {}
     for path, node in iter_modules(adapter.params):
         a = np.asarray(jax.device_get(node["lora_a"]), np.float32)  # [L, in, r]
@@ -77,7 +90,7 @@ def adapter_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
             _, block, _, module = path
             for i in range(a.shape[0]):
                 for e in range(a.shape[1]):
-                    stem = f"{PREFIX}.{i}.{block}.experts.{e}.{module}"
+                    stem = f"{prefix}.{i}.{block}.experts.{e}.{module}"
                     out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i, e].T)
                     out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i, e].T)
             continue
@@ -85,7 +98,7 @@ def adapter_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
         mag = node.get("magnitude")
         mag = None if mag is None else np.asarray(jax.device_get(mag), np.float32)
         for i in range(a.shape[0]):
-            stem = f"{PREFIX}.{i}.{block}.{module}"
+            stem = f"{prefix}.{i}.{block}.{module}"
             out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
             if mag is not None:
@@ -93,9 +106,13 @@ def adapter_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     return out
 
 
-def peft_config(adapter: Adapter, base_model: str | None = None) -> dict[str, Any]:
+def peft_config(
+    adapter: Adapter, base_model: str | None = None, model_config: Any = None
+) -> dict[str, Any]:
     c = adapter.config
-    targets = sorted({path[-1] for path, _ in iter_modules(adapter.params)})
+    targets: list[str] | str = sorted({path[-1] for path, _ in iter_modules(adapter.params)})
+    if _prefix(model_config) != PREFIX:  # only the text decoder's modules (regex, full match)
+        targets = rf".*language_model.*\.({'|'.join(targets)})"
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -138,12 +155,15 @@ def write_peft_files(
     *,
     base_model: str | None = None,
     extra_files: dict[str, str] | None = None,
+    model_config: Any = None,
 ) -> None:
-    """The adapter's files into an existing (temporary) directory; callers make it atomic."""
+    """The adapter's files into an existing (temporary) directory; callers make it atomic.
+    `model_config`: the base's `ModelConfig` (names the layers of a Gemma 3 multimodal base)."""
     from safetensors.numpy import save_file
 
-    save_file(adapter_tensors(adapter), str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(peft_config(adapter, base_model), indent=2))
+    save_file(adapter_tensors(adapter, model_config), str(out / "adapter_model.safetensors"))
+    config = peft_config(adapter, base_model, model_config)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text)
 

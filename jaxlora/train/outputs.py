@@ -198,11 +198,13 @@ def export_from_run(
             overwrite=overwrite,
         )
     model_config = None
-    if isinstance(adapter, PromptAdapter | BottleneckAdapter):  # configs record the base's shapes
-        from jaxlora.io.model import resolve_model_path
-        from jaxlora.models.config import load_hf_config
+    from jaxlora.io.model import resolve_model_path
+    from jaxlora.models.config import load_hf_config
 
+    if isinstance(adapter, PromptAdapter | BottleneckAdapter):  # configs record the base's shapes
         model_config = load_hf_config(resolve_model_path(base))[0]
+    elif (Path(base) / "config.json").is_file():  # a local base: its layer naming (Gemma 3)
+        model_config = load_hf_config(base)[0]
     return export_adapter(
         adapter,
         out_dir,
