@@ -302,3 +302,13 @@ def test_moe_lora_matches_peft(tmp_path, case):
     with torch.no_grad():
         got = merged(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     assert np.abs(got.numpy() - ours)[valid].max() <= 1e-4
+
+
+def test_qlora_quantises_experts_not_the_router():
+    from jaxlora.models.quant import default_predicate
+
+    assert default_predicate(("layers", "mlp", "experts", "gate_proj", "kernel"))
+    assert default_predicate(("layers", "block_sparse_moe", "experts", "w1", "kernel"))
+    assert default_predicate(("layers", "mlp", "gate_proj", "kernel"))  # dense MLP
+    assert not default_predicate(("layers", "mlp", "gate", "kernel"))  # router
+    assert not default_predicate(("layers", "block_sparse_moe", "gate", "kernel"))

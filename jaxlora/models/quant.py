@@ -331,7 +331,9 @@ def _key_name(k: Any) -> str:
     return str(k)
 
 
-_NEVER = ("embed_tokens", "embedding", "lm_head")  # norms have "scale" leaves, never "kernel"
+# Norms have "scale" leaves, never "kernel". "gate" is an MoE router ([D, E], tiny): kept in the
+# base dtype, as bitsandbytes QLoRA leaves transformers 5's router modules (not nn.Linear) alone.
+_NEVER = ("embed_tokens", "embedding", "lm_head", "gate")
 
 
 def default_predicate(path: tuple[str, ...]) -> bool:
