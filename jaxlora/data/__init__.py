@@ -10,7 +10,9 @@ chat_template=None, system=None, seed=0, eval_dataset=None) -> (train, eval, Dat
 Every loader also takes ``cache_dir=None`` (tokenised datasets are kept there, memory-mapped,
 keyed by all their inputs; None = a temporary directory), ``num_workers=1`` (tokenising
 processes; scripts using > 1 need the ``if __name__ == "__main__":`` guard of Python's spawn
-start method), ``mix_strategy="concat"`` / ``interleave_probs=None`` (see ``views.py``). The
+start method), ``mix_strategy="concat"`` / ``interleave_probs=None`` (see ``views.py``),
+``hosts=None`` (P > 1 hosts sharing ``cache_dir`` tokenise 1/P of each dataset each, see
+``shard.py``). The
 sequences returned read samples from the memory-mapped files when indexed (``views.py``), so
 host memory does not grow with the dataset; ``report.cache_hits`` / ``cache_misses`` count the
 datasets read from / written to the cache.

@@ -165,9 +165,15 @@ class ChunkEncoder:
 
 
 def encode_dataset(
-    directory: Path, spec: SourceSpec, max_samples: int | None, encoder: ChunkEncoder
+    directory: Path,
+    spec: SourceSpec,
+    max_samples: int | None,
+    encoder: ChunkEncoder,
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
-    """Read ``spec``'s rows and write their encoding into ``directory``."""
+    """Read ``spec``'s rows and write their encoding into ``directory``. ``shard`` = (i, n):
+    encode only chunks i, i + n, i + 2n, ... (one host's part, see ``shard.py``); every chunk's
+    (rows, samples) is kept in ``chunks.npy`` so parts can be put back in order."""
     rows = iter_rows(spec, max_samples)
     first = next(rows)
     fmt = spec.formatting
@@ -175,18 +181,24 @@ def encode_dataset(
         fmt = detect_format(first[1], first[0])
     stream = itertools.chain([first], rows)
     chunks = iter(lambda: list(itertools.islice(stream, CHUNK_ROWS)), [])
+    if shard[1] > 1:
+        chunks = (c for k, c in enumerate(chunks) if k % shard[1] == shard[0])
+    head = next(chunks, None)  # a host may have no chunk of a small dataset
+    encoded = encoder.encoded(spec, fmt, itertools.chain([head], chunks)) if head else []
     writer = StoreWriter(directory, SAMPLE_TYPE[encoder.shared["stage"]])
     cols: dict[str, list[np.ndarray]] = {"row_sample": [], "prompt_len": [], "answer_len": []}
+    cols["chunks"] = []
     targets: list[np.ndarray] = []
     totals = np.zeros(3, np.int64)
     n_rows = 0
-    for out in encoder.encoded(spec, fmt, chunks):
+    for out in encoded:
         m = len(out["prompt_len"])
         row_sample = np.full(m, -1, np.int64)
         row_sample[out["kept"]] = writer.n + np.arange(len(out["kept"]))
         cols["row_sample"].append(row_sample)
         cols["prompt_len"].append(out["prompt_len"])
         cols["answer_len"].append(out["answer_len"])
+        cols["chunks"].append(np.asarray([[m, len(out["kept"])]], np.int64))
         if writer.type is Example:
             targets.append(
                 np.fromiter((int(s.loss_mask[1:].sum()) for s in out["samples"]), np.int64)
@@ -194,8 +206,10 @@ def encode_dataset(
         totals += out["counts"]
         n_rows += m
         writer.append(out["samples"])
+    empty = {"chunks": np.zeros((0, 2), np.int64)}
     for name, parts in cols.items():
-        np.save(directory / f"{name}.npy", np.concatenate(parts))
+        arr = np.concatenate(parts) if parts else empty.get(name, np.zeros(0, np.int64))
+        np.save(directory / f"{name}.npy", arr)
     if targets:
         np.save(directory / "targets.npy", np.concatenate(targets))
     writer.close(

@@ -31,6 +31,7 @@ from jaxlora.data.cache import (
 from jaxlora.data.encode import Example
 from jaxlora.data.feedback import FeedbackExample
 from jaxlora.data.loading import resolve_datasets
+from jaxlora.data.shard import open_or_build_sharded
 from jaxlora.data.templates import ChatTemplate, resolve_template
 from jaxlora.data.views import (
     PackedView,
@@ -124,7 +125,7 @@ def _stores(
     if max_samples is not None and max_samples < 1:
         raise UserError(f"config key `max_samples` must be >= 1, got {max_samples}")
     specs = resolve_datasets(names, src["dataset_dir"], src["formatting"])
-    cache_dir = src["cache_dir"]
+    cache_dir, hosts = src["cache_dir"], src["hosts"]
     root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="jaxlora-data-"))
     tok_key = tokenizer_digest(tokenizer)
     workers = src["num_workers"] or default_workers()
@@ -148,7 +149,11 @@ def _stores(
             build = functools.partial(
                 encode_dataset, spec=spec, max_samples=max_samples, encoder=encoder
             )
-            store, hit = open_or_build(key, root, build)
+            if hosts is not None and hosts.process_count > 1 and cache_dir:
+                part = functools.partial(_build_part, build=build)
+                store, hit = open_or_build_sharded(key, root, part, hosts)
+            else:
+                store, hit = open_or_build(key, root, build)
             report.cache_hits += hit
             report.cache_misses += not hit
             stores.append(store)
@@ -161,10 +166,14 @@ def _stores(
     return stores
 
 
+def _build_part(directory: Path, shard: tuple[int, int], build) -> None:
+    build(directory, shard=shard)
+
+
 def _load(stage: str, tokenizer: Any, tmpl: ChatTemplate | None, **kw) -> tuple:
     """(train view, eval view, report, training rows read): encode (or reuse) every dataset,
     mix the training datasets' rows, split off validation rows, drop emptied samples."""
-    src = {k: kw[k] for k in ("dataset_dir", "formatting", "max_samples", "cache_dir")}
+    src = {k: kw[k] for k in ("dataset_dir", "formatting", "max_samples", "cache_dir", "hosts")}
     src["num_workers"], src["encode"] = kw["num_workers"], kw["encode"]
     report = DataReport(stage=stage, datasets=[])
     stores = _stores(stage, tokenizer, tmpl, kw["dataset"], src, report)
@@ -213,6 +222,7 @@ def _common(
     num_workers: int | None = 1,
     mix_strategy: str | None = "concat",
     interleave_probs: list[float] | None = None,
+    hosts: Any = None,
 ) -> dict:
     """The keyword arguments every loader shares (see the module docstring of ``data``)."""
     return dict(locals())

@@ -55,6 +55,23 @@ def data_cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.tokenized_path) if cfg.data.tokenized_path else cache_root()
 
 
+class JaxHosts:
+    """How hosts meet while tokenising into a shared cache (`jaxlora.data.shard`)."""
+
+    def __init__(self):
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+
+    def barrier(self, tag: str) -> None:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)
+
+    def all(self, flag: bool) -> bool:
+        from jax.experimental import multihost_utils
+
+        return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
 def loader_args(cfg: Config) -> dict:
     """The keyword arguments every data loader takes, from the config."""
     d = cfg.data
@@ -76,6 +93,7 @@ def loader_args(cfg: Config) -> dict:
         interleave_probs=(
             [float(x) for x in d.interleave_probs.split(",")] if d.interleave_probs else None
         ),
+        hosts=JaxHosts() if jax.process_count() > 1 else None,
     )
 
 
