@@ -128,6 +128,8 @@ class Run:
 
     def close(self) -> None:
         self.checkpoints.close()
+        if self.data.stream is not None:  # its tokenising worker processes, if any
+            self.data.stream.close()
 
 
 def build_run(
