@@ -78,3 +78,33 @@ def test_gguf_export_streams_from_disk_without_loading_the_model(
         got,
         want,
     )
+
+
+def test_gguf_of_a_finished_full_run_streams_its_model_dir(tiny_model_dir, tmp_path, monkeypatch):
+    """`jaxlora export RUN --gguf` of a finished full fine-tuning run reads RUN/model tensor by
+    tensor: the base is never rebuilt nor the checkpoint restored onto a device."""
+    import shutil
+
+    from jaxlora.train import methods
+    from jaxlora.train.outputs import export_from_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        f"model_name_or_path: {tiny_model_dir}\nfinetuning_type: full\ndataset: demo:identity\n"
+    )
+    shutil.copytree(tiny_model_dir, run / "model")
+
+    def refuse(*a, **kw):
+        raise AssertionError("rebuilt the base on a device")
+
+    monkeypatch.setattr(methods, "rebuild_split", refuse)
+    out = export_from_run(run, tmp_path / "g", gguf_type="f16")
+    monkeypatch.undo()
+    got = jaxlora.load_model(out / "model.gguf", dtype="float32").params
+    want = jaxlora.load_model(tiny_model_dir, dtype="float32").params
+    jax.tree_util.tree_map(
+        lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-4),
+        got,
+        want,
+    )
