@@ -123,6 +123,17 @@ def test_moe_logits_and_aux_loss_match_transformers(tmp_path, case):
     assert np.abs(got[:7] - ref_a).max() <= 1e-4
     assert np.abs(got[7:12] - ref_b).max() <= 1e-4
 
+    # KV-cache decoding routes each new token like the full forward: greedy tokens equal
+    # transformers' generate (past Mixtral's 5-token window too).
+    from jaxlora.evaluate.generate import generate
+
+    new = generate(model, [a.tolist()], max_new_tokens=8, stop_token_ids=())[0]
+    with torch.no_grad():
+        hf = torch_model.generate(
+            torch.tensor(a[None]), do_sample=False, max_new_tokens=8, min_new_tokens=8
+        )
+    assert new == hf[0, 7:].tolist()
+
 
 def _raw(case, **over):
     config_cls, overrides = CASES[case]
@@ -312,3 +323,13 @@ def test_qlora_quantises_experts_not_the_router():
     assert default_predicate(("layers", "mlp", "gate_proj", "kernel"))  # dense MLP
     assert not default_predicate(("layers", "mlp", "gate", "kernel"))  # router
     assert not default_predicate(("layers", "block_sparse_moe", "gate", "kernel"))
+
+
+def test_flops_count_active_experts():
+    """MFU counts the weights a token uses: router + its k experts, not all E."""
+    from jaxlora.bench.flops import matmul_params
+
+    cfg = config_from_hf(_raw("qwen3_moe"))  # d 32, E 4, k 2, expert width 16, 2 layers
+    attn = 32 * 32 + 2 * 32 * 16 + 32 * 32  # q, k, v (2 kv heads x 8), o
+    per_layer = attn + 32 * 4 + 2 * 3 * 32 * 16
+    assert matmul_params(cfg) == 2 * per_layer + 32 * 101

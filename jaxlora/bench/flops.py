@@ -73,8 +73,12 @@ _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each per-layer projection of a Llama-family block."""
+    """(in, out) of each per-layer projection of a Llama-family block. Mixture of experts: the
+    MLP projections as the k experts a token is routed to (width k x moe_intermediate_size),
+    i.e. the ACTIVE weights per token, which is what the FLOPs count."""
     d, f = cfg.hidden_size, cfg.intermediate_size
+    if cfg.num_experts:
+        f = cfg.num_experts_per_tok * cfg.moe_intermediate_size
     q = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
     return {
@@ -89,8 +93,10 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """N: weights used in matmuls per token = all layer projections + the LM head (d x V)."""
+    """N: weights used in matmuls per token = all layer projections + the LM head (d x V);
+    MoE: the router (d x E) and the k active experts' projections."""
     per_layer = sum(i * o for i, o in linear_shapes(cfg).values())
+    per_layer += cfg.hidden_size * cfg.num_experts  # MoE router; 0 for dense models
     lm_head = cfg.hidden_size * cfg.vocab_size  # the head matmul runs even when tied
     return cfg.num_hidden_layers * per_layer + lm_head
 
