@@ -23,6 +23,11 @@ per-expert matmuls), so no dense dispatch einsum is needed. Nothing is dropped (
 factor), as in transformers, so tokens never interact and a packed row routes exactly as each
 sample alone.
 
+Expert parallelism: the kernels' E axis carries the logical name "expert" (mesh axis "expert",
+`jaxlora.parallel.sharding`). Under GSPMD the routing (top-k, sort) runs on the gathered global
+batch and each device applies its own experts, the outputs all-reduced over the expert axis;
+the expert weights are never gathered. There is no hand-written all-to-all dispatch.
+
 LoRA on experts ("lora" collection, same paths): per expert A [E, in, r] and B [E, r, out],
 applied with the same ragged matmuls; PEFT names them per expert (see `jaxlora.io.peft`).
 
