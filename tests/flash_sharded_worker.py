@@ -1,7 +1,7 @@
 """Worker for tests/test_flash_sharded.py: run in a subprocess with 4 host devices.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python3 tests/flash_sharded_worker.py \
-        KERNEL:KV_HEADS ... [lower=TMPDIR]
+        KERNEL:KV_HEADS ... [lower=TMPDIR] [outside]
 
 Mesh data=1 x fsdp=2 x tensor=2, the trainer's mesh context (`sharding.mesh_context`: the mesh
 and the flax logical rules). q/k/v are laid out as the model's projections leave them (batch
@@ -10,7 +10,8 @@ interpreter) and KV_HEADS (4 query heads; 2 = GQA split over tensor, 1 = MQA: he
 split, replicated over tensor) prints one JSON line: relative errors of the output and the q/k/v
 gradients against the dense XLA path (packed rows + padding), the `attention` log line (says
 whether the shard_map path ran) and the all-gathers in the compiled fwd+bwd HLO. `lower=DIR`
-prints the `bench --lower-for tpu` summary of a tiny packed LoRA step on the same mesh.
+prints the `bench --lower-for tpu` summary of a tiny packed LoRA step on the same mesh;
+`outside` checks the no-mesh fallback and the all-None specs (see `outside`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -138,8 +140,35 @@ def lower(tmp: str) -> None:
     print(json.dumps({"kernel": "lower", **lower_step(cfg, "tpu")[1]}), flush=True)
 
 
+def outside() -> None:
+    """No mesh context on 4 devices (inference paths): a non-interpreted Pallas kernel falls back
+    to dense, announced; and under the mesh, shapes nothing divides get all-None specs."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("jaxlora.attention")
+    log.handlers, log.propagate = [handler], False
+    log.setLevel(logging.INFO)
+    q, k, v, _, seg = inputs(128, 2)
+    spec = A.AttentionSpec("splash", platform="tpu")  # chosen for a TPU, traced on this CPU
+    got = jax.jit(lambda q, k, v: A.attention(q, k, v, scale=0.125, segment_ids=seg, spec=spec))
+    want = jax.nn.dot_product_attention(q, k, v, mask=A.causal_mask(seg), scale=0.125)
+    real = (seg != 0)[:, :, None, None]
+    err = float(jnp.max(jnp.abs(jnp.where(real, got(q, k, v) - want, 0))))
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2)
+    with sharding.mesh_context(mesh):
+        part = A.kernel_partition(1, 3, 1)  # batch 1, 3 q heads, 1 kv head: nothing divides
+    used = [a for e in part[1] if e for a in ((e,) if isinstance(e, str) else e)]
+    split = int(np.prod([mesh.shape[a] for a in used]))  # devices the q/k/v spec splits over
+    line = {"kernel": "outside", "max_abs_err": err, "log": records, "odd_split": split}
+    print(json.dumps(line), flush=True)
+
+
 if __name__ == "__main__":
     for case in sys.argv[1:]:
+        if case == "outside":
+            outside()
+            continue
         if case.startswith("lower="):
             lower(case.split("=", 1)[1])
             continue

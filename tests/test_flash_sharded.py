@@ -62,11 +62,16 @@ def test_kernels_per_device_match_dense_without_gathers():
 def test_lower_for_tpu_on_mesh_runs_splash_on_the_device_block(tmp_path):
     """`bench --lower-for tpu` on fsdp=2 x tensor=2: a 4-partition module whose splash calls
     take one row of 2 of the 4 query heads (global batch 2): the per-device block."""
-    (lowered,) = _worker(f"lower={tmp_path}")
+    lowered, outside = _worker(f"lower={tmp_path}", "outside")
     assert lowered["num_partitions"] == 4 and lowered["batch"] == 2
     assert lowered["kernel_custom_calls"]["tpu_custom_call"] >= 2
     assert lowered["splash_q_shapes"] == ["1x2x256x24"], lowered
     assert lowered["f32_score_buffers"] == []
+    # Outside a mesh context on 4 devices (generation, chat): the splash choice falls back to
+    # dense, said once; under the mesh, a shape nothing divides still runs per device.
+    assert outside["max_abs_err"] <= 1e-5
+    assert len(outside["log"]) == 1 and "outside a mesh context" in outside["log"][0]
+    assert outside["odd_split"] == 1  # shard_map with nothing split: replicated kernel
 
 
 @pytest.mark.slow

@@ -187,23 +187,19 @@ def attention(
     t = q.shape[1]
     kernel, reason = select(spec, t, q.dtype, q.shape[-1], window, softcap)
     if kernel in ("splash", "pallas", "cudnn"):
-        fn = {
-            "splash": lambda q, k, v, s: flash.splash(q, k, v, s, scale, window, spec.interpret),
-            "pallas": lambda q, k, v, s: flash.pallas_gpu(q, k, v, s, scale, spec.interpret),
-            "cudnn": lambda q, k, v, s: flash.cudnn(q, k, v, s, scale, window, spec.right_padded),
-        }[kernel]
         part = kernel_partition(q.shape[0], q.shape[2], k.shape[2])
-        if part is None:
-            _announce(spec, kernel, reason, q.shape)
-            return fn(q, k, v, segment_ids)
-        mesh, qkv, seg = part
-        _announce(spec, kernel, f"{reason}; per device via shard_map, q/k/v {qkv}", q.shape)
-        # check_vma=False: JAX's Pallas kernels declare no varying-mesh-axes types for their
-        # outputs (pallas_call refuses under check_vma=True). Gradients stay exact: every mesh
-        # axis the specs leave out only replicates work (tests/test_flash_sharded.py).
-        return jax.shard_map(
-            fn, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=False
-        )(q, k, v, segment_ids)
+        if part is None and kernel != "cudnn" and not spec.interpret and jax.device_count() > 1:
+            # Inference outside the trainer's mesh context (generation, chat, scoring) on a
+            # multi-device host: the arrays may be sharded, and a Pallas call cannot be
+            # partitioned (Mosaic refuses to lower). Dense is correct whatever the layout.
+            # (cuDNN's JAX primitive carries its own partitioning rule.)
+            reason = (
+                f"fallback: the {kernel} kernel outside a mesh context on "
+                f"{jax.device_count()} devices (XLA cannot partition a kernel call)"
+            )
+            kernel = "xla"
+        else:
+            return _run_kernel(kernel, part, q, k, v, segment_ids, scale, window, spec, reason)
     _announce(spec, kernel, reason, q.shape)
     if softcap is not None:  # select() picked xla
         return _softcapped(q, k, v, causal_mask(segment_ids, window), scale, softcap)
@@ -211,6 +207,26 @@ def attention(
     if kernel == "block":
         return block_causal_attention(q, k, v, dense_mask, scale, ATTENTION_BLOCK)
     return jax.nn.dot_product_attention(q, k, v, mask=dense_mask, scale=scale)
+
+
+def _run_kernel(kernel, part, q, k, v, segment_ids, scale, window, spec, reason):
+    """The accelerator kernel on the global arrays (`part` None: one device) or per device."""
+    fn = {
+        "splash": lambda q, k, v, s: flash.splash(q, k, v, s, scale, window, spec.interpret),
+        "pallas": lambda q, k, v, s: flash.pallas_gpu(q, k, v, s, scale, spec.interpret),
+        "cudnn": lambda q, k, v, s: flash.cudnn(q, k, v, s, scale, window, spec.right_padded),
+    }[kernel]
+    if part is None:
+        _announce(spec, kernel, reason, q.shape)
+        return fn(q, k, v, segment_ids)
+    mesh, qkv, seg = part
+    _announce(spec, kernel, f"{reason}; per device via shard_map, q/k/v {qkv}", q.shape)
+    # check_vma=False: JAX's Pallas kernels declare no varying-mesh-axes types for their
+    # outputs (pallas_call refuses under check_vma=True). Gradients stay exact: every mesh
+    # axis the specs leave out only replicates work (tests/test_flash_sharded.py).
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=False
+    )(q, k, v, segment_ids)
 
 
 def kernel_partition(batch: int, heads: int, kv_heads: int):
@@ -224,7 +240,10 @@ def kernel_partition(batch: int, heads: int, kv_heads: int):
     sees q/k/v already laid out as the projections made them. A mesh axis is used only where
     the size divides (batch: trailing axes dropped until it does, as `parallel.sharding`
     does); heads are split only when both N and K divide (query-head block j then uses exactly
-    kv-head block j, so GQA stays local). None without a multi-device mesh (`jax.set_mesh`).
+    kv-head block j, so GQA stays local). When nothing divides, the specs are all None: every
+    device runs the whole kernel on gathered inputs (correct, and still lowerable: a kernel call
+    outside a shard_map on a multi-device mesh is not). None without a multi-device mesh
+    (`jax.set_mesh`).
     """
     get = getattr(jax.sharding, "get_abstract_mesh", None)
     mesh = get() if get is not None else None
@@ -248,8 +267,6 @@ def kernel_partition(batch: int, heads: int, kv_heads: int):
         or kv_heads % math.prod(sizes[a] for a in h_axes)
     ):
         h_axes = ()
-    if math.prod(sizes[a] for a in (*b_axes, *h_axes)) == 1:
-        return None
     b = None if not b_axes else b_axes[0] if len(b_axes) == 1 else b_axes
     h = None if not h_axes else h_axes[0] if len(h_axes) == 1 else h_axes
     return mesh, P(b, None, h, None), P(b, None)
