@@ -333,3 +333,51 @@ def test_flops_count_active_experts():
     attn = 32 * 32 + 2 * 32 * 16 + 32 * 32  # q, k, v (2 kv heads x 8), o
     per_layer = attn + 32 * 4 + 2 * 3 * 32 * 16
     assert matmul_params(cfg) == 2 * per_layer + 32 * 101
+
+
+def test_moe_bad_inputs_are_one_line_errors():
+    """LoRA variants PEFT cannot load on experts, and a negative aux coefficient, are refused."""
+    import flax.linen as nn
+
+    from jaxlora.config import config_from_dict
+    from jaxlora.models.llama import Decoder
+    from jaxlora.peft.lora import LoraConfig, init_lora, init_pissa, parse_targets
+
+    cfg = config_from_hf(_raw("mixtral"))
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = nn.unbox(Decoder(cfg, dtype=jnp.float32).init(jax.random.key(0), ids)["params"])
+    key = jax.random.key(0)
+    with pytest.raises(UserError, match="LoRA on MoE experts takes neither use_dora"):
+        init_lora(key, params, LoraConfig(dropout=0.05))
+    with pytest.raises(UserError, match="LoRA on MoE experts takes neither use_dora"):
+        init_lora(key, params, LoraConfig(use_dora=True, targets=("w1",)))
+    with pytest.raises(UserError, match="PiSSA on MoE experts"):
+        init_pissa(key, params, LoraConfig(init="pissa", rank=2, targets=("down_proj",)))
+    # Attention-only LoRA with dropout is fine; Mixtral's names are aliases of ours.
+    tree = init_lora(key, params, LoraConfig(dropout=0.05, targets=("q_proj", "v_proj")))
+    assert set(tree["layers"]) == {"self_attn"}
+    assert parse_targets("w1,w2,q_proj") == ("q_proj", "gate_proj", "down_proj")
+    tree = init_lora(key, params, LoraConfig(targets=parse_targets("w3")))
+    assert tree["layers"]["block_sparse_moe"]["experts"]["w3"]["lora_a"].shape == (2, 4, 32, 8)
+    with pytest.raises(UserError, match="moe_aux_loss_coef"):
+        config_from_dict({"moe_aux_loss_coef": -0.1})
+
+
+def test_mixtral_router_jitter_only_while_training():
+    """`router_jitter_noise`: the MoE input is scaled by U(1-j, 1+j) noise in training forwards
+    (dropout rng), never in eval ones, as MixtralSparseMoeBlock does."""
+    import flax.linen as nn
+
+    from jaxlora.models.llama import Decoder
+
+    cfg = config_from_hf(_raw("mixtral", router_jitter_noise=0.5))
+    ids = jnp.arange(1, 9)[None]
+    init = Decoder(cfg, dtype=jnp.float32).init(jax.random.key(0), ids)
+    variables = {"params": nn.unbox(init["params"])}
+    plain = Decoder(config_from_hf(_raw("mixtral")), dtype=jnp.float32).apply(variables, ids)
+    evald = Decoder(cfg, dtype=jnp.float32).apply(variables, ids)
+    train = Decoder(cfg, dtype=jnp.float32, deterministic=False)
+    a = train.apply(variables, ids, rngs={"dropout": jax.random.key(1)})
+    b = train.apply(variables, ids, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(np.asarray(evald), np.asarray(plain))
+    assert float(jnp.abs(a - plain).max()) > 1e-3 and float(jnp.abs(a - b).max()) > 1e-3

@@ -24,6 +24,7 @@ _RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "lora_rank": (1, False, None, ""),
     "lora_alpha": (0, True, None, ""),
     "lora_dropout": (0, False, 1, ""),
+    "moe_aux_loss_coef": (0, False, None, ""),
     "pissa_iter": (0, False, None, " (0 = exact SVD)"),
     "loraplus_lr_ratio": (0, True, None, ""),
     "loraplus_lr_embedding": (0, False, None, ""),

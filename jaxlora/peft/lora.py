@@ -61,6 +61,7 @@ TARGET_ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixt
 
 def candidate_paths(name: str) -> tuple[tuple[str, ...], ...]:
     """Every param-tree path the target `name` may have (dense MLP first, then experts)."""
+    name = TARGET_ALIASES.get(name, name)
     return (LINEAR_MODULES[name], *EXPERT_MODULES.get(name, ()))
 
 
