@@ -65,7 +65,7 @@ def test_lower_for_tpu_on_mesh_runs_splash_on_the_device_block(tmp_path):
     lowered, outside = _worker(f"lower={tmp_path}", "outside")
     assert lowered["num_partitions"] == 4 and lowered["batch"] == 2
     assert lowered["kernel_custom_calls"]["tpu_custom_call"] >= 2
-    assert lowered["splash_q_shapes"] == ["1x2x256x24"], lowered
+    assert lowered["kernel_q_shapes"] == ["1x2x256x24"], lowered
     assert lowered["f32_score_buffers"] == []
     # Outside a mesh context on 4 devices (generation, chat): the splash choice falls back to
     # dense, said once; under the mesh, a shape nothing divides still runs per device.

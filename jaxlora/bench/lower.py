@@ -11,10 +11,10 @@ attention choice made for the target platform, and exports it with
 
 What lowers where (JAX 0.10-0.12, CPU-only jaxlib):
   * tpu: works. Splash attention is a Mosaic kernel: `tpu_custom_call` in the module.
-  * cuda: the dense XLA path lowers. cuDNN attention does not: its lowering asks the local
-    CUDA runtime for the cuDNN version ("cuDNN is not detected"). The Pallas/Triton kernel's
-    lowering needs the Triton compiler of a CUDA jaxlib. Both fail with that error, reported
-    as a UserError naming the kernel; lower with `attention=xla` to see the rest of the step.
+  * cuda: the dense XLA path and the Pallas/Triton kernel lower (`__gpu$xla.gpu.triton`
+    custom calls: forward, dq and dk/dv kernels; also on a mesh, per device). cuDNN attention
+    does not: its lowering asks the local CUDA runtime for the cuDNN version ("cuDNN is not
+    detected"), reported as a UserError naming the kernel.
 Only `random:<shape>` models are supported (a checkpoint would have to be read).
 
 A multi-device mesh (`mesh: {fsdp: 2, tensor: 2}` ...) lowers the partitioned step for that
@@ -22,7 +22,7 @@ many chips: host CPU devices stand in for them (`XLA_FLAGS=--xla_force_host_plat
 count=N`; the device count is fixed when JAX starts), the frozen base takes the training
 shardings, and the module records `mhlo.num_partitions = N`. What it can show without the chips:
 the kernel sits in an `sdy.manual_computation` (the shard_map of models/attention.py) and its
-operands are the per-device shapes (`splash_q_shapes`: [B/batch shards, N/tensor, T, Dh]), so
+operands are the per-device shapes (`kernel_q_shapes`: splash [1 row, N/tensor, T, Dh]), so
 the kernel itself needs no gathered q/k/v. Which collectives XLA's SPMD partitioner then adds
 around it is decided when compiling for TPU, which a CPU host cannot do; the same program
 compiled for the 4 CPU devices has no all-gather in the attention (tests/test_flash_sharded.py).
@@ -113,10 +113,11 @@ def score_buffers(shapes: list[tuple[int, ...]], heads: int, kv_heads: int) -> l
     return out
 
 
-def splash_q_shapes(text: str) -> list[str]:
-    """Distinct q shapes entering the splash kernel functions ([B, N, T, Dh] per call, B = 1:
-    the kernel is vmapped over rows), as lowered: per device inside a shard_map."""
-    fn = r"func\.func private @_splash_attention\w*"
+def kernel_q_shapes(text: str) -> list[str]:
+    """Distinct q shapes entering the kernel functions as lowered: splash `[1, N, T, Dh]` (one
+    row: the kernel is vmapped over rows), the Pallas GPU kernel `mha` `[B, T, N, Dh]`; on a
+    mesh these are per device (inside the shard_map)."""
+    fn = r"func\.func private @(?:_splash_attention\w*|mha)"
     return sorted(set(re.findall(fn + r"\(%arg0: tensor<((?:\d+x){3}\d+)x\w+>", text)))
 
 
@@ -169,7 +170,7 @@ def lower_step(cfg: Config, platform: str) -> tuple[str, dict[str, Any]]:
         "hlo_chars": len(text),
         "mesh": dict(run.parts.mesh.shape),
         "num_partitions": run.parts.mesh.size,
-        "splash_q_shapes": splash_q_shapes(text),
+        "kernel_q_shapes": kernel_q_shapes(text),
     }
     return text, summary
 
