@@ -28,8 +28,10 @@ def _dense(q, k, v, mask, scale):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
-@pytest.mark.parametrize("block,window", [(8, None), (7, None), (8, 5)])
-def test_block_causal_matches_dense_value_and_grads(block, window):
+@pytest.mark.parametrize("block,window,softcap", [(8, None, None), (7, None, None), (8, 5, None),
+                                                  (8, 5, 1.5)])  # fmt: skip
+def test_block_causal_matches_dense_value_and_grads(block, window, softcap):
+    """Also with Gemma 2's attention soft-cap, against the dense soft-capped reference."""
     q, k, v, g, seg = _inputs()
     mask = attention_mask(seg, window)
     real = (seg != 0)[:, :, None, None]  # padding query rows: output unused, compare the rest
@@ -39,9 +41,11 @@ def test_block_causal_matches_dense_value_and_grads(block, window):
         return jnp.sum(jnp.where(real, fn(q, k, v) * g, 0.0))
 
     def blocked(q, k, v):
-        return A.block_causal_attention(q, k, v, mask, scale, block)
+        return A.block_causal_attention(q, k, v, mask, scale, block, softcap)
 
     def dense(q, k, v):
+        if softcap is not None:
+            return A._softcapped(q, k, v, mask, scale, softcap)
         return _dense(q, k, v, mask, scale)
 
     out_b, out_d = jax.jit(blocked)(q, k, v), jax.jit(dense)(q, k, v)
@@ -73,7 +77,7 @@ def test_dispatch_uses_blocks_only_for_long_uncached_cpu_sequences(monkeypatch):
     calls = []
     monkeypatch.setattr(A, "ATTENTION_BLOCK", 8)
     real_fn = A.block_causal_attention
-    monkeypatch.setattr(A, "block_causal_attention", lambda *a: calls.append(a[-1]) or real_fn(*a))
+    monkeypatch.setattr(A, "block_causal_attention", lambda *a: calls.append(a[5]) or real_fn(*a))
     q, k, v, _, seg = _inputs()
     A.attention(q, k, v, scale=0.3, segment_ids=seg)
     assert calls == ([8] if jax.default_backend() == "cpu" else [])

@@ -85,18 +85,18 @@ def test_bad_gemma_configs_are_user_errors(change, match):
         config_from_hf({"model_type": "gemma3"})
 
 
-def test_softcap_falls_back_to_dense_xla_announced(caplog, monkeypatch):
+def test_softcap_kernel_choice_falls_back_announced(caplog, monkeypatch):
     monkeypatch.setattr(attn, "_announced", set())  # announced once per process otherwise
-    spec = attn.AttentionSpec()
-    # CPU auto: block for T >= 256 without a cap; with one, the dense xla kernel, with a reason.
-    assert attn.select(spec, 512, jnp.float32, 64, None)[0] == "block"
-    kernel, reason = attn.select(spec, 512, jnp.float32, 64, None, softcap=50.0)
-    assert kernel == "xla" and reason.startswith("fallback") and "soft-cap" in reason
-    kernel, reason = attn.select(
-        attn.AttentionSpec("splash", platform="tpu"), 512, jnp.bfloat16, 128, 4096, 50.0
-    )
+    # CPU auto: the block kernel takes the cap (T >= 256), dense xla below.
+    assert attn.select(attn.AttentionSpec(), 512, jnp.float32, 64, None, 50.0)[0] == "block"
+    assert attn.select(attn.AttentionSpec(), 64, jnp.float32, 64, None, 50.0)[0] == "xla"
+    # The flash kernels have no cap: fallback with the reason, logged as a warning.
+    spec = attn.AttentionSpec("splash", platform="tpu")
+    kernel, reason = attn.select(spec, 512, jnp.bfloat16, 128, 4096, 50.0)
     assert kernel == "xla" and "splash kernel has no attention logit soft-cap" in reason
-    q = jnp.ones((1, 512, 2, 8))
+    spec = attn.AttentionSpec("splash", interpret=True)
+    q = jnp.ones((1, 128, 2, 8))
     caplog.set_level(logging.WARNING, logger="jaxlora.attention")
-    attn.attention(q, q, q, scale=0.1, segment_ids=jnp.ones((1, 512), jnp.int32), softcap=5.0)
+    seg = jnp.ones((1, 128), jnp.int32)
+    attn.attention(q, q, q, scale=0.1, segment_ids=seg, softcap=5.0, spec=spec)
     assert any("soft-cap" in r.getMessage() for r in caplog.records)

@@ -17,8 +17,9 @@ segment ids natively; cuDNN through JAX would need a [B, 1, T, T] mask, see flas
 CPU -> block for T >= 256 (dense is as fast below). A kernel that cannot serve a case (fp32 on
 cuDNN, a sliding window on the Pallas GPU kernel, T not a multiple of 128 for splash, ...) falls
 back to the next candidate (block on CPU, else xla) and the log line gives the reason. An
-attention logit soft-cap (Gemma 2: `c * tanh(scores / c)`) runs only on the dense xla path
-(`_softcapped`): any other kernel falls back to it, announced. Decode steps
+attention logit soft-cap (Gemma 2: `c * tanh(scores / c)`) runs on the xla path (`_softcapped`)
+and in the block kernel (its backward multiplies dS by 1 - (S / c)^2); the flash kernels fall
+back, announced. Decode steps
 with a KV cache always run dense (one query row: nothing to tile). `interpret=True` runs the
 Pallas kernels in the Pallas interpreter on any backend (CPU tests); `platform` overrides the
 backend the choice is made for (lowering a TPU/GPU step on a CPU host).
@@ -93,10 +94,10 @@ def _unsupported(kernel, platform, spec, t, dtype, head_dim, window, softcap=Non
     """Why `kernel` cannot run this case, or None when it can."""
     if kernel == "xla":
         return None
-    if softcap is not None:
-        return f"the {kernel} kernel has no attention logit soft-cap"
     if kernel == "block":
         return None  # plain XLA ops: runs anywhere (tuned for, and auto-picked on, CPU)
+    if softcap is not None:
+        return f"the {kernel} kernel has no attention logit soft-cap"
     if platform != _KERNEL_PLATFORM[kernel] and not (kernel != "cudnn" and spec.interpret):
         return f"{kernel} needs a {_KERNEL_PLATFORM[kernel].upper()} (platform {platform})"
     if kernel == "splash" and t % flash.SPLASH_LANES:
@@ -128,7 +129,7 @@ def select(
     platform = _platform(spec)
     if spec.kernel == "auto":
         wanted = _PLATFORM_KERNELS.get(platform, ())
-        if platform == "cpu" and t < 2 * ATTENTION_BLOCK and softcap is None:
+        if platform == "cpu" and t < 2 * ATTENTION_BLOCK:
             return "xla", f"auto on cpu: T = {t} < {2 * ATTENTION_BLOCK}, dense is as fast"
     else:
         wanted = (spec.kernel,)
@@ -146,8 +147,6 @@ def select(
             return kernel, "; ".join([f"{spec.kernel} on {platform}", *reasons])
         reasons.append(why)
     fallback = "block" if platform == "cpu" and t >= 2 * ATTENTION_BLOCK else "xla"
-    if softcap is not None:
-        fallback = "xla"
     if not reasons:
         return fallback, f"auto on {platform}: no flash kernel for this platform"
     return fallback, "fallback: " + "; ".join(reasons)
@@ -201,11 +200,11 @@ def attention(
         else:
             return _run_kernel(kernel, part, q, k, v, segment_ids, scale, window, spec, reason)
     _announce(spec, kernel, reason, q.shape)
-    if softcap is not None:  # select() picked xla
-        return _softcapped(q, k, v, causal_mask(segment_ids, window), scale, softcap)
     dense_mask = causal_mask(segment_ids, window)
     if kernel == "block":
-        return block_causal_attention(q, k, v, dense_mask, scale, ATTENTION_BLOCK)
+        return block_causal_attention(q, k, v, dense_mask, scale, ATTENTION_BLOCK, softcap)
+    if softcap is not None:
+        return _softcapped(q, k, v, dense_mask, scale, softcap)
     return jax.nn.dot_product_attention(q, k, v, mask=dense_mask, scale=scale)
 
 
@@ -304,19 +303,22 @@ def _blocks(t: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, t)) for start in range(0, t, block)]
 
 
-def _scores(qb, k, mask_b, scale):
-    """fp32 [B, K, G, blk, e] masked scores of query block qb [B, blk, K, G, Dh] vs k[:, :e]."""
+def _scores(qb, k, mask_b, scale, softcap=None):
+    """fp32 [B, K, G, blk, e] masked scores of query block qb [B, blk, K, G, Dh] vs k[:, :e]
+    (soft-capped, c * tanh(s / c), when `softcap` is set)."""
     s = jnp.einsum("btkgd,bskd->bkgts", qb, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     return jnp.where(mask_b[:, :, None], s, _NEG)  # mask_b [B, 1, blk, e] -> [B, 1, 1, blk, e]
 
 
-def _forward(q, k, v, mask, scale, block):
+def _forward(q, k, v, mask, scale, block, softcap=None):
     b, t, n, dh = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, dh)  # [B, T, K, G, Dh]
     outs, lses = [], []
     for start, end in _blocks(t, block):
-        s = _scores(qg[:, start:end], k[:, :end], mask[:, :, start:end, :end], scale)
+        s = _scores(qg[:, start:end], k[:, :end], mask[:, :, start:end, :end], scale, softcap)
         m = jnp.max(s, axis=-1, keepdims=True)  # [B, K, G, blk, 1]
         p = jnp.exp(s - m)
         denom = jnp.sum(p, axis=-1, keepdims=True)
@@ -329,21 +331,27 @@ def _forward(q, k, v, mask, scale, block):
     return out, jnp.concatenate(lses, axis=-1)  # lse [B, K, G, T] fp32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def block_causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, block: int
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    block: int,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Exact causal attention by query blocks; see the module docstring."""
-    out, _ = _forward(q, k, v, mask, scale, block)
+    out, _ = _forward(q, k, v, mask, scale, block, softcap)
     return out.reshape(q.shape)
 
 
-def _fwd(q, k, v, mask, scale, block):
-    out, lse = _forward(q, k, v, mask, scale, block)
+def _fwd(q, k, v, mask, scale, block, softcap=None):
+    out, lse = _forward(q, k, v, mask, scale, block, softcap)
     return out.reshape(q.shape), (q, k, v, mask, out, lse)
 
 
-def _bwd(scale, block, res, d_out):
+def _bwd(scale, block, softcap, res, d_out):
     q, k, v, mask, out, lse = res
     b, t, n, dh = q.shape
     kh = k.shape[2]
@@ -356,10 +364,14 @@ def _bwd(scale, block, res, d_out):
     dv = jnp.zeros(v.shape, jnp.float32)
     for start, end in _blocks(t, block):
         qb, dob = qg[:, start:end], dog[:, start:end]
-        s = _scores(qb, k[:, :end], mask[:, :, start:end, :end], scale)
+        s = _scores(qb, k[:, :end], mask[:, :, start:end, :end], scale, softcap)
         p = jnp.exp(s - lse[..., start:end, None])  # [B, K, G, blk, e]; 0 where masked
         dp = jnp.einsum("btkgd,bskd->bkgts", dob, v[:, :end], preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[..., start:end, None]) * scale).astype(q.dtype)
+        ds = p * (dp - delta[..., start:end, None]) * scale
+        if softcap is not None:  # through c * tanh(x / c); masked scores (-1e30) get no gradient
+            keep = mask[:, :, None, start:end, :end]  # [B, 1, 1, blk, e]
+            ds = ds * jnp.where(keep, 1.0 - jnp.square(s / softcap), 0.0)
+        ds = ds.astype(q.dtype)
         dq_blocks.append(
             jnp.einsum("bkgts,bskd->btkgd", ds, k[:, :end], preferred_element_type=jnp.float32)
         )
