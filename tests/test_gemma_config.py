@@ -76,6 +76,7 @@ def test_gemma2_without_layer_types_alternates_from_sliding():
         ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
         ({"layer_types": ["sliding_attention"]}, "layer_types must list"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type 'yarn'"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ],
 )
 def test_bad_gemma_configs_are_user_errors(change, match):

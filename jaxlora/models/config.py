@@ -223,6 +223,10 @@ def _gemma_from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
     act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise UserError(f"{source}: hidden_activation {act!r} is not supported for Gemma")
+    if text.get("use_bidirectional_attention"):  # EmbeddingGemma: an encoder, not a causal LM
+        raise UserError(
+            f"{source}: use_bidirectional_attention (non-causal Gemma) is not supported"
+        )
     n = int(text["num_hidden_layers"])
     types = text.get("layer_types")
     if types is None and model_type == "gemma2":  # pre-transformers-5 configs: even = sliding
