@@ -8,6 +8,10 @@ untied head by default), a random rank-16 LoRA on all projections in PEFT format
 child's max RSS (getrusage) next to the largest shard written.
 
     PYENV_VERSION=3.12.1 python3 benchmarks/merged_export_memory.py /tmp/merge-bench [--shard-gb 4]
+
+`--gguf` measures `jaxlora export ADAPTER --out OUT --gguf` (f16) instead, against the largest
+tensor and the output file (the adapter directory carries the tiny byte-level BPE tokenizer: the
+GGUF file needs one, and its size does not matter here).
 """
 
 from __future__ import annotations
@@ -107,16 +111,36 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("work", type=Path)
     ap.add_argument("--shard-gb", type=float, default=1.0, help="shard size of the random base")
+    ap.add_argument("--gguf", action="store_true", help="measure the GGUF export (f16)")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
     base, adapter, out = args.work / "base", args.work / "adapter", args.work / "merged"
     if not (base / "config.json").is_file():
         write_checkpoint(base, int(args.shard_gb * 2**30))
     write_adapter(adapter, base)
+    if args.gguf:
+        from jaxlora.io.tiny import build_tokenizer
+
+        build_tokenizer(adapter)
+        out = args.work / "gguf"
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "jaxlora.cli.app", "export", str(adapter), "--out", str(out)]
-    subprocess.run([*cmd, "--merged", "--overwrite"], check=True, cwd=ROOT)
+    mode = ["--gguf", "--gguf-type", "f16"] if args.gguf else ["--merged"]
+    subprocess.run([*cmd, *mode, "--overwrite"], check=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+    if args.gguf:
+        h, v = SHAPE["hidden_size"], SHAPE["vocab_size"]
+        size = (out / "model.gguf").stat().st_size
+        report = {
+            "gguf_bytes": size,
+            "largest_tensor_fp32_bytes": h * v * 4,  # embed / lm_head, merged in fp32
+            "export_peak_rss_bytes": peak,
+            "peak_over_gguf": round(peak / size, 3),
+            "wall_s": round(wall, 1),
+        }
+        print(json.dumps(report, indent=2))
+        return
     shards = sorted(out.glob("*.safetensors"))
     largest = max(p.stat().st_size for p in shards)
     base_size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
