@@ -173,15 +173,13 @@ def export_gguf(
     chat_template: str | None = None,
     gguf_type: str = "f16",
     overwrite: bool = False,
-    write: bool = True,
 ) -> Path:
     """`model.gguf` (merged, llama.cpp / Ollama) + an Ollama `Modelfile`, written atomically.
 
     Streams like `export_merged`: the base is re-read from disk one tensor at a time and the
     adapter merged on the host (`_merged_tensors`), or `params` (full fine-tuning) gathered one
     layer at a time (`hf.params_to_hf_tensors`); each tensor is encoded and spooled to the file
-    as it comes, so no whole model is ever held on a device or on the host. `write=False`
-    (multi-host, processes other than 0): only take part in gathering `params`."""
+    as it comes, so no whole model is ever held on a device or on the host."""
     from jaxlora.io.gguf_export import GGUF_FILE, GGUF_TYPES, ollama_modelfile, write_gguf
     from jaxlora.io.hf import params_to_hf_tensors
     from jaxlora.models.config import config_from_hf
@@ -204,10 +202,6 @@ def export_gguf(
         tensors = _merged_tensors(base_dir, cfg, adapter, np.float32)
     else:
         tensors = params_to_hf_tensors(params, cfg, np.float32)
-    if not write:
-        for _ in tensors:
-            pass
-        return Path(out_dir)
     template = chat_template or getattr(tokenizer, "chat_template", None)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_gguf(
