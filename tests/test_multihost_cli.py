@@ -5,9 +5,9 @@ localhost (coordinator on 127.0.0.1, a 4-device global mesh, FSDP across both ho
 one process with 4 devices, the reference (same global batch, same mesh shape). Both must exit 0,
 log the same train and eval losses, and write the same adapter (LoRA, QLoRA NF4, DPO with cached
 reference log-probs) or merged model (full fine-tuning) — within 1e-5 relative, fp32. The LoRA
-case also runs `jaxlora export --merged` on the 2-process run directory. The other methods (DoRA,
-freeze, pt, int8 QLoRA, DPO with a live reference, eval with generation samples and early
-stopping) are cases of the same test, marked long (opt-in, tests/conftest.py).
+case also runs `jaxlora export --merged` and `--gguf` on the 2-process run directory. The other
+methods (DoRA, freeze, pt, int8 QLoRA, DPO with a live reference, eval with generation samples
+and early stopping) are cases of the same test, marked long (opt-in, tests/conftest.py).
 
 These are the expensive tests of the suite (about a minute per process start on the shared
 2-core CPU), so they use the micro model, 3 optimiser steps, and are marked slow.
@@ -195,6 +195,17 @@ def _assert_same_tensors(a: dict, b: dict) -> None:
         assert float(np.abs(a[k] - b[k]).max()) <= 1e-5 * scale, k
 
 
+def _assert_same_gguf(a: Path, b: Path) -> None:
+    """Same tensor names and values up to f16 rounding of values that agree to 1e-5."""
+    from gguf import GGUFReader
+
+    ta = {t.name: np.asarray(t.data, np.float32) for t in GGUFReader(str(a)).tensors}
+    tb = {t.name: np.asarray(t.data, np.float32) for t in GGUFReader(str(b)).tensors}
+    assert sorted(ta) == sorted(tb) and len(ta) > 5
+    for k in ta:
+        assert float(np.abs(ta[k] - tb[k]).max()) <= 1e-3 * float(np.abs(tb[k]).max()), k
+
+
 @pytest.mark.parametrize(
     "case", [c if c == "lora" else pytest.param(c, marks=pytest.mark.long) for c in CASES]
 )
@@ -225,6 +236,12 @@ def test_two_hosts_train_and_export_like_one(case, model_dir, env, tmp_path):
             )
             assert rc == 0, out[-3000:]
         _assert_same_tensors(_tensors(run2 / "merged"), _tensors(run1 / "merged"))
+        for run in (run1, run2):  # GGUF (streamed from disk, merged on the host)
+            [(rc, out)] = _wait(
+                [_cli(["export", str(run), "--out", str(run / "g"), "--gguf"], env, 1)]
+            )
+            assert rc == 0, out[-3000:]
+        _assert_same_gguf(run2 / "g" / "model.gguf", run1 / "g" / "model.gguf")
 
 
 def _first_logged_step(run: Path) -> bool:

@@ -58,9 +58,17 @@ def drop_stack_axes(sharding: Any, n_stack: int) -> Any:
 
 
 def jit_for(fn: Callable, out_shardings: Any, default: Any) -> Callable:
-    if out_shardings is None:
-        return jax.jit(fn, out_shardings=default)
-    return jax.jit(fn, out_shardings=out_shardings)
+    """`jax.jit(fn, out_shardings=...)`, one per (fn, shardings): kernels of the same shape and
+    placement (k / v, gate / up, every layer) share one compiled program."""
+    leaves, treedef = jax.tree_util.tree_flatten(
+        default if out_shardings is None else out_shardings
+    )
+    return _jitted(fn, treedef, tuple(leaves))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(fn: Callable, treedef: Any, leaves: tuple) -> Callable:
+    return jax.jit(fn, out_shardings=jax.tree_util.tree_unflatten(treedef, leaves))
 
 
 def put_layer(acc: Any, layer: Any, slot: np.ndarray, stack_shape: tuple, target: Any) -> Any:
@@ -73,14 +81,17 @@ def put_layer(acc: Any, layer: Any, slot: np.ndarray, stack_shape: tuple, target
 
 
 def _zeros_stack(layer: Any, stack_shape: tuple, target: Any) -> Any:
-    shapes = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct((*stack_shape, *a.shape), a.dtype), layer
-    )
-    make = jax.jit(
-        lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-        out_shardings=target,
-    )
-    return make()
+    leaves, treedef = jax.tree_util.tree_flatten(layer)
+    specs = tuple(((*stack_shape, *a.shape), jnp.dtype(a.dtype)) for a in leaves)
+    return _zeros_fn(treedef, specs, tuple(jax.tree_util.tree_leaves(target)))()
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_fn(treedef: Any, specs: tuple, shardings: tuple) -> Callable:
+    def make():
+        return jax.tree_util.tree_unflatten(treedef, [jnp.zeros(s, d) for s, d in specs])
+
+    return jax.jit(make, out_shardings=jax.tree_util.tree_unflatten(treedef, shardings))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
