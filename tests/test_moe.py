@@ -220,6 +220,7 @@ def _peft_grads_per_expert(pm, n_layers, e, r):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_moe_lora_matches_peft(tmp_path, case):
     """LoRA on attention and on every expert: PEFT (transformers 5) loads our adapter with the
