@@ -48,6 +48,7 @@ def test_streamed_merge_equals_in_memory_merge(tiny_model_dir, tmp_path, dora):
     assert float(np.abs(moved).max()) > 1e-3
 
 
+@pytest.mark.slow  # ~90 s on the loaded 2-core box (export + GGUF read-back)
 def test_gguf_export_streams_from_disk_without_loading_the_model(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -80,6 +81,7 @@ def test_gguf_export_streams_from_disk_without_loading_the_model(
     )
 
 
+@pytest.mark.slow
 def test_gguf_of_a_finished_full_run_streams_its_model_dir(tiny_model_dir, tmp_path, monkeypatch):
     """`jaxlora export RUN --gguf` of a finished full fine-tuning run reads RUN/model tensor by
     tensor: the base is never rebuilt nor the checkpoint restored onto a device."""

@@ -227,41 +227,38 @@ def load_params(
                 per = parts[0].shape
                 return np.stack(parts).reshape(grid.shape + per).astype(dtype)
 
-            def read_one(n, idx, transpose=transpose):
-                return _read_slice(handles[index[n]], n, tuple(idx), transpose).astype(dtype)
-
-            read = placement.once_per_slice(read)
-
             sharding = flat_shardings.get(path, default)
             fn = transform(path) if transform is not None else None
             if fn is None:
-                out[path] = jax.make_array_from_callback(leaf.shape, sharding, read)
+                cached = placement.once_per_slice(read)
+                out[path] = jax.make_array_from_callback(leaf.shape, sharding, cached)
                 continue
             target = flat_out.get(path)
             if not stacked:
                 w = jax.make_array_from_callback(leaf.shape, sharding, read)
                 out[path] = placement.jit_for(fn, target, default)(w)
                 continue
-            layer_in = placement.drop_stack_axes(sharding, n_stack)
+            # One layer at a time: [*rest] or, for MoE experts, [E, *rest] (its E axis may be
+            # split over the "expert" mesh axis; the per-layer function keeps leading axes).
+            unit = leaf.shape[1:]
+            layer_in = placement.drop_stack_axes(sharding, 1)
             if target is None:
                 target = jax.tree_util.tree_map(
-                    lambda _: default, jax.eval_shape(fn, jax.ShapeDtypeStruct(per_shape, dtype))
+                    lambda _: default, jax.eval_shape(fn, jax.ShapeDtypeStruct(unit, dtype))
                 )
-            one = placement.jit_for(
-                fn,
-                jax.tree_util.tree_map(
-                    lambda t, k=n_stack: placement.drop_stack_axes(t, k), target
-                ),
-                default,
-            )
-            stack_shape = leaf.shape[:n_stack]  # [L] or [L, E]
+            layer_out = jax.tree_util.tree_map(lambda t: placement.drop_stack_axes(t, 1), target)
+            one = placement.jit_for(fn, layer_out, default)
             acc = None
-            for i, n in enumerate(leaf_names):  # row-major over the stack axes
+            for i in range(leaf.shape[0]):
+
+                def read_layer(idx, i=i, read=read):  # layer i's slice for one device
+                    return read((slice(i, i + 1), *idx))[0]
+
                 w = jax.make_array_from_callback(
-                    per_shape, layer_in, placement.once_per_slice(lambda idx, n=n: read_one(n, idx))
-                )  # [in, out] of one layer (expert), each device holding its slice
-                slot = np.asarray(np.unravel_index(i, stack_shape), np.int32)
-                acc = placement.put_layer(acc, one(w), slot, stack_shape, target)
+                    unit, layer_in, placement.once_per_slice(read_layer)
+                )  # each device holding its slice of layer i
+                slot = np.asarray([i], np.int32)
+                acc = placement.put_layer(acc, one(w), slot, (leaf.shape[0],), target)
             out[path] = acc
     return _unflatten(out)
 
