@@ -1,13 +1,14 @@
 """Multi-host loading: every host reads only the safetensors slices of its own devices.
 
-Two `jax.distributed` CPU processes x 2 devices (mesh fsdp=4 over both hosts) load the same
-checkpoint as one process with 4 devices, through the trainer's `model_parts.load_placed`
-(full-precision base, NF4 and int8 QLoRA bases). Each worker records every slice it read from
-the safetensors files (`hf._read_slice` wrapped); the test checks that the two hosts' reads of
-every sharded tensor are disjoint and together exactly cover it, and that the gathered params
-are bit-identical to the 1-process load (so quantising per shard where the slices live equals
-quantising whole kernels). Workers are this file run as a script, so the device count is set
-before JAX starts.
+Two `jax.distributed` CPU processes x 2 devices (mesh fsdp=4 over both hosts; for a Qwen3-MoE
+NF4 base fsdp=2 x expert=2: experts split over each host's two devices, the model dimension over
+the hosts) load the same checkpoint as one process with 4 devices, through the trainer's
+`model_parts.load_placed` (full-precision base, NF4 and int8 QLoRA bases). Each worker records
+every slice it read from the safetensors files (`hf._read_slice` wrapped); the test checks that
+the two hosts' reads of every sharded tensor are disjoint and together exactly cover it, and
+that the gathered params are bit-identical to the 1-process load (so quantising per shard where
+the slices live equals quantising whole kernels). Workers are this file run as a script, so the
+device count is set before JAX starts.
 """
 
 from __future__ import annotations
@@ -90,11 +91,41 @@ def _cells(box) -> set:
     return set(zip(*[g.ravel() for g in grids], strict=True))
 
 
+@pytest.fixture(scope="module")
+def moe_model_dir(tmp_path_factory):
+    """A tiny Qwen3-MoE checkpoint written by transformers (4 experts, widths NF4 can block)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=101,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        moe_intermediate_size=INTER,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("load-moe")
+    transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(d)
+    return d
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [0, 4, 8])
-def test_two_hosts_read_only_their_slices_and_load_like_one(tmp_path, load_model_dir, bits):
+@pytest.mark.parametrize(
+    "bits, moe", [(0, False), (4, False), (8, False), (4, True)], ids=["full", "nf4", "int8", "moe"]
+)
+def test_two_hosts_read_only_their_slices_and_load_like_one(tmp_path, request, bits, moe):
+    """moe: NF4 experts [L, E, in, out] with E split over mesh.expert=2 and the rest over fsdp=2
+    (each host holds one fsdp half of every expert)."""
+    model_dir = request.getfixturevalue("moe_model_dir" if moe else "load_model_dir")
+    mesh = {"data": 1, "fsdp": 2, "expert": 2} if moe else {"data": 1, "fsdp": -1}
     port = _free_port()
-    script = [str(load_model_dir), str(bits)]
+    script = [str(model_dir), str(bits), json.dumps(mesh)]
     two = [_spawn([*script, str(tmp_path / f"p{i}"), str(i), "2", str(port)], 2) for i in range(2)]
     one = _spawn([*script, str(tmp_path / "single"), "0", "1", "0"], 4)
     outs = _wait([*two, one], timeout=600)
@@ -135,7 +166,9 @@ def test_two_hosts_read_only_their_slices_and_load_like_one(tmp_path, load_model
 # ----------------------------------------------------------------------------- worker
 
 
-def _worker(model_dir: str, bits: int, out_dir: str, pid: int, nproc: int, port: int) -> None:
+def _worker(
+    model_dir: str, bits: int, mesh: dict, out_dir: str, pid: int, nproc: int, port: int
+) -> None:
     from jaxlora.parallel import distributed
 
     if nproc > 1:
@@ -145,6 +178,7 @@ def _worker(model_dir: str, bits: int, out_dir: str, pid: int, nproc: int, port:
 
     from jaxlora.config import config_from_dict
     from jaxlora.io import hf
+    from jaxlora.models import quant
     from jaxlora.train import model_parts
 
     reads: list = []
@@ -165,7 +199,7 @@ def _worker(model_dir: str, bits: int, out_dir: str, pid: int, nproc: int, port:
             model_name_or_path=model_dir,
             finetuning_type="lora" if bits else "full",
             quantization_bit=bits or None,
-            mesh={"data": 1, "fsdp": -1},
+            mesh=mesh,
         )
     )
     mesh = model_parts.make_mesh(cfg)
@@ -190,7 +224,7 @@ def _worker(model_dir: str, bits: int, out_dir: str, pid: int, nproc: int, port:
             dense = {
                 "/".join(k.key for k in kp): np.asarray(v).astype(np.float32)
                 for kp, v in jax.tree_util.tree_flatten_with_path(plain)[0]
-                if kp[-1].key == "kernel" and kp[0].key == "layers"
+                if quant.default_predicate(tuple(k.key for k in kp))
             }
             np.savez(out / "dense.npz", **dense)
     distributed.sync("load test done")
@@ -198,4 +232,4 @@ def _worker(model_dir: str, bits: int, out_dir: str, pid: int, nproc: int, port:
 
 if __name__ == "__main__":  # pragma: no cover
     a = sys.argv[1:]
-    _worker(a[0], int(a[1]), a[2], int(a[3]), int(a[4]), int(a[5]))
+    _worker(a[0], int(a[1]), json.loads(a[2]), a[3], int(a[4]), int(a[5]), int(a[6]))
