@@ -125,7 +125,7 @@ def _stores(
     if max_samples is not None and max_samples < 1:
         raise UserError(f"config key `max_samples` must be >= 1, got {max_samples}")
     specs = resolve_datasets(names, src["dataset_dir"], src["formatting"])
-    cache_dir, hosts = src["cache_dir"], src["hosts"]
+    cache_dir, hosts = src["cache_dir"], src.get("hosts")  # data stats: one host
     root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="jaxlora-data-"))
     tok_key = tokenizer_digest(tokenizer)
     workers = src["num_workers"] or default_workers()
