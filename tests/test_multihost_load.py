@@ -117,7 +117,14 @@ def moe_model_dir(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "bits, moe", [(0, False), (4, False), (8, False), (4, True)], ids=["full", "nf4", "int8", "moe"]
+    "bits, moe",
+    [
+        # nf4 also reads the unquantised embeddings / head / norms; full and int8 add ~2 min each
+        pytest.param(0, False, id="full", marks=pytest.mark.long),
+        pytest.param(4, False, id="nf4"),
+        pytest.param(8, False, id="int8", marks=pytest.mark.long),
+        pytest.param(4, True, id="moe"),
+    ],
 )
 def test_two_hosts_read_only_their_slices_and_load_like_one(tmp_path, request, bits, moe):
     """moe: NF4 experts [L, E, in, out] with E split over mesh.expert=2 and the rest over fsdp=2
