@@ -38,9 +38,11 @@ _WORDS = (
 _DEMO = Path("/work/shared/data/llamafactory/alpaca_en_demo.json")
 
 
-def write_rows(path: Path, n: int, demo: bool) -> None:
-    """n alpaca rows as JSON Lines (synthetic, or the demo rows repeated)."""
+def write_rows(path: Path, n: int, demo: bool, short: bool = False) -> None:
+    """n alpaca rows as JSON Lines (synthetic, or the demo rows repeated; ``short``: synthetic
+    rows of a few words, to measure memory against the row count in less time)."""
     rng = random.Random(0)
+    lo_i, hi_i, lo_o, hi_o = (2, 6, 2, 10) if short else (5, 40, 10, 150)
     demo_rows = json.loads(_DEMO.read_text()) if demo else None
     with path.open("w") as f:
         for i in range(n):
@@ -53,9 +55,9 @@ def write_rows(path: Path, n: int, demo: bool) -> None:
                     return " ".join(rng.choices(_WORDS, k=rng.randint(lo, hi)))
 
                 row = {
-                    "instruction": f"{i}: " + words(5, 40),
-                    "input": words(0, 30) if rng.random() < 0.4 else "",
-                    "output": words(10, 150),
+                    "instruction": f"{i}: " + words(lo_i, hi_i),
+                    "input": "" if short or rng.random() >= 0.4 else words(0, 30),
+                    "output": words(lo_o, hi_o),
                 }
             f.write(json.dumps(row) + "\n")
 
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--before", action="store_true", help="pre-cache API (older checkout)")
     ap.add_argument("--demo", action="store_true", help="repeat alpaca_en_demo rows")
+    ap.add_argument("--short", action="store_true", help="synthetic rows of a few words")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -127,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp:
         for n in args.rows:
             path = Path(tmp) / f"alpaca_{n}.jsonl"
-            write_rows(path, n, args.demo)
+            write_rows(path, n, args.demo, args.short)
             if args.before:
                 measure(path, n, True, 1, "", "before")
                 continue
