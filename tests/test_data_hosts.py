@@ -112,4 +112,3 @@ def test_unshared_directories_and_a_bad_row_on_one_host(tmp_path, chatml_tokeniz
         assert isinstance(e, UserError)
         assert str(e) == f'{bad} line 25: field "output" must be a string, got int'
     assert not [p for p in shared.iterdir() if not p.name.startswith(".")]
-
