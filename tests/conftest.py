@@ -37,6 +37,13 @@ def pytest_configure(config):
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the README's test command): one worker per core, at most 4. Most of a test's
+    time is single-threaded (tracing, XLA compiles, subprocess start-up), so workers fill the
+    cores; more than 4 buys little and each holds a JAX runtime (~1-2 GB)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.long` cases (a real 135M model trained for minutes, extra 2-process runs)
     run only with JAXLORA_LONG_TESTS=1: at the suite's XLA -O0 they take 10+ minutes each on a
