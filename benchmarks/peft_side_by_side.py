@@ -117,6 +117,8 @@ def peft_worker(args: argparse.Namespace) -> None:
         loss = step(x)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+        # per-step progress: on a loaded box a run can outlive the parent's timeout
+        print(f"peft step {i}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
     step_s = statistics.median(times)
     out = {
         "impl": f"peft_{args.mode}",
