@@ -168,8 +168,40 @@ def put_batch(mesh: Any, host: dict) -> dict:
     return sharding.put_batch(mesh, host)
 
 
+class DeviceBatches:
+    """What every micro-batch source does the same way: the pre-flight batch, the example the
+    steps are jitted for, and the eval batches. Used by `Batches` and the stream's
+    `StreamBatches`, which provide `host_batch(m)`, `batcher`, `data`, `mesh`, `stage` and
+    `eval_batcher`."""
+
+    def preflight_batch(self, m: int) -> dict:
+        """Batch m padded to the longest shape the run will produce (for the memory check; the
+        step compiled for it is kept, so this is the run's own program for that bucket)."""
+        host = self.host_batch(m)
+        t_max = self.batcher.longest_length() or self.data.cutoff_len
+        out = {}
+        for k, v in host.items():
+            if getattr(v, "ndim", 0) == 2 and v.shape[1] < t_max:
+                v = np.pad(v, ((0, 0), (0, t_max - v.shape[1])))
+            out[k] = v
+        out["loss_scale"] = np.float32(1.0)
+        return put_batch(self.mesh, out)
+
+    def example(self) -> dict:
+        """Host batch 0 with a `loss_scale`: the shapes/dtypes the steps are jitted for."""
+        host = self.host_batch(0)
+        host["loss_scale"] = np.float32(1.0)
+        return host
+
+    def eval_batches(self):
+        """Device batches of the eval set, in order (each with the stage's columns)."""
+        for step, batch in enumerate(self.eval_batcher.epoch(0)):
+            batch = self.stage.add_to_batch(batch, self.eval_batcher, (0, step), split="eval")
+            yield put_batch(self.mesh, batch)
+
+
 @dataclasses.dataclass
-class Batches:
+class Batches(DeviceBatches):
     """Micro-step m -> device batch, plus the run's length (steps, epochs, eval cadence)."""
 
     data: DataBundle
@@ -223,31 +255,6 @@ class Batches:
         host = self.host_batch(m)
         host["loss_scale"] = np.float32(self.accumulation / self._group_targets(m))
         return put_batch(self.mesh, host)
-
-    def preflight_batch(self, m: int) -> dict:
-        """Batch m padded to the longest shape the run will produce (for the memory check; the
-        step compiled for it is kept, so this is the run's own program for that bucket)."""
-        host = self.host_batch(m)
-        t_max = self.batcher.longest_length() or self.data.cutoff_len
-        out = {}
-        for k, v in host.items():
-            if getattr(v, "ndim", 0) == 2 and v.shape[1] < t_max:
-                v = np.pad(v, ((0, 0), (0, t_max - v.shape[1])))
-            out[k] = v
-        out["loss_scale"] = np.float32(1.0)
-        return put_batch(self.mesh, out)
-
-    def example(self) -> dict:
-        """Host batch 0 with a `loss_scale`: the shapes/dtypes the steps are jitted for."""
-        host = self.host_batch(0)
-        host["loss_scale"] = np.float32(1.0)
-        return host
-
-    def eval_batches(self):
-        """Device batches of the eval set, in order (each with the stage's columns)."""
-        for step, batch in enumerate(self.eval_batcher.epoch(0)):
-            batch = self.stage.add_to_batch(batch, self.eval_batcher, (0, step), split="eval")
-            yield put_batch(self.mesh, batch)
 
 
 def build_batches(cfg: Config, data: DataBundle, mesh: Any, stage: Any) -> Batches:

@@ -21,7 +21,14 @@ from jaxlora.config import Config
 from jaxlora.data.stream import StreamBatcher, StreamPosition, open_stream
 from jaxlora.errors import UserError
 from jaxlora.parallel import sharding
-from jaxlora.train.batches import Batcher, DataBundle, forward_tokens, loader_args, put_batch
+from jaxlora.train.batches import (
+    Batcher,
+    DataBundle,
+    DeviceBatches,
+    forward_tokens,
+    loader_args,
+    put_batch,
+)
 
 
 def load_stream_data(cfg: Config, tokenizer: Any) -> DataBundle:
@@ -68,7 +75,7 @@ def load_stream_data(cfg: Config, tokenizer: Any) -> DataBundle:
 
 
 @dataclasses.dataclass
-class StreamBatches:
+class StreamBatches(DeviceBatches):
     """Micro-step m -> device batch for a stream (see the module docstring)."""
 
     data: DataBundle
@@ -151,27 +158,6 @@ class StreamBatches:
         )
         host["loss_scale"] = np.float32(self.accumulation / max(targets, 1))
         return put_batch(self.mesh, host)
-
-    def preflight_batch(self, m: int) -> dict:
-        host = self.host_batch(m)
-        t_max = self.batcher.longest_length()
-        out = {}
-        for k, v in host.items():
-            if getattr(v, "ndim", 0) == 2 and v.shape[1] < t_max:
-                v = np.pad(v, ((0, 0), (0, t_max - v.shape[1])))
-            out[k] = v
-        out["loss_scale"] = np.float32(1.0)
-        return put_batch(self.mesh, out)
-
-    def example(self) -> dict:
-        host = self.host_batch(0)
-        host["loss_scale"] = np.float32(1.0)
-        return host
-
-    def eval_batches(self):
-        for step, batch in enumerate(self.eval_batcher.epoch(0)):
-            batch = self.stage.add_to_batch(batch, self.eval_batcher, (0, step), split="eval")
-            yield put_batch(self.mesh, batch)
 
 
 def build_stream_batches(cfg: Config, data: DataBundle, mesh: Any, stage: Any) -> StreamBatches:
