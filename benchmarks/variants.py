@@ -16,7 +16,7 @@ Patches:
                    head + cross-entropy (jaxlora/fused_ce.py).
   attn_block@N     N query rows per block of the block-causal attention (default 128).
   ce_budget@MiB    fp32 logits per fused-CE chunk on CPU (default 64 MiB = 512 tokens here).
-  scale_out        LoRA scale on the [.., out] delta (the code before it moved to x @ A).
+  scale_rank       LoRA scale on the [.., r] product x @ A instead of the [.., out] delta.
   fused_proj       q/k/v kernels (and gate/up) concatenated inside the step so each group is one
                    wider matmul (and one LoRA-A matmul) instead of three (two). Not adopted:
                    no gain measured (benchmarks/RESULTS.md).
@@ -150,14 +150,15 @@ def patch_ce_budget(mib: int) -> None:
     fused_ce.FUSED_CE_BUDGET_BYTES = {**fused_ce.FUSED_CE_BUDGET_BYTES, "cpu": mib * 2**20}
 
 
-def patch_scale_out() -> None:
-    """The LoRA scale on the [.., out] delta, as before `linear.lora_delta` moved it to the
-    [.., r] product x @ A (scale = alpha / r = 2 here is a power of two: bitwise the same
-    result in bf16)."""
+def patch_scale_rank() -> None:
+    """LoRA scale applied to the rank-r product x @ A ([.., r]) instead of the [.., out] delta,
+    so the forward multiply and its backward run over r columns, not out (scale = alpha / r = 2
+    here is a power of two: bitwise the same result in bf16)."""
     from jaxlora.models import linear
 
     def lora_delta(x, a, b, scale):
-        return ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+        xa = (x @ a.astype(x.dtype)) * jnp.asarray(scale, x.dtype)  # [.., r]
+        return xa @ b.astype(x.dtype)  # [.., out]
 
     linear.lora_delta = lora_delta
 
@@ -182,7 +183,7 @@ PATCHES = {
     "attn_block": patch_attn_block,
     "ce_budget": patch_ce_budget,
     "fused_proj": patch_fused_proj,
-    "scale_out": patch_scale_out,
+    "scale_rank": patch_scale_rank,
 }
 
 

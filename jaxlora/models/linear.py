@@ -52,16 +52,8 @@ BOTTLENECK_ACTS = {
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """scale * x @ A @ B in the compute dtype of x; A: [in, r], B: [r, out].
-
-    The scale multiplies the rank-r product x @ A, not the [.., out] delta: forward and backward
-    then scale r columns instead of `out` (the backward's `g * scale` over [.., out] and its
-    transposed copy for dB go away; CPU time per step 0.94x on the SmolLM2-135M shape,
-    benchmarks/RESULTS.md). For a power-of-two scale (alpha = 2r, the usual) the result is
-    bitwise the same in bf16; otherwise only the bf16 rounding point moves.
-    """
-    xa = (x @ a.astype(x.dtype)) * jnp.asarray(scale, x.dtype)  # [.., r]
-    return xa @ b.astype(x.dtype)  # [.., out]
+    """scale * x @ A @ B in the compute dtype of x; A: [in, r], B: [r, out]."""
+    return ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
 
 
 def dora_column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
