@@ -6,6 +6,7 @@ Built once per session from `jaxlora.io.tiny` (no network). Fixtures that other 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -59,6 +60,14 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
     if _CACHE_DIR:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _attention_log_propagates(monkeypatch):
+    """An in-process `jaxlora` CLI call earlier in the same worker gives the "jaxlora.attention"
+    logger its own stderr handler and stops propagation; caplog listens at the root logger, so
+    tests that check the kernel-choice log would depend on which files ran before them."""
+    monkeypatch.setattr(logging.getLogger("jaxlora.attention"), "propagate", True)
 
 
 @pytest.fixture(scope="session")

@@ -93,13 +93,6 @@ def test_kernel_bf16_within_dense_bf16_error(name, t, window):
         assert _rel(x, e) <= 2 * _rel(d, e) + 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _attention_log_propagates(monkeypatch):
-    """An in-process `jaxlora` CLI call earlier in the session gives the "jaxlora.attention"
-    logger its own stderr handler and stops propagation; caplog listens at the root logger."""
-    monkeypatch.setattr(logging.getLogger("jaxlora.attention"), "propagate", True)
-
-
 def test_select_auto_per_platform_and_announced_fallbacks(caplog):
     f32, bf16 = jnp.float32, jnp.bfloat16
     spec = A.AttentionSpec

@@ -92,7 +92,9 @@ def test_put_batch_single_process_rows_and_errors():
     assert sh.host_batch_slice(mesh, 4 * n) == local_batch_slice(4 * n, 0, 1)
     out = sh.put_batch(mesh, batch)
     np.testing.assert_array_equal(np.asarray(out["input_ids"]), batch["input_ids"])
-    assert out["input_ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    assert out["input_ids"].sharding.spec == jax.sharding.PartitionSpec(
+        ("data", "fsdp", "expert"), None
+    )
     assert float(out["loss_scale"]) == 0.5 and out["loss_scale"].sharding.is_fully_replicated
 
 
