@@ -22,8 +22,19 @@
 #   4. jaxlora bench, same shape, QLoRA NF4 (needs checkpoint weights: a random 8B-shape HF
 #      checkpoint is written to $SCRATCH first, ~16 GB bf16; skipped when under 4 minutes are
 #      left) (bench_qlora.json)
-# The bench runs use `attention: auto` on packed rows, i.e. the Pallas kernel; the log line
-# "attention: <kernel> kernel for q ..." in each bench log names what ran.
+#   5. `jaxlora train` 6 steps of a small random Llama on the bundled identity set with each
+#      GPU kernel vs `attention: xla` (unpacked -> cudnn by lengths; packed -> cudnn by mask
+#      bias and pallas): same losses within bf16 rounding? (train_check.jsonl). Training
+#      writes TensorBoard files, so this step needs tensorboardX, which the reference image
+#      lacks: carry its wheel (pure Python, 88 kB; its needs, numpy/protobuf/packaging, are
+#      there) and install it first, e.g.
+#        pip download --no-deps -d .whl tensorboardX==2.6.5          # here, with network
+#        pip install --no-index --no-deps --target /tmp/site .whl/*.whl && \
+#          PYTHONPATH=/tmp/site bash benchmarks/device_check.sh       # there
+#      Skipped (one JSON line says so) when tensorboardX is missing.
+# The bench runs use `attention: auto` on packed rows, i.e. cuDNN with a mask bias on
+# JAX >= 0.11.1 (the Pallas kernel before); the log line "attention: <kernel> kernel for q ..."
+# in each bench log names what ran.
 #
 # STEPS="1 2" runs only those steps; KERNEL_ARGS replaces step 2's arguments. Dry run on a CPU
 # (Pallas interpreter, small shape; cuDNN lines then say "cuDNN is not detected"):
@@ -42,7 +53,7 @@ PY="${PYTHON:-python3}"
 START=$(date +%s)
 left() { echo $((480 - ($(date +%s) - START))); }
 
-STEPS="${STEPS:-1 2 3 4}"
+STEPS="${STEPS:-1 2 3 4 5}"
 KERNEL_ARGS="${KERNEL_ARGS:---t 2048 --batch 3}"
 step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
@@ -108,6 +119,16 @@ EOF
     else
       echo '{"bench": "qlora", "skipped": "no checkpoint"}' | tee "$OUT/bench_qlora.json"
     fi
+  fi
+fi
+if step 5; then
+  echo "== 5. jaxlora train per attention kernel vs xla (left: $(left)s)"
+  if "$PY" -c "import tensorboardX" 2>/dev/null; then
+    timeout 150 "$PY" "$REPO/benchmarks/gpu_train_check.py" \
+      || echo '{"step": "train_check", "error": "failed or timed out"}' >>"$OUT/train_check.jsonl"
+  else
+    echo '{"step": "train_check", "skipped": "tensorboardX missing: carry its wheel (header)"}' \
+      | tee -a "$OUT/train_check.jsonl"
   fi
 fi
 echo "== done in $(( $(date +%s) - START ))s; results in $OUT"

@@ -93,17 +93,24 @@ def test_kernel_bf16_within_dense_bf16_error(name, t, window):
         assert _rel(x, e) <= 2 * _rel(d, e) + 1e-3
 
 
-def test_select_auto_per_platform_and_announced_fallbacks(caplog):
+def test_select_auto_per_platform_and_announced_fallbacks(caplog, monkeypatch):
     f32, bf16 = jnp.float32, jnp.bfloat16
     spec = A.AttentionSpec
     assert A.select(spec(platform="tpu"), 4096, bf16, 128, None)[0] == "splash"
-    # GPU: cuDNN only for rows that are one sample then padding (lengths, no mask); packed
-    # rows and left-padded prompts go to the Pallas kernel (segment ids), saying why.
+    # GPU: cuDNN for rows that are one sample then padding (lengths, no mask) on any JAX.
     assert A.select(spec(platform="gpu", right_padded=True), 4096, bf16, 128, None)[0] == "cudnn"
+    # Packed rows (segment ids as a [B, 1, T, T] bias): cuDNN on JAX >= 0.11.1 while the bias
+    # fits in CUDNN_BIAS_BYTES per device, else the Pallas kernel, saying why.
+    monkeypatch.setattr(jax, "__version_info__", (0, 11, 2))
+    kernel, why = A.select(spec(platform="gpu"), 4096, bf16, 128, None, batch=32)
+    assert kernel == "cudnn" and "mask bias" in why  # 32 x 4096^2 x 2 bytes = 1 GiB
+    kernel, why = A.select(spec(platform="gpu"), 4096, bf16, 128, None, batch=33)
+    assert kernel == "pallas" and "1.0 GiB per device" in why
+    monkeypatch.setattr(jax, "__version_info__", (0, 11, 0))
     kernel, why = A.select(spec(platform="gpu"), 4096, bf16, 128, None)
-    assert kernel == "pallas" and "cuDNN only for unpacked" in why
+    assert kernel == "pallas" and "JAX >= 0.11.1" in why
     kernel, why = A.select(spec("cudnn", platform="gpu"), 4096, bf16, 128, None)
-    assert kernel == "cudnn" and "mask bias, unverified" in why
+    assert kernel == "cudnn" and "mask bias" in why  # asked for by name: any JAX
     assert A.select(spec(platform="cpu"), 4096, f32, 128, None)[0] == "block"
     assert A.select(spec(platform="cpu"), 64, f32, 128, None)[0] == "xla"
     # fp32 on a GPU: cuDNN cannot, the Pallas kernel can.
@@ -112,7 +119,8 @@ def test_select_auto_per_platform_and_announced_fallbacks(caplog):
     kernel, why = A.select(spec(platform="gpu", right_padded=True), 4096, f32, 128, 512)
     assert kernel == "xla" and "bf16/fp16" in why and "sliding window" in why
     kernel, why = A.select(spec(platform="gpu"), 4096, bf16, 128, 512)  # packed + window
-    assert kernel == "xla" and "cuDNN only for unpacked" in why and "sliding window" in why
+    assert kernel == "xla" and "JAX >= 0.11.1" in why and "sliding window" in why
+    monkeypatch.undo()
     kernel, why = A.select(spec("splash", platform="tpu"), 1000, bf16, 128, None)
     assert kernel == "xla" and "T % 128" in why
     kernel, why = A.select(spec("splash"), 4096, f32, 128, None)  # on this CPU, no interpreter

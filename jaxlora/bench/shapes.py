@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io.model import Model
+from jaxlora.models.attention import AttentionSpec
 from jaxlora.models.config import config_from_hf
 from jaxlora.models.llama import Decoder
 
@@ -106,7 +107,11 @@ def random_model(raw: dict[str, Any], dtype: Any, seed: int = 0, mesh: Any = Non
     (`sharding.param_shardings`), so no device ever holds the whole model.
     """
     cfg = config_from_hf(raw, "random model config")
-    module = Decoder(cfg, dtype=dtype, param_dtype=dtype)
+    # The init trace only needs parameter shapes: dense attention, no kernel line for its
+    # 8-token dummy row.
+    module = Decoder(
+        cfg, dtype=dtype, param_dtype=dtype, attention=AttentionSpec(kernel="xla", quiet=True)
+    )
     ids = jnp.zeros((1, 8), jnp.int32)
 
     def init(key):

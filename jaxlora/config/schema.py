@@ -48,13 +48,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     "remat": ("none", "full", "dots", "dots_no_batch"),
     # Attention kernel (jaxlora/models/attention.py). auto: TPU splash; GPU cuDNN flash for
-    # bf16/fp16 unpacked training rows (padding as sequence lengths), the Pallas GPU kernel for
-    # packed rows, left-padded prompts and fp32; CPU block-causal for T >= 256; any case a
-    # kernel cannot serve falls back (block on CPU, else dense xla) with a logged reason.
-    # xla: dense jax.nn.dot_product_attention (the reference); cudnn: cuDNN flash (GPU; packed
-    # rows as a [B,1,T,T] mask bias); pallas: Pallas/Triton flash with segment ids (GPU);
+    # bf16/fp16 rows (unpacked rows as sequence lengths; packed rows as a [B,1,T,T] mask bias on
+    # JAX >= 0.11.1 while <= 1 GiB per device), else the Pallas GPU kernel (fp32, long packed
+    # rows); CPU block-causal for T >= 256; any case a kernel cannot serve falls back (block on
+    # CPU, else dense xla) with a logged reason. xla: dense jax.nn.dot_product_attention (the
+    # reference); cudnn: cuDNN flash (GPU); pallas: Pallas/Triton flash with segment ids (GPU);
     # splash: Pallas splash (TPU); block: the CPU block-causal kernel (plain XLA; anywhere).
-    # None of the GPU/TPU kernels has run on a GPU/TPU yet (interpreter and lowering checks).
+    # cudnn and pallas ran on an H200 (benchmarks/RESULTS.md); splash only in the interpreter
+    # and in TPU lowering checks (no TPU yet).
     "attention": ("auto", "xla", "cudnn", "pallas", "splash", "block"),
     "formatting": ("auto", "alpaca", "sharegpt", "messages", "preference", "text"),
     "mix_strategy": ("concat", "interleave_under", "interleave_over"),

