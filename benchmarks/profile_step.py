@@ -17,6 +17,8 @@ instruction (so a fusion shows its root op and whether it holds a dot) and print
 
 Event durations on different threads overlap (2 cores), so shares are of summed thunk time.
 Nested events (a while loop containing its body's thunks) are counted at the innermost level.
+On a GPU the events are the kernels on the device's streams, named by their HLO instruction
+(`gpu_events`); the same tables follow.
 """
 
 from __future__ import annotations
@@ -122,6 +124,49 @@ def hlo_dot_shapes(hlo_text: str) -> dict[str, tuple[float, str]]:
     return out
 
 
+def cpu_events(data, steps: int, cats: dict[str, str]):
+    """(ms per step, count per step) by HLO thunk name, from the CPU executor threads."""
+    per_name: dict[str, float] = collections.Counter()
+    per_count: dict[str, float] = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAExecute" not in line.name and "XLAEigen" not in line.name:
+                continue
+            for ev in line.events:
+                name = ev.name
+                if any(name.startswith(s) for s in SKIP):
+                    continue
+                if cats.get(name, "") in CONTAINERS:
+                    continue
+                per_name[name] += ev.duration_ns / 1e6 / steps  # ms per step
+                per_count[name] += 1 / steps
+    return per_name, per_count
+
+
+def gpu_events(data, steps: int):
+    """(ms per step, count per step) by HLO instruction, from the GPU's kernel events.
+
+    On a GPU the device plane ("/device:GPU:0") has one line per CUDA stream; each event is a
+    kernel (a cuBLAS/cuDNN/Triton kernel or an XLA fusion) whose `hlo_op` stat names the HLO
+    instruction that launched it, so the same HLO maps (categories, model parts) apply. Events
+    without an `hlo_op` (memcpy, ...) count under their kernel name. Stream busy time, not wall.
+    """
+    per_name: dict[str, float] = collections.Counter()
+    per_count: dict[str, float] = collections.Counter()
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                stats = dict(ev.stats)
+                name = str(stats.get("hlo_op") or ev.name)
+                per_name[name] += ev.duration_ns / 1e6 / steps
+                per_count[name] += 1 / steps
+    return per_name, per_count
+
+
 def build(cfg_path: str, overrides: list[str]):
     cfg = load_config(cfg_path, overrides)
     run = bench.build_bench_run(cfg)
@@ -167,27 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(path)
 
-    per_name: dict[str, float] = collections.Counter()
-    per_count: dict[str, float] = collections.Counter()
-    for plane in data.planes:
-        for line in plane.lines:
-            if "XLAExecute" not in line.name and "XLAEigen" not in line.name:
-                continue
-            for ev in line.events:
-                name = ev.name
-                if any(name.startswith(s) for s in SKIP):
-                    continue
-                if cats.get(name, "") in CONTAINERS:
-                    continue
-                per_name[name] += ev.duration_ns / 1e6 / args.steps  # ms per step
-                per_count[name] += 1 / args.steps
+    if any(plane.name.startswith("/device:GPU") for plane in data.planes):
+        per_name, per_count = gpu_events(data, args.steps)
+    else:
+        per_name, per_count = cpu_events(data, args.steps, cats)
     total = sum(per_name.values())
     per_cat: dict[str, float] = collections.Counter()
     for name, ms in per_name.items():
         cat = cats.get(name, "?")
         per_cat["dot" if cat.startswith(("dot", "convolution")) else "other"] += ms
     print(f"wall {1e3 * wall:.1f} ms/step ({tokens / wall:,.0f} tokens/s under the profiler)")
-    print(f"summed thunk time {total:.1f} ms/step over executor threads")
+    print(f"summed thunk/kernel time {total:.1f} ms/step over executor threads or GPU streams")
     for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {k:6s} {v:8.1f} ms  {100 * v / max(total, 1e-9):5.1f}%")
     by_cat: dict[str, float] = collections.Counter()

@@ -95,3 +95,21 @@ def test_bench_rejects_dpo_and_bad_steps(tmp_path):
         bench.run_bench(_config(tmp_path, stage="dpo"), steps=1)
     with pytest.raises(UserError, match="steps"):
         bench.run_bench(_config(tmp_path), steps=0)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_bench_tells_the_step_whether_rows_are_unpacked(tmp_path, monkeypatch, packing):
+    """`packing: false` builds the step as the trainer does for unpacked rows (right_padded):
+    on a GPU `attention: auto` then gives cuDNN the padding as sequence lengths."""
+    from jaxlora.train import step_setup
+
+    seen = []
+    real = step_setup.build_steps
+
+    def spy(*args, **kw):
+        seen.append(args[5] if len(args) > 5 else kw.get("right_padded", False))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(step_setup, "build_steps", spy)
+    bench.build_bench_run(_config(tmp_path, packing=packing))
+    assert seen == [not packing]

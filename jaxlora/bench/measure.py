@@ -19,7 +19,9 @@ needs no host copy; they give the same step time as real weights.
 
 Batches: every token is real and a target (one segment per row, positions 0..T-1), i.e. a fully
 packed batch; the attention FLOPs are therefore counted at S = cutoff_len (flops.py). A dataset
-in the config is ignored: the benchmark measures the step, not the input pipeline.
+in the config is ignored: the benchmark measures the step, not the input pipeline. `packing:
+false` runs the step as the trainer does for unpacked data (rows = one sample then padding: on a
+GPU `attention: auto` then passes the padding to cuDNN as sequence lengths, no mask bias).
 
 Timing: compile_s = trace + lower + XLA compile of the step; then `warmup` untimed steps and
 `steps` timed steps, each closed with `block_until_ready`; step_s is the median (robust on a
@@ -143,7 +145,10 @@ def build_bench_run(cfg: Config, total_steps: int = 100) -> BenchRun:
     vocab = parts.model.config.vocab_size
     batcher = RandomBatches(rows, cfg.data.cutoff_len, vocab, cfg.train.seed)
     example = dict(batcher.get(0, 0), loss_scale=np.float32(1.0))
-    steps = build_steps(cfg, parts, LMStage(parts, "sft"), example, total_steps)
+    # A full row of one sample is both "packed" and "one sample then padding"; `packing: false`
+    # says so to the step as the trainer does, so `auto` may take cuDNN's sequence-length path.
+    unpacked = not cfg.data.packing
+    steps = build_steps(cfg, parts, LMStage(parts, "sft"), example, total_steps, unpacked)
     return BenchRun(cfg, parts, steps, batcher, rows)
 
 
