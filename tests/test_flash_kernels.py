@@ -78,6 +78,28 @@ def test_kernel_fp32_matches_dense_value_and_grads(name, t, window):
         assert _rel(x, y) <= 1e-5
 
 
+@pytest.mark.parametrize("window", [None, 70])
+def test_splash_soft_cap_matches_dense_soft_capped(window):
+    """Gemma 2's attention logit soft-cap in splash (the kernel's attn_logits_soft_cap) equals
+    the model's dense `c * tanh(scale * q.k / c)` path, forward and q/k/v gradients."""
+    q, k, v, g, seg = _inputs(T_SPLASH)
+    q = q * 3.0  # scores well past the cap (c = 5): tanh saturates, so a missing cap shows
+    scale, cap = DH**-0.5, 5.0
+
+    def kernel(q, k, v):
+        return flash.splash(q, k, v, seg, scale, window, True, softcap=cap)
+
+    def dense(q, k, v):
+        return A._softcapped(q, k, v, A.causal_mask(seg, window), scale, cap)
+
+    got = _value_and_grads(kernel, q, k, v, g, seg)
+    want = _value_and_grads(dense, q, k, v, g, seg)
+    assert _rel(got[0], want[0]) <= 1e-5
+    for x, y in zip(got[1], want[1], strict=True):
+        assert float(jnp.abs(y).max()) > 0
+        assert _rel(x, y) <= 1e-5
+
+
 @pytest.mark.parametrize("name,t,window", [CASES[1], CASES[2]])
 def test_kernel_bf16_within_dense_bf16_error(name, t, window):
     q32, k32, v32, g, seg = _inputs(t)

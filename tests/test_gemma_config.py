@@ -91,11 +91,14 @@ def test_softcap_kernel_choice_falls_back_announced(caplog, monkeypatch):
     # CPU auto: the block kernel takes the cap (T >= 256), dense xla below.
     assert attn.select(attn.AttentionSpec(), 512, jnp.float32, 64, None, 50.0)[0] == "block"
     assert attn.select(attn.AttentionSpec(), 64, jnp.float32, 64, None, 50.0)[0] == "xla"
-    # The flash kernels have no cap: fallback with the reason, logged as a warning.
+    # Splash takes the cap (tests/test_flash_kernels.py checks its numbers); the GPU kernels
+    # have none: fallback with the reason, logged as a warning.
     spec = attn.AttentionSpec("splash", platform="tpu")
+    assert attn.select(spec, 512, jnp.bfloat16, 128, 4096, 50.0)[0] == "splash"
+    spec = attn.AttentionSpec("cudnn", platform="gpu")
     kernel, reason = attn.select(spec, 512, jnp.bfloat16, 128, 4096, 50.0)
-    assert kernel == "xla" and "splash kernel has no attention logit soft-cap" in reason
-    spec = attn.AttentionSpec("splash", interpret=True)
+    assert kernel == "xla" and "cudnn kernel has no attention logit soft-cap" in reason
+    spec = attn.AttentionSpec("pallas", interpret=True)
     q = jnp.ones((1, 128, 2, 8))
     caplog.set_level(logging.WARNING, logger="jaxlora.attention")
     seg = jnp.ones((1, 128), jnp.int32)

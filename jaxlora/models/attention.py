@@ -22,9 +22,10 @@ cudnn vs 10.7k with pallas (benchmarks/RESULTS.md).
 CPU -> block for T >= 256 (dense is as fast below). A kernel that cannot serve a case (fp32 on
 cuDNN, a sliding window on the Pallas GPU kernel, T not a multiple of 128 for splash, ...) falls
 back to the next candidate (block on CPU, else xla) and the log line gives the reason. An
-attention logit soft-cap (Gemma 2: `c * tanh(scores / c)`) runs on the xla path (`_softcapped`)
-and in the block kernel (its backward multiplies dS by 1 - (S / c)^2); the flash kernels fall
-back, announced. Decode steps
+attention logit soft-cap (Gemma 2: `c * tanh(scores / c)`) runs on the xla path (`_softcapped`),
+in the block kernel (its backward multiplies dS by 1 - (S / c)^2) and in splash (the kernel's own
+`attn_logits_soft_cap`); the GPU kernels (cuDNN, Pallas) have none and fall back, announced.
+Decode steps
 with a KV cache always run dense (one query row: nothing to tile). `interpret=True` runs the
 Pallas kernels in the Pallas interpreter on any backend (CPU tests); `platform` overrides the
 backend the choice is made for (lowering a TPU/GPU step on a CPU host).
@@ -108,7 +109,7 @@ def _unsupported(kernel, platform, spec, t, dtype, head_dim, window, softcap=Non
         return None
     if kernel == "block":
         return None  # plain XLA ops: runs anywhere (tuned for, and auto-picked on, CPU)
-    if softcap is not None:
+    if softcap is not None and kernel != "splash":
         return f"the {kernel} kernel has no attention logit soft-cap"
     if platform != _KERNEL_PLATFORM[kernel] and not (kernel != "cudnn" and spec.interpret):
         return f"{kernel} needs a {_KERNEL_PLATFORM[kernel].upper()} (platform {platform})"
@@ -223,7 +224,9 @@ def attention(
             )
             kernel = "xla"
         else:
-            return _run_kernel(kernel, part, q, k, v, segment_ids, scale, window, spec, reason)
+            return _run_kernel(
+                kernel, part, q, k, v, segment_ids, scale, window, spec, reason, softcap
+            )
     _announce(spec, kernel, reason, q.shape)
     dense_mask = causal_mask(segment_ids, window)
     if kernel == "block":
@@ -233,10 +236,12 @@ def attention(
     return jax.nn.dot_product_attention(q, k, v, mask=dense_mask, scale=scale)
 
 
-def _run_kernel(kernel, part, q, k, v, segment_ids, scale, window, spec, reason):
+def _run_kernel(kernel, part, q, k, v, segment_ids, scale, window, spec, reason, softcap=None):
     """The accelerator kernel on the global arrays (`part` None: one device) or per device."""
     fn = {
-        "splash": lambda q, k, v, s: flash.splash(q, k, v, s, scale, window, spec.interpret),
+        "splash": lambda q, k, v, s: flash.splash(
+            q, k, v, s, scale, window, spec.interpret, softcap
+        ),
         "pallas": lambda q, k, v, s: flash.pallas_gpu(q, k, v, s, scale, spec.interpret),
         "cudnn": lambda q, k, v, s: flash.cudnn(q, k, v, s, scale, window, spec.right_padded),
     }[kernel]

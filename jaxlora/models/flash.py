@@ -7,7 +7,7 @@ each is a thin adapter from the model's layout (q [B, T, N, Dh], k/v [B, T, K, D
 
   * `splash`  TPU Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`):
               causal or local (sliding window) mask, segment ids, GQA natively (MHA kernel with
-              fewer K/V heads), fused backward kernel.
+              fewer K/V heads), fused backward kernel, attention logit soft-cap (Gemma 2).
   * `pallas`  GPU Pallas/Triton flash attention (`jax.experimental.pallas.ops.gpu.attention.mha`):
               causal + segment ids, custom backward kernels; GQA by repeating K/V heads (the
               gradient of the repeat sums back per K/V head); no sliding window.
@@ -42,7 +42,9 @@ def _splash_block(t: int) -> int:
     return next(b for b in (512, 256, SPLASH_LANES) if t % b == 0)
 
 
-def _splash_kernel(t: int, heads: int, window: int | None, interpret: bool):
+def _splash_kernel(
+    t: int, heads: int, window: int | None, interpret: bool, softcap: float | None = None
+):
     """The splash kernel for (T, heads, window); the mask's block tables are built with numpy
     at trace time. Not cached across traces: the kernel object holds arrays that would leak
     from one trace into another (UnexpectedTracerError under nn.scan + grad)."""
@@ -66,18 +68,23 @@ def _splash_kernel(t: int, heads: int, window: int | None, interpret: bool):
     return sa.make_splash_mha(
         mask=sa.MultiHeadMask([head_mask] * heads),
         block_sizes=sizes,
+        # Gemma 2: logits -> c * tanh(logits / c), in the forward and both backward kernels.
+        attn_logits_soft_cap=softcap,
         head_shards=1,
         q_seq_shards=1,
         interpret=interpret,
     )
 
 
-def splash(q, k, v, segment_ids, scale: float, window: int | None, interpret: bool):
-    """TPU splash attention; q [B,T,N,Dh], k/v [B,T,K,Dh], segment_ids [B,T] -> [B,T,N,Dh]."""
+def splash(q, k, v, segment_ids, scale: float, window: int | None, interpret: bool, softcap=None):
+    """TPU splash attention; q [B,T,N,Dh], k/v [B,T,K,Dh], segment_ids [B,T] -> [B,T,N,Dh].
+
+    `softcap` (Gemma 2): the kernel caps the logits it sees, which are already scaled (q is
+    multiplied by `scale` first), so it computes c * tanh(scale * q.k / c) as the model does."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     t, n = q.shape[1], q.shape[2]
-    kernel = _splash_kernel(t, n, window, interpret)
+    kernel = _splash_kernel(t, n, window, interpret, softcap)
     # The kernel takes heads first, one example at a time, and does not scale the logits.
     qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [B, N, T, Dh]
     kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, T, Dh]
