@@ -201,3 +201,59 @@ def test_chunk_encoding_equals_row_by_row_and_names_a_bad_row(chatml_tokenizer):
     tmpl = resolve_template(chatml_tokenizer, None, picky)
     with pytest.raises(UserError, match=r"^row 2: the chat template failed"):
         encode_conversations(convs, chatml_tokenizer, tmpl, cutoff_len=None)
+
+
+TEXTS = [
+    "",
+    " ",
+    "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n2 + 3 = 5.<|im_end|>\n",
+    "  leading and   inner   spaces, trailing  \n\n\n\tTabs\tand\r\nCRLF 1234567890 3.14159",
+    '<|im_end|><|im_end|>x<|im_start|> <|endoftext|>\x00\x07\x1b[0m ~!@#$%^&*()_+{}|:"<>?',
+    "no special tokens at all, " * 40,
+    "naïve café 你好 🙂 mixed with ASCII",  # not ASCII: the tokenizer's own offsets
+]
+
+
+def _variant(tok, pre=None, post=None):
+    import copy
+
+    tok = copy.deepcopy(tok)
+    if pre is not None:
+        tok.backend_tokenizer.pre_tokenizer = pre
+    if post is not None:
+        tok.backend_tokenizer.post_processor = post
+    return tok
+
+
+def test_offsets_from_ids_equal_the_tokenizers_offsets(chatml_tokenizer, llama3_tokenizer):
+    """ASCII texts under a plain byte-level BPE tokenizer get their offsets from the ids
+    (``byte_offsets``) with no offset tracking: exactly the ids and character offsets the
+    tokenizer reports, on special tokens, whitespace runs, digits and control characters; a
+    tokenizer that trims offsets or adds a prefix space keeps the tokenizer's offsets."""
+    from tokenizers import pre_tokenizers, processors
+
+    from jaxlora.data import encode as enc
+    from jaxlora.data.byte_offsets import byte_length_table
+
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    digits = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level])
+    eligible = [
+        chatml_tokenizer,
+        llama3_tokenizer,
+        # SmolLM2's pipeline: digits split before the byte-level step, ByteLevel post-processor.
+        _variant(chatml_tokenizer, digits, processors.ByteLevel(trim_offsets=False)),
+    ]
+    other = [
+        _variant(chatml_tokenizer, None, processors.ByteLevel(trim_offsets=True)),
+        _variant(chatml_tokenizer, pre_tokenizers.ByteLevel(add_prefix_space=True)),
+    ]
+    texts = [*TEXTS, *(t for t, _ in chatml_pieces(MULTI, "Be brief."))]
+    for tok in eligible + other:
+        backend = tok.backend_tokenizer
+        assert (byte_length_table(tok, backend) is not None) == (tok in eligible)
+        got = enc._tokenize_offsets(tok, texts)
+        for text, (ids, off) in zip(texts, got, strict=True):
+            ref = backend.encode(text, add_special_tokens=False)
+            np.testing.assert_array_equal(ids, ref.ids, err_msg=repr(text))
+            np.testing.assert_array_equal(off.reshape(-1, 2), np.reshape(ref.offsets, (-1, 2)))
+            assert ids.dtype == np.int32 and off.dtype == np.int64

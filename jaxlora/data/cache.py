@@ -42,6 +42,7 @@ _CODE_FILES = (
     "build.py",
     "views.py",
     "encode.py",
+    "byte_offsets.py",
     "formats.py",
     "templates.py",
     "packing.py",
