@@ -171,8 +171,16 @@ def put_batch(mesh: Any, host: dict) -> dict:
 class DeviceBatches:
     """What every micro-batch source does the same way: the pre-flight batch, the example the
     steps are jitted for, and the eval batches. Used by `Batches` and the stream's
-    `StreamBatches`, which provide `host_batch(m)`, `batcher`, `data`, `mesh`, `stage` and
-    `eval_batcher`."""
+    `StreamBatches`, which provide `host_batch(m)`, `train_host(m)`, `batcher`, `data`, `mesh`,
+    `stage` and `eval_batcher`."""
+
+    def put(self, host: dict) -> dict:
+        """A host batch on the run's devices (see `put_batch`)."""
+        return put_batch(self.mesh, host)
+
+    def batch(self, m: int) -> dict:
+        """Device batch m (`train_host(m)`, put on the devices)."""
+        return self.put(self.train_host(m))
 
     def preflight_batch(self, m: int) -> dict:
         """Batch m padded to the longest shape the run will produce (for the memory check; the
@@ -249,12 +257,12 @@ class Batches(DeviceBatches):
         position = self.position(m)
         return self.stage.add_to_batch(self.batcher.get(*position), self.batcher, position)
 
-    def batch(self, m: int) -> dict:
-        """Device batch m; `loss_scale` = k / targets of its accumulation group, so the summed
-        losses of k micro-batches equal the mean over the group's targets."""
+    def train_host(self, m: int) -> dict:
+        """Host (numpy) batch m with `loss_scale` = k / targets of its accumulation group, so the
+        summed losses of k micro-batches equal the mean over the group's targets."""
         host = self.host_batch(m)
         host["loss_scale"] = np.float32(self.accumulation / self._group_targets(m))
-        return put_batch(self.mesh, host)
+        return host
 
 
 def build_batches(cfg: Config, data: DataBundle, mesh: Any, stage: Any) -> Batches:

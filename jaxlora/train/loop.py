@@ -121,9 +121,12 @@ def _loop(run: Run, clock: RunClock, *, progress: bool, log: Callable[[str], Non
     with PreemptionGuard() as guard:
         for m in range(start_micro, total_micro):
             with clock.phase("data"):
-                batch = batches.batch(m)
+                host = batches.train_host(m)
                 tok_window += batches.batch_tokens(m)
             with clock.phase("step"):
+                # The transfer queues behind the dispatched steps (XLA:CPU runs them in order):
+                # its wait is the previous step's compute, so it is billed here, not to data.
+                batch = batches.put(host)
                 state, out = steps.train_step(state, run.parts.frozen, batch)
             pending.append((m, out))
             if (m + 1) % k:

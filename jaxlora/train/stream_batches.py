@@ -27,7 +27,6 @@ from jaxlora.train.batches import (
     DeviceBatches,
     forward_tokens,
     loader_args,
-    put_batch,
 )
 
 
@@ -150,14 +149,14 @@ class StreamBatches(DeviceBatches):
         host = self.batcher.collate(self._group[m][0])
         return self.stage.add_to_batch(host, self.batcher, self.position(m))
 
-    def batch(self, m: int) -> dict:
+    def train_host(self, m: int) -> dict:
         host = self.host_batch(m)
         targets = sum(
             int(self.stage.target_counts([s for s in v[0] if s is not None]).sum())
             for v in self._group.values()
         )
         host["loss_scale"] = np.float32(self.accumulation / max(targets, 1))
-        return put_batch(self.mesh, host)
+        return host
 
 
 def build_stream_batches(cfg: Config, data: DataBundle, mesh: Any, stage: Any) -> StreamBatches:
