@@ -18,7 +18,8 @@ prompt-completion default). The same `--val-size` rows are held out on both side
 of the file, given to both as a separate eval file).
 
 Settings (both): LoRA r=16, alpha 32, dropout 0, all linear layers; batch 8, cutoff 512, epochs
-`--epochs` (3), AdamW lr 1e-4 linear decay, no warmup, bf16 (TRL: torch CPU autocast), eval every
+`--epochs` (3), AdamW lr 1e-4 linear decay, no warmup, bf16 (TRL: torch CPU autocast, or fp32
+with `--trl-dtype fp32`: on a CPU without AVX-512 BF16 torch's bf16 is slow), eval every
 `--eval-steps` (10) steps, logging every 10 steps, no intermediate checkpoints, torch threads 2.
 
     python3 benchmarks/e2e_vs_trl.py --epochs 3
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -113,7 +115,7 @@ def trl_worker(args: argparse.Namespace) -> None:
         lr_scheduler_type="linear",
         warmup_steps=0,
         max_length=args.cutoff,
-        bf16=True,
+        bf16=args.trl_dtype == "bf16",
         use_cpu=True,
         eval_strategy="steps",
         eval_steps=args.eval_steps,
@@ -172,15 +174,19 @@ def jaxlora_config(args, model: Path, train: Path, evals: Path, out: Path) -> Pa
     return path
 
 
-def timed(cmd: list[str], env: dict, timeout: float) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict, timeout: float) -> tuple[float, float, str]:
+    """(wall s, CPU s (user + sys of the child and its children), output) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout + proc.stderr
+    return wall, cpu, proc.stdout + proc.stderr
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl-python", default="python3")
     ap.add_argument("--jax-python", default="PYENV_VERSION=3.12.1 python3")
     ap.add_argument("--timeout", type=float, default=7200)
+    ap.add_argument(
+        "--trl-dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="TRL's compute: bf16 CPU autocast (the issue's setting) or fp32 (faster on CPUs "
+        "without AVX-512 BF16, where torch's bf16 matmuls are slow)",
+    )
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("model", "train", "eval", "out"):
         ap.add_argument(f"--{name}", help=argparse.SUPPRESS)
@@ -226,25 +239,30 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--train", str(train), "--eval", str(evals), "--out", str(out)]
             cmd += ["--epochs", str(args.epochs), "--batch", str(args.batch)]
             cmd += ["--cutoff", str(args.cutoff), "--eval-steps", str(args.eval_steps)]
-            cmd += ["--threads", str(args.threads)]
+            cmd += ["--threads", str(args.threads), "--trl-dtype", args.trl_dtype]
             done = out / "adapter_model.safetensors"
         load = load_average()
-        wall, log = timed(cmd, env, args.timeout)
+        wall, cpu, log = timed(cmd, env, args.timeout)
         if not done.is_file():
             raise RuntimeError(f"{side}: no adapter at {done}:\n{log[-3000:]}")
-        results[side] = {"wall_s": wall, "load_avg_1m_before": load}
+        results[side] = {"wall_s": wall, "cpu_s": cpu, "load_avg_1m_before": load}
         if side == "jaxlora":
             lines = (out / "metrics.jsonl").read_text().splitlines()
             results[side]["breakdown"] = json.loads(lines[-1])
-        print(f"{side:8s} {wall:8.1f} s  load {load:.2f}", file=sys.stderr, flush=True)
-    print(f"{'side':8s} {'wall s':>8s}  load (1-min) before")
+        print(f"{side:8s} {wall:8.1f} s  cpu {cpu:8.1f} s  load {load:.2f}", file=sys.stderr)
+    print(f"{'side':8s} {'wall s':>8s} {'CPU s':>8s}  load (1-min) before")
     for side, r in results.items():
-        print(f"{side:8s} {r['wall_s']:8.1f}  {r['load_avg_1m_before']:.2f}")
+        print(f"{side:8s} {r['wall_s']:8.1f} {r['cpu_s']:8.1f}  {r['load_avg_1m_before']:.2f}")
     ratio = None
     if {"jaxlora", "trl"} <= results.keys():
         ratio = results["jaxlora"]["wall_s"] / results["trl"]["wall_s"]
         print(f"ratio jaxlora/trl wall: {ratio:.2f}x")
-    meta = {"dataset": args.dataset, "layers": args.layers, "epochs": args.epochs}
+    meta = {
+        "dataset": args.dataset,
+        "layers": args.layers,
+        "epochs": args.epochs,
+        "trl_dtype": args.trl_dtype,
+    }
     print(json.dumps({"results": results, "ratio_jaxlora_over_trl": ratio, **meta}))
     return 0
 
