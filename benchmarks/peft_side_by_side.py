@@ -8,7 +8,9 @@ q,k,v,o,gate,up,down; batch 4 x 512 random ids; AdamW lr 1e-4, betas (0.9, 0.999
 weight decay, no clipping; loss = mean next-token cross-entropy over B x (S-1) positions.
 
     PEFT   torch 2.13 CPU, `torch.set_num_threads(2)`, sdpa attention, fp32 weights; modes
-           `bf16` (torch.autocast("cpu", bfloat16): its fastest CPU mode) and `fp32`.
+           `bf16` (torch.autocast("cpu", bfloat16): its fastest mode on CPUs with AVX-512 BF16)
+           and `fp32` (its fastest where bf16 has no hardware support: on the AVX2-only EPYC of
+           2026-11-27 a torch bf16 1024^3 matmul ran at 0.6 GFLOP/s vs 45.7 in fp32).
            Step = forward + loss + backward + AdamW.step + zero_grad + loss.item().
     jaxlora `jaxlora bench configs/bench-tiny-cpu.yaml` (the training code's jitted step, bf16
            compute, frozen bf16 base, fp32 adapters and AdamW state).
