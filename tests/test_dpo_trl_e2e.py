@@ -86,7 +86,9 @@ def _jaxlora(model_dir, root, data, precompute: bool) -> dict[str, float]:
     def scaled(p):
         return loss(p, run.parts.frozen, batch, jax.random.key(0))
 
-    (value, (loss_sum, n, metrics)), grads = jax.value_and_grad(scaled, has_aux=True)(policy)
+    (value, (loss_sum, n, metrics)), grads = jax.jit(jax.value_and_grad(scaled, has_aux=True))(
+        policy
+    )
     assert float(n) == len(PAIRS)
     out = {k[len("pref/") :]: float(v) / float(n) for k, v in metrics.items() if k != "pref/count"}
     out["loss"] = float(value)

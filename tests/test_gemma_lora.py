@@ -83,7 +83,7 @@ def test_lora_matches_peft_and_merged_export(tmp_path, family):
         "loss_mask": jnp.asarray(mask, jnp.int32),
         "loss_scale": jnp.float32(1.0 / n_targets),
     }
-    (value, _), grads = jax.value_and_grad(loss, has_aux=True)(
+    (value, _), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
         adapter.params, model.params, batch, jax.random.key(0)
     )
     assert abs(float(value) - out.loss.item()) <= 1e-5

@@ -95,18 +95,16 @@ def test_moe_logits_and_aux_loss_match_transformers(tmp_path, case):
     # Router load-balancing loss over the non-padding tokens, as transformers computes it.
     module = model.module()
     pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    _, aux = module.apply(
-        {"params": model.params}, jnp.asarray(ids), pos, jnp.asarray(mask), return_aux_loss=True
-    )
+    # jit: run eagerly, each op of the scanned model would compile on its own.
+    aux_loss = jax.jit(lambda p, i, s: module.apply({"params": p}, i, pos, s, return_aux_loss=True))
+    _, aux = aux_loss(model.params, jnp.asarray(ids), jnp.asarray(mask))
     assert abs(float(aux) - ref_aux) <= 1e-5 * max(1.0, ref_aux), (float(aux), ref_aux)
     # The mask matters: all tokens counted gives transformers' unmasked value, not the masked.
     with torch.no_grad():
         unmasked = float(
             torch_model(input_ids=torch.tensor(ids), output_router_logits=True).aux_loss
         )
-    _, aux_all = module.apply(
-        {"params": model.params}, jnp.asarray(ids), pos, jnp.ones_like(ids), return_aux_loss=True
-    )
+    _, aux_all = aux_loss(model.params, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)))
     assert abs(float(aux_all) - unmasked) <= 1e-5 * max(1.0, unmasked)
     assert abs(unmasked - ref_aux) > 1e-4
 
@@ -290,7 +288,7 @@ def test_moe_lora_matches_peft(tmp_path, case):
         "loss_mask": jnp.asarray(mask, jnp.int32),
         "loss_scale": jnp.float32(1.0 / n_targets),
     }
-    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
+    (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
         tree, model.params, batch, jax.random.key(0)
     )
     assert abs(float(value) - out.loss.item()) <= 1e-5
@@ -373,12 +371,15 @@ def test_mixtral_router_jitter_only_while_training():
 
     cfg = config_from_hf(_raw("mixtral", router_jitter_noise=0.5))
     ids = jnp.arange(1, 9)[None]
-    init = Decoder(cfg, dtype=jnp.float32).init(jax.random.key(0), ids)
+    init = jax.jit(Decoder(cfg, dtype=jnp.float32).init)(jax.random.key(0), ids)
     variables = {"params": nn.unbox(init["params"])}
-    plain = Decoder(config_from_hf(_raw("mixtral")), dtype=jnp.float32).apply(variables, ids)
-    evald = Decoder(cfg, dtype=jnp.float32).apply(variables, ids)
-    train = Decoder(cfg, dtype=jnp.float32, deterministic=False)
-    a = train.apply(variables, ids, rngs={"dropout": jax.random.key(1)})
-    b = train.apply(variables, ids, rngs={"dropout": jax.random.key(2)})
+    # jit'd forwards (eagerly, each op of the scanned model would compile on its own).
+    plain = jax.jit(Decoder(config_from_hf(_raw("mixtral")), dtype=jnp.float32).apply)(
+        variables, ids
+    )
+    evald = jax.jit(Decoder(cfg, dtype=jnp.float32).apply)(variables, ids)
+    train = jax.jit(Decoder(cfg, dtype=jnp.float32, deterministic=False).apply)
+    a = train(variables, ids, rngs={"dropout": jax.random.key(1)})
+    b = train(variables, ids, rngs={"dropout": jax.random.key(2)})
     np.testing.assert_array_equal(np.asarray(evald), np.asarray(plain))
     assert float(jnp.abs(a - plain).max()) > 1e-3 and float(jnp.abs(a - b).max()) > 1e-3

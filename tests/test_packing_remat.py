@@ -32,12 +32,6 @@ def _adapter(model):
     return Adapter(params, lcfg)
 
 
-def _logps(model, ad, ids, pos, seg, **module_kw):
-    module = model.module(ad.spec, **module_kw)
-    h = module.apply({"params": model.params, "lora": ad.params}, ids, pos, seg, return_hidden=True)
-    return token_logprobs(h, head_kernel(model.params, model.config), ids)
-
-
 def test_packed_row_equals_separate_samples(model):
     rng = np.random.default_rng(0)
     a, b = rng.integers(1, 500, 11), rng.integers(1, 500, 7)
@@ -46,29 +40,30 @@ def test_packed_row_equals_separate_samples(model):
     ids = np.concatenate([a, b, np.zeros(pad, int)])[None]
     seg = np.array([[1] * 11 + [2] * 7 + [0] * pad])
     pos = np.array([list(range(11)) + list(range(7)) + [0] * pad])
-    packed = np.asarray(_logps(model, ad, ids, pos, seg))[0]
-    for x, lo in ((a, 0), (b, 11)):
-        alone = np.asarray(
-            _logps(model, ad, x[None], np.arange(len(x))[None], np.ones((1, len(x)), int))
-        )[0]
-        np.testing.assert_allclose(packed[lo : lo + len(x) - 1], alone, atol=1e-5)
 
-    # Gradients: the packed loss equals the sum of the separate losses (token sums).
+    # The loss (summed token NLL) with the per-token log-probs as aux: one jit'd program per row
+    # shape gives both (run eagerly, each op of the scanned model compiles on its own).
     def loss(lora_params, ids, pos, seg, mask):
         module = model.module(ad.spec)
         h = module.apply(
             {"params": model.params, "lora": lora_params}, ids, pos, seg, return_hidden=True
         )
-        s, _ = masked_lm_loss(h, head_kernel(model.params, model.config), ids, mask, seg)
-        return s
+        kernel = head_kernel(model.params, model.config)
+        s, _ = masked_lm_loss(h, kernel, ids, mask, seg)
+        return s, token_logprobs(h, kernel, ids)
 
+    grad = jax.jit(jax.grad(loss, has_aux=True))
     mask = (seg > 0).astype(np.int32)
-    g_packed = jax.grad(loss)(ad.params, ids, pos, seg, mask)
+    g_packed, packed = grad(ad.params, ids, pos, seg, mask)
+    packed = np.asarray(packed)[0]
     g_sep = None
-    for x in (a, b):
+    for x, lo in ((a, 0), (b, 11)):
         one = np.ones((1, len(x)), np.int32)
-        g = jax.grad(loss)(ad.params, x[None], np.arange(len(x))[None], one, one)
+        g, alone = grad(ad.params, x[None], np.arange(len(x))[None], one, one)
+        # Log-probs: the packed row's = each sample's alone.
+        np.testing.assert_allclose(packed[lo : lo + len(x) - 1], np.asarray(alone)[0], atol=1e-5)
         g_sep = g if g_sep is None else jax.tree_util.tree_map(jnp.add, g_sep, g)
+    # Gradients: the packed loss equals the sum of the separate losses (token sums).
     jax.tree_util.tree_map(
         lambda p, q: np.testing.assert_allclose(p, q, atol=1e-5, rtol=1e-4), g_packed, g_sep
     )

@@ -35,6 +35,19 @@ def smollm2():
         pytest.skip(f"built-in model unavailable: {e}")
 
 
+@pytest.fixture(scope="module")
+def fp32_logits(smollm2):
+    """(tokenizer, model loaded in fp32, ids of TEXTS[0], its logits [T, V]): the reference both
+    GGUF export tests compare against, loaded and compiled once for the module."""
+    from jaxlora.io.model import load_tokenizer
+
+    base, _ = smollm2
+    tok = load_tokenizer(base)
+    ids = tok(TEXTS[0])["input_ids"]
+    model = jaxlora.load_model(base, dtype="float32")
+    return tok, model, ids, np.asarray(model.logits([ids]))[0]
+
+
 @pytest.mark.torch
 def test_gguf_load_matches_transformers_gguf_loader(smollm2):
     torch = pytest.importorskip("torch")
@@ -79,15 +92,14 @@ def test_identity_sft_changes_the_answer(smollm2, tmp_path):
     assert "Lumen" in chat_once(model, adapter, tok, "你是谁？", adapter_dir=adir, **kw)
 
 
-def test_gguf_export_keeps_the_original_tokenizer(smollm2, tmp_path):
+def test_gguf_export_keeps_the_original_tokenizer(smollm2, fp32_logits, tmp_path):
     import gguf
 
     from jaxlora.io.export import export_gguf
     from jaxlora.io.gguf import read_metadata
-    from jaxlora.io.model import load_tokenizer
 
     base, src = smollm2
-    tok = load_tokenizer(base)
+    tok, _, ids, want = fp32_logits
     out = export_gguf(base, tmp_path / "g", tokenizer=tok, gguf_type="q8_0")
     orig = read_metadata(gguf.GGUFReader(str(src)))
     back = read_metadata(gguf.GGUFReader(str(out / "model.gguf")))
@@ -97,8 +109,6 @@ def test_gguf_export_keeps_the_original_tokenizer(smollm2, tmp_path):
     mf = (out / "Modelfile").read_text()
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in mf
     assert 'PARAMETER stop "<|im_end|>"' in mf
-    ids = tok(TEXTS[0])["input_ids"]
-    want = np.asarray(jaxlora.load_model(base, dtype="float32").logits([ids]))[0]
     got = np.asarray(jaxlora.load_model(out / "model.gguf", dtype="float32").logits([ids]))[0]
     err = np.abs(got - want)
     print(json.dumps({"q8_0_max_abs": float(err.max()), "q8_0_mean_abs": float(err.mean())}))
@@ -109,7 +119,7 @@ def test_gguf_export_keeps_the_original_tokenizer(smollm2, tmp_path):
 
 
 @pytest.mark.torch
-def test_gguf_f16_export_adds_nothing_beyond_f16_rounding(smollm2, tmp_path):
+def test_gguf_f16_export_adds_nothing_beyond_f16_rounding(smollm2, fp32_logits, tmp_path):
     """The f16 file, read back by jaxlora and by transformers' GGUF loader, gives the logits of
     the same model with its 2-D weights rounded to f16 in memory (measured: max |Δ| 0.0 for
     jaxlora); against the fp32 model the difference is f16 rounding alone (measured 3.5e-2 on
@@ -122,18 +132,14 @@ def test_gguf_f16_export_adds_nothing_beyond_f16_rounding(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from jaxlora.io.export import export_gguf
-    from jaxlora.io.model import load_tokenizer
 
     base, _ = smollm2
-    tok = load_tokenizer(base)
+    tok, model, ids, want = fp32_logits
     out = export_gguf(base, tmp_path / "g", tokenizer=tok, gguf_type="f16")
-    ids = tok(TEXTS[0])["input_ids"]
-    model = jaxlora.load_model(base, dtype="float32")
     params = jax.tree.map(
         lambda w: w.astype(jnp.float16).astype(w.dtype) if w.ndim >= 2 else w, model.params
     )
     rounded = np.asarray(dataclasses.replace(model, params=params).logits([ids]))[0]
-    want = np.asarray(model.logits([ids]))[0]
     got = np.asarray(jaxlora.load_model(out / "model.gguf", dtype="float32").logits([ids]))[0]
     hf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
     with torch.no_grad():

@@ -137,7 +137,7 @@ def test_loss_scale_with_plain_sgd(micro_model, tmp_path, monkeypatch):
             ]
             return sum(o[1][0] for o in out), sum(o[1][1] for o in out)
 
-        grad, tokens = jax.grad(group_nll, has_aux=True)(start)
+        grad, tokens = jax.jit(jax.grad(group_nll, has_aux=True))(start)  # jit: one compile
         for b in batches:
             state, _ = run.steps.train_step(state, frozen, b)
         moved = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, state["trainable"], start)
