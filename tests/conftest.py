@@ -32,10 +32,45 @@ def pytest_configure(config):
     if "xla_backend_optimization_level" not in flags and not os.environ.get("JAXLORA_TEST_XLA_OPT"):
         fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
         os.environ["XLA_FLAGS"] = f"{flags} {fast}".strip()
+    # Keep the collection order (see LONG_FILES_FIRST) instead of xdist's most-tests-first.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         _CACHE_DIR = tempfile.mkdtemp(prefix="jaxlora-test-jit-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+# Files whose tests take longest, longest first (per-file sums of `--durations`, Python 3.11,
+# 2-core box). `--dist loadfile` runs a file on one worker; xdist hands files out in collection
+# order and by default re-sorts them by number of tests, so a 4-test file of 5 minutes could start
+# last and run alone while the other worker idles. Handing the long files out first (longest
+# processing time first) keeps both workers busy to the end. Only the order depends on this
+# list: a stale entry costs balance, never a result.
+LONG_FILES_FIRST = (
+    "test_real_model.py",
+    "test_reliability.py",
+    "test_dpo.py",
+    "test_multihost_cli.py",
+    "test_packing_remat.py",
+    "test_flash_sharded.py",
+    "test_moe.py",
+    "test_sharding.py",
+    "test_train_e2e.py",
+    "test_prompt_methods_train.py",
+    "test_train_numerics.py",
+    "test_multihost_load.py",
+    "test_data_stream.py",
+    "test_kto_stage.py",
+    "test_trainer_sharded.py",
+    "test_optim_steps.py",
+    "test_moe_train.py",
+    "test_gemma_lora.py",
+    "test_qlora.py",
+    "test_dpo_trl_e2e.py",
+    "test_multihost.py",
+    "test_eval_training.py",
+)
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -45,10 +80,14 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.long` cases (a real 135M model trained for minutes, extra 2-process runs)
+    """Long files first (LONG_FILES_FIRST; a stable sort keeps every other order). And
+    `@pytest.mark.long` cases (a real 135M model trained for minutes, extra 2-process runs)
     run only with JAXLORA_LONG_TESTS=1: at the suite's XLA -O0 they take 10+ minutes each on a
     2-core CI box, past what the CI time limit allows next to the rest."""
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if os.environ.get("JAXLORA_LONG_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="long case: set JAXLORA_LONG_TESTS=1 to run it")

@@ -212,10 +212,11 @@ def _assert_same_gguf(a: Path, b: Path) -> None:
 def test_two_hosts_train_and_export_like_one(case, model_dir, env, tmp_path):
     cfg2, run2 = _write_cfg(tmp_path, model_dir, "two", case)
     cfg1, run1 = _write_cfg(tmp_path, model_dir, "one", case)
-    procs = train_two_hosts(cfg2, env)
-    (rc0, out0), (rc1, out1) = _wait(procs)
+    # The reference starts beside the two hosts: they spend part of their time waiting on each
+    # other (collectives, the coordinator), so the three together finish sooner than in turn.
+    procs = [*train_two_hosts(cfg2, env), _cli(["train", str(cfg1), "--no-progress"], env, 4)]
+    (rc0, out0), (rc1, out1), (rc, out) = _wait(procs)
     assert rc0 == 0 and rc1 == 0, f"p0 rc={rc0}:\n{out0[-5000:]}\np1 rc={rc1}:\n{out1[-5000:]}"
-    [(rc, out)] = _wait([_cli(["train", str(cfg1), "--no-progress"], env, 4)])
     assert rc == 0, out[-5000:]
 
     two, one = _losses(run2), _losses(run1)
@@ -230,17 +231,16 @@ def test_two_hosts_train_and_export_like_one(case, model_dir, env, tmp_path):
     sub = "model" if case in FULL_WEIGHTS else "adapter"
     _assert_same_tensors(_tensors(run2 / sub), _tensors(run1 / sub))
     if case == "lora":  # the merged export of the 2-host run equals the reference's
+        # `jaxlora export` in this process (one device, as a 1-device subprocess would have):
+        # what is checked is the 2-host run directory, not a process boundary; a subprocess per
+        # export cost ~15 s of imports each on the 2-core CI box.
+        from jaxlora.cli.app import main
+
         for run in (run1, run2):
-            [(rc, out)] = _wait(
-                [_cli(["export", str(run), "--out", str(run / "merged"), "--merged"], env, 1)]
-            )
-            assert rc == 0, out[-3000:]
+            assert main(["export", str(run), "--out", str(run / "merged"), "--merged"]) == 0
         _assert_same_tensors(_tensors(run2 / "merged"), _tensors(run1 / "merged"))
         for run in (run1, run2):  # GGUF (streamed from disk, merged on the host)
-            [(rc, out)] = _wait(
-                [_cli(["export", str(run), "--out", str(run / "g"), "--gguf"], env, 1)]
-            )
-            assert rc == 0, out[-3000:]
+            assert main(["export", str(run), "--out", str(run / "g"), "--gguf"]) == 0
         _assert_same_gguf(run2 / "g" / "model.gguf", run1 / "g" / "model.gguf")
 
 
