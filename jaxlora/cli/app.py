@@ -82,10 +82,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_data_stats(args) -> int:
+    from jaxlora.data.cache import data_cache_dir
     from jaxlora.data.loading import resolve_demo_names as resolve_dataset
     from jaxlora.data.stats import data_stats, format_stats, plot_length_histogram
-    from jaxlora.io.model import load_tokenizer, resolve_model_path
-    from jaxlora.train.batches import data_cache_dir
+    from jaxlora.io.locate import load_tokenizer, resolve_model_path  # no JAX import
 
     cfg = _load_cfg(args)
     if cfg.data.dataset is None:

@@ -56,6 +56,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("JAXLORA_CACHE", Path.home() / ".cache" / "jaxlora")) / "data"
 
 
+def data_cache_dir(cfg: Any) -> Path:
+    """Where a run's tokenised datasets are cached (``cfg``: a ``jaxlora.config.Config``):
+    `tokenized_path`, else `$JAXLORA_CACHE/data`."""
+    return Path(cfg.data.tokenized_path) if cfg.data.tokenized_path else cache_root()
+
+
 def _code_digest() -> str:
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()

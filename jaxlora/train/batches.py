@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 from jaxlora import data as data_lib
 from jaxlora.config import Config
 from jaxlora.data.batching import Batcher
-from jaxlora.data.cache import cache_root
+from jaxlora.data.cache import data_cache_dir
 from jaxlora.data.loading import resolve_demo_names
 from jaxlora.errors import UserError
 from jaxlora.parallel import sharding
@@ -48,11 +47,6 @@ class DataBundle:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-
-
-def data_cache_dir(cfg: Config) -> Path:
-    """Where tokenised datasets are cached: `tokenized_path`, else `$JAXLORA_CACHE/data`."""
-    return Path(cfg.data.tokenized_path) if cfg.data.tokenized_path else cache_root()
 
 
 class JaxHosts:
