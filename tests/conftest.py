@@ -28,9 +28,16 @@ def pytest_configure(config):
     # roughly halves it (test_bench's step: 92 s -> 46 s on a loaded 2-core box). Every program
     # of a test is compiled the same way, so same-program comparisons stay exact.
     # JAXLORA_TEST_XLA_OPT=1 keeps XLA's default optimisation (e.g. to time a run).
+    # --xla_cpu_use_fusion_emitters=false: XLA:CPU's older elemental emitters compile a tiny
+    # train step ~3x faster (5.4 -> 1.9 s process CPU, same loss bits; its 6 steps then run ~15%
+    # slower), and most of the suite's time is compiling. Subprocesses that set their own
+    # XLA_FLAGS (device counts) append these.
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags and not os.environ.get("JAXLORA_TEST_XLA_OPT"):
-        fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+        fast = (
+            "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+            " --xla_cpu_use_fusion_emitters=false"
+        )
         os.environ["XLA_FLAGS"] = f"{flags} {fast}".strip()
     # Keep the collection order (see LONG_FILES_FIRST) instead of xdist's most-tests-first.
     if hasattr(config.option, "loadscopereorder"):

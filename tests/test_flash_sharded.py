@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _env(devices: int) -> dict:
     return {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        # + the suite's compile flags (tests/conftest.py); both sides compile alike.
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+        + os.environ.get("XLA_FLAGS", ""),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
     }

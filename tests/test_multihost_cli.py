@@ -110,7 +110,8 @@ def _free_port() -> int:
 
 
 def _cli(args: list[str], env: dict, devices: int, extra: dict | None = None) -> subprocess.Popen:
-    flags = f"--xla_force_host_platform_device_count={devices}"
+    # + the suite's compile flags (tests/conftest.py): both sides of a comparison compile alike.
+    flags = f"--xla_force_host_platform_device_count={devices} {os.environ.get('XLA_FLAGS', '')}"
     return subprocess.Popen(
         [sys.executable, "-m", "jaxlora.cli.app", *args],
         env={**env, "XLA_FLAGS": flags, **(extra or {})},

@@ -61,11 +61,16 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     return outs
 
 
+def _suite_flags() -> str:
+    """The suite's XLA compile flags (tests/conftest.py: -O0, no fusion emitters), for the
+    subprocesses too; both sides of each comparison compile alike."""
+    return os.environ.get("XLA_FLAGS", "")
+
+
 def _spawn(args: list[str], devices: int) -> subprocess.Popen:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JAXLORA_"))},
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-        "--xla_backend_optimization_level=0",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {_suite_flags()}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }

@@ -26,7 +26,9 @@ def model_dir(tmp_path_factory):
 def _train(out: Path, devices: int, overrides: list[str]) -> list[dict]:
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        # + the suite's compile flags (tests/conftest.py); both sides compile alike.
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+        + os.environ.get("XLA_FLAGS", ""),
         "JAX_PLATFORMS": "cpu",
     }
     cmd = [
