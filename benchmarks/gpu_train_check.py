@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_check import emit  # noqa: E402
 
 RTOL = 2e-2  # bf16 training losses: kernels differ from dense by rounding of the scores
 
@@ -109,7 +112,6 @@ def main() -> None:
         ("packed-pallas", True, "pallas"),
     ]
     refs: dict[bool, list[float]] = {}
-    out_dir = os.environ.get("OUT")
     for name, packing, attention in cases:
         try:
             line = run(name, packing, attention)
@@ -122,10 +124,7 @@ def main() -> None:
                 line["ok"] = len(ref) == args.steps and diff <= RTOL
         except Exception as e:  # one broken case must not hide the others
             line = {"case": name, "error": f"{type(e).__name__}: {str(e)[:400]}"}
-        print(json.dumps(line), flush=True)
-        if out_dir:
-            with open(os.path.join(out_dir, "train_check.jsonl"), "a") as f:
-                f.write(json.dumps(line) + "\n")
+        emit(line, "train_check.jsonl")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,16 @@ def _run(fn, q, k, v, g, seg):
     return [jnp.where(real, out, 0.0), *(x.astype(jnp.float32) for x in grads)], ms
 
 
+def emit(line: dict, filename: str) -> None:
+    """One JSON result line on stdout, and appended to $OUT/<filename> when OUT is set (the
+    device tool brings $OUT back)."""
+    print(json.dumps(line), flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, filename), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 def _rel(x, y) -> float:
     return float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
 
@@ -146,12 +156,8 @@ def main() -> None:
         except Exception as e:  # report and go on: one broken kernel must not hide the others
             line["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         lines.append(line)
-    out_dir = os.environ.get("OUT")
     for line in lines:
-        print(json.dumps(line), flush=True)
-        if out_dir:
-            with open(os.path.join(out_dir, "kernels.jsonl"), "a") as f:
-                f.write(json.dumps(line) + "\n")
+        emit(line, "kernels.jsonl")
 
 
 if __name__ == "__main__":
