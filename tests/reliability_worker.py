@@ -38,13 +38,13 @@ def _install_hooks() -> None:
     cli._print_samples = lambda cfg, run_dir: None
 
     if os.environ.get("RELIABILITY_REPORT") == "1":
-        batch = Batches.batch
+        train_host = Batches.train_host  # what the loop fetches each micro-step
 
         def reporting_batch(self, m: int) -> dict:
             print(f"@micro {m}", flush=True)
-            return batch(self, m)
+            return train_host(self, m)
 
-        Batches.batch = reporting_batch
+        Batches.train_host = reporting_batch
 
     die_at = os.environ.get("RELIABILITY_DIE_AFTER_BEST")
     if die_at:

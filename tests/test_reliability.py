@@ -412,14 +412,14 @@ class _Recorder:
 
         def build_run(cfg, log=print, **kw):
             run = build(cfg, log=log, **kw)
-            batch, step = run.batches.batch, run.steps.train_step
+            batch, step = run.batches.train_host, run.steps.train_step  # the loop's fetch
             seen = {"m": None}
 
             def poisoned_batch(m):
                 b = batch(m)
                 seen["m"] = m
                 if m == nan_micro:
-                    b = dict(b, loss_scale=jax.numpy.float32(np.nan))
+                    b = dict(b, loss_scale=np.float32(np.nan))
                 return b
 
             def recording_step(state, frozen, b):
@@ -430,7 +430,7 @@ class _Recorder:
                 return state, out
 
             recording_step.lower = step.lower  # the pre-flight memory check compiles AOT
-            run.batches.batch, run.steps.train_step = poisoned_batch, recording_step
+            run.batches.train_host, run.steps.train_step = poisoned_batch, recording_step
             return run
 
         save = RunCheckpoints.save
