@@ -16,6 +16,13 @@ import pytest
 _CACHE_DIR: str | None = None
 
 
+def _jaxlib_version() -> tuple[int, ...]:
+    """The installed jaxlib's (major, minor), read without importing jax."""
+    from importlib.metadata import version
+
+    return tuple(int(x) for x in version("jaxlib").split(".")[:2])
+
+
 def pytest_configure(config):
     """One persistent JAX compilation cache per test session (in-process and subprocesses).
 
@@ -34,10 +41,9 @@ def pytest_configure(config):
     # XLA_FLAGS (device counts) append these.
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags and not os.environ.get("JAXLORA_TEST_XLA_OPT"):
-        fast = (
-            "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-            " --xla_cpu_use_fusion_emitters=false"
-        )
+        fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+        if _jaxlib_version() < (0, 11):  # XLA in jaxlib 0.12 no longer knows it: a fatal abort
+            fast += " --xla_cpu_use_fusion_emitters=false"
         os.environ["XLA_FLAGS"] = f"{flags} {fast}".strip()
     # Keep the collection order (see LONG_FILES_FIRST) instead of xdist's most-tests-first.
     if hasattr(config.option, "loadscopereorder"):
