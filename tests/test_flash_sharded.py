@@ -11,26 +11,19 @@ per-device block.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from device_env import device_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(devices: int) -> dict:
-    return {
-        **os.environ,
-        # + the suite's compile flags (tests/conftest.py); both sides compile alike.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-        + os.environ.get("XLA_FLAGS", ""),
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(REPO),
-    }
+    return device_env(devices)
 
 
 def _worker(*cases: str) -> list[dict]:

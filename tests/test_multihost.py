@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from device_env import device_env
 
 from jaxlora.errors import UserError
 from jaxlora.parallel import distributed
@@ -107,19 +108,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _suite_flags() -> str:
-    """The suite's XLA compile flags (tests/conftest.py: -O0, no fusion emitters), for the
-    subprocesses too; both sides of each comparison compile alike."""
-    return os.environ.get("XLA_FLAGS", "")
-
-
 def _spawn(args: list[str], devices: int) -> subprocess.Popen:
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in _DIST_ENV},
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {_suite_flags()}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = device_env(devices, {k: v for k, v in os.environ.items() if k not in _DIST_ENV})
     return subprocess.Popen(
         [sys.executable, __file__, *args],
         env=env,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from device_env import device_env
 
 pytestmark = pytest.mark.slow
 
@@ -110,11 +111,9 @@ def _free_port() -> int:
 
 
 def _cli(args: list[str], env: dict, devices: int, extra: dict | None = None) -> subprocess.Popen:
-    # + the suite's compile flags (tests/conftest.py): both sides of a comparison compile alike.
-    flags = f"--xla_force_host_platform_device_count={devices} {os.environ.get('XLA_FLAGS', '')}"
     return subprocess.Popen(
         [sys.executable, "-m", "jaxlora.cli.app", *args],
-        env={**env, "XLA_FLAGS": flags, **(extra or {})},
+        env={**device_env(devices, env), **(extra or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

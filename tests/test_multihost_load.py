@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from device_env import device_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,19 +62,10 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     return outs
 
 
-def _suite_flags() -> str:
-    """The suite's XLA compile flags (tests/conftest.py: -O0, no fusion emitters), for the
-    subprocesses too; both sides of each comparison compile alike."""
-    return os.environ.get("XLA_FLAGS", "")
-
-
 def _spawn(args: list[str], devices: int) -> subprocess.Popen:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JAXLORA_"))},
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {_suite_flags()}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = device_env(
+        devices, {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JAXLORA_"))}
+    )
     return subprocess.Popen(
         [sys.executable, __file__, *args],
         env=env,

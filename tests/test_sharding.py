@@ -10,12 +10,12 @@ keeps its single device. Rule-resolution and mesh-argument checks run in-process
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from device_env import device_env
 
 from jaxlora.errors import UserError
 from jaxlora.parallel.sharding import LOGICAL_RULES, _resolve_mesh_shape, logical_to_spec
@@ -82,13 +82,7 @@ def test_make_mesh_single_device_error():
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding8")
-    env = {
-        **os.environ,
-        # LLVM -O0: compile time dominates this test; both sides are compiled the same way.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {os.environ.get('XLA_FLAGS', '')}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = device_env(8)
     proc = subprocess.run(
         [sys.executable, __file__, str(out)],
         env=env,

@@ -4,13 +4,13 @@ DPO (the CLI in subprocesses: the device count is fixed when JAX starts)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from device_env import device_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -24,13 +24,7 @@ def model_dir(tmp_path_factory):
 
 
 def _train(out: Path, devices: int, overrides: list[str]) -> list[dict]:
-    env = {
-        **os.environ,
-        # + the suite's compile flags (tests/conftest.py); both sides compile alike.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-        + os.environ.get("XLA_FLAGS", ""),
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = device_env(devices)
     cmd = [
         sys.executable,
         "-m",
