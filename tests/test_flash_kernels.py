@@ -268,3 +268,20 @@ def test_cudnn_call_semantics_match_dense(monkeypatch, right_padded):
     for x, y in zip(got[1], want[1], strict=True):
         assert bool(jnp.all(jnp.isfinite(x)))
         assert _rel(x, y) <= 1e-5
+
+
+def test_shape_only_init_traces_log_no_kernel_line(caplog, monkeypatch):
+    """Parameter-shape traces (`abstract_params`, the bench's random init) run an 8-token dummy
+    row; they must not announce a kernel (on a GPU that was a misleading "fallback" warning)."""
+    from jaxlora.io.hf import abstract_params
+    from jaxlora.models.config import config_from_hf
+
+    monkeypatch.setattr(A, "_announced", set())
+    cfg = config_from_hf(
+        dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
+        "test",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="jaxlora.attention"):
+        abstract_params(cfg)
+    assert not [r for r in caplog.records if r.name == "jaxlora.attention"]
