@@ -190,6 +190,44 @@ def test_fused_loss_without_grad_computes_no_backward():
     assert _count_eqns(train, "dot_general") >= 2  # + dlogits @ W^T in the training forward
 
 
+def _dot_out_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in a jaxpr, into scans / custom-vjp bodies."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(eqn.outvars[0].aval.shape))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    out += _dot_out_shapes(inner if hasattr(inner, "eqns") else sub)
+    return out
+
+
+def test_chunks_pad_less_than_one_position_each():
+    """The fused loss splits N positions into the fewest chunks of at most `chunk_size`, then
+    equal ones. Before, N was padded to whole chunks of `chunk_size`: a 64-token batch under the
+    CPU default (~2,000 positions) ran the head matmuls over 2,097 positions, 33x the work."""
+    from jaxlora.losses.fused_ce import chunk_layout
+
+    assert chunk_layout(64, 2097) == (1, 64)
+    assert chunk_layout(256, 42) == (7, 37)  # the SmolLM2 bench shape: pad 3, was 38
+    assert chunk_layout(512, 128) == (4, 128)
+    for n in range(1, 200):
+        for cap in (1, 3, 7, 42, 64, 1000):
+            chunks, pos = chunk_layout(n, cap)
+            assert pos <= cap and chunks == -(-n // cap) and 0 <= chunks * pos - n < chunks
+    # In the traced training loss: the head's dots cover the 12 real positions, no padding.
+    hidden, kernel, ids = _inputs()
+    mask = jnp.ones(ids.shape, jnp.int32)
+
+    def loss(h, w):
+        return L.masked_lm_loss(h, w, ids, mask, chunk_size=2097)[0]
+
+    shapes = _dot_out_shapes(jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(hidden, kernel).jaxpr)
+    assert (B, T - 1, V) in shapes and not [x for x in shapes if 2097 in x], shapes
+
+
 def test_bad_chunk_size_is_user_error():
     hidden, kernel, ids = _inputs()
     with pytest.raises(UserError, match="chunk_size"):

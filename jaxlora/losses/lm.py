@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.errors import UserError
-from jaxlora.losses.fused_ce import fused_ce_positions, fused_ce_sum
+from jaxlora.losses.fused_ce import chunk_layout, fused_ce_positions, fused_ce_sum
 
 Array = jax.Array
 
@@ -93,7 +93,7 @@ def token_logprobs(
     if chunk_size < 1:
         raise UserError(f"loss chunk_size must be a positive integer, got {chunk_size}")
 
-    n_chunks = -(-n // chunk_size)
+    n_chunks, chunk_size = chunk_layout(n, chunk_size)  # equal chunks, least padding
     pad = n_chunks * chunk_size - n
     # Padded positions (zeros hidden, target 0) give finite log-probs that are sliced off below.
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
