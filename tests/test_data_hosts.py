@@ -112,3 +112,29 @@ def test_unshared_directories_and_a_bad_row_on_one_host(tmp_path, chatml_tokeniz
         assert isinstance(e, UserError)
         assert str(e) == f'{bad} line 25: field "output" must be a string, got int'
     assert not [p for p in shared.iterdir() if not p.name.startswith(".")]
+
+
+def test_another_run_publishing_the_same_key_first_is_kept(tmp_path, chatml_tokenizer, monkeypatch):
+    """A one-host run sharing the cache finishes the same key while the two hosts merge their
+    parts (seen in the multi-host CLI test, whose reference run starts beside the hosts): the
+    hosts keep that identical copy instead of failing on the rename."""
+    import jaxlora.data.shard as shard
+
+    monkeypatch.setattr(build, "CHUNK_ROWS", 7)
+    data = _write(tmp_path / "a.jsonl", _rows(40))
+    kw = {"dataset": data, "cutoff_len": 64}
+    shared = tmp_path / "shared"
+    real_merge = shard._merge
+
+    def merge_after_another_run(parts, final, root):
+        other, _, rep = load_sft_dataset(chatml_tokenizer, cache_dir=shared, **kw)
+        assert rep.cache_hits == 0 and (final / "meta.json").exists()
+        real_merge(parts, final, root)
+
+    monkeypatch.setattr(shard, "_merge", merge_after_another_run)
+    (r0, r1), _ = _two_hosts(chatml_tokenizer, [shared, shared], **kw)
+    one, _, _ = load_sft_dataset(chatml_tokenizer, cache_dir=tmp_path / "one", **kw)
+    for r in (r0, r1):
+        assert not isinstance(r, Exception), r
+        _same_batches(_batches(r[0]), _batches(one))
+    assert [p.name for p in shared.iterdir()] == [p.name for p in (tmp_path / "one").iterdir()]

@@ -210,6 +210,17 @@ class SampleStore(Sequence):
         return self._extra[name]
 
 
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the complete store ``tmp`` to ``final``. When another process (another run, or
+    another group of hosts, sharing the cache) published the same key first, its copy is
+    identical (same fingerprint) and is kept; ``tmp`` is left for the caller to remove."""
+    try:
+        os.rename(tmp, final)
+    except OSError:  # ENOTEMPTY / EEXIST: ``final`` exists
+        if not (final / "meta.json").exists():
+            raise
+
+
 def open_or_build(key: str, root: Path, build: Callable[[Path], None]) -> tuple[SampleStore, bool]:
     """The store at ``root/key``, built by ``build(tmp_dir)`` first if absent. Returns
     (store, hit). A failing build leaves nothing behind."""
@@ -220,11 +231,7 @@ def open_or_build(key: str, root: Path, build: Callable[[Path], None]) -> tuple[
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
         build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same key first; its copy is identical
-            if not (final / "meta.json").exists():
-                raise
+        publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return SampleStore(final), False

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.data.cache import SampleStore, StoreWriter, open_or_build
+from jaxlora.data.cache import SampleStore, StoreWriter, open_or_build, publish
 from jaxlora.errors import UserError
 
 
@@ -106,6 +106,6 @@ def _merge(parts: list[SampleStore], final: Path, root: Path) -> None:
             for k in ("n_rows", "n_truncated", "n_answer_truncated", "n_dropped")
         }
         writer.close(label=parts[0].meta["label"], format=parts[0].meta["format"], **sums)
-        os.rename(tmp, final)
+        publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
