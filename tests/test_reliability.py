@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from device_env import device_env
 
 WORKER = Path(__file__).with_name("reliability_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
 EXIT_PREEMPTED = 75
 START_TIMEOUT = 600.0  # a run takes ~5-15 s here, but the shared CPU can be very busy
 
@@ -78,16 +78,15 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax-cache")
-    e = dict(os.environ)
+    # One CPU device and the suite's XLA compile flags (-O0 ...: the runs compile ~3x faster;
+    # every process here compiles the same way, so their losses stay comparable bit for bit).
+    e = device_env(1)
     e.update(
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]),
         TF_CPP_MIN_LOG_LEVEL="2",
     )
-    e.pop("XLA_FLAGS", None)  # one CPU device, whatever other test modules set
     return e
 
 
