@@ -498,7 +498,7 @@ def test_quickstart_dpo_rewards_rise(tmp_path):
     cfg = load_config(
         REPO / "configs" / "quickstart-dpo.yaml",
         # 12 steps (cosine over 12), evals at 4/8/12: measured margins 0.38 -> 0.96, eval
-        # accuracy 0.73 -> 1.0, train loss 0.38; a bf16 step at the suite's -O0 costs ~2.7 s here.
+        # accuracy 0.73 -> 1.0, train loss 0.38; a bf16 step at the suite's -O0 costs ~1.1 s here.
         [f"output_dir={tmp_path / 'run'}", "max_steps=12", "eval_steps=4", "save_steps=1000"],
     )
     train(cfg, progress=False, log=lambda s: None)
