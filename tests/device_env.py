@@ -21,5 +21,5 @@ def device_env(devices: int, base: dict | None = None) -> dict:
     suite = os.environ.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {suite}".strip()
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env

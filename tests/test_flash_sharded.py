@@ -22,15 +22,11 @@ from device_env import device_env
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env(devices: int) -> dict:
-    return device_env(devices)
-
-
 def _worker(*cases: str) -> list[dict]:
     worker = REPO / "tests" / "flash_sharded_worker.py"
     proc = subprocess.run(
         [sys.executable, str(worker), *cases],
-        env=_env(4),
+        env=device_env(4),
         capture_output=True,
         text=True,
         timeout=600,
@@ -104,7 +100,7 @@ def test_train_on_mesh_with_splash_interpret_equals_xla(tmp_path):
             "per_device_train_batch_size=2",
             *extra,
         ]
-        proc = subprocess.run(cmd, env=_env(4), capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, env=device_env(4), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return [r["train/loss"] for r in rows if "train/loss" in r], proc.stderr

@@ -162,17 +162,20 @@ def test_chunked_grad_never_materialises_full_logits(softcap):
     assert temp_bytes(8) < full_logits_bytes / 2
 
 
-def _count_eqns(jaxpr, name: str) -> int:
-    """Equations called `name` in a closed jaxpr, counted into scans / custom-vjp bodies."""
-    n = 0
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, into scans / custom-vjp bodies."""
     for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == name
+        yield eqn
         for p in eqn.params.values():
             for sub in p if isinstance(p, (list, tuple)) else [p]:
                 inner = getattr(sub, "jaxpr", None)
                 if inner is not None:
-                    n += _count_eqns(inner if hasattr(inner, "eqns") else sub, name)
-    return n
+                    yield from _eqns(inner if hasattr(inner, "eqns") else sub)
+
+
+def _count_eqns(jaxpr, name: str) -> int:
+    """Equations called `name` in a jaxpr, counted into scans / custom-vjp bodies."""
+    return sum(eqn.primitive.name == name for eqn in _eqns(jaxpr))
 
 
 def test_fused_loss_without_grad_computes_no_backward():
@@ -188,20 +191,6 @@ def test_fused_loss_without_grad_computes_no_backward():
     assert _count_eqns(fwd, "dot_general") == 1  # logits = h @ W
     train = jax.make_jaxpr(jax.value_and_grad(loss))(hidden, kernel).jaxpr
     assert _count_eqns(train, "dot_general") >= 2  # + dlogits @ W^T in the training forward
-
-
-def _dot_out_shapes(jaxpr) -> list[tuple[int, ...]]:
-    """Output shapes of every dot_general in a jaxpr, into scans / custom-vjp bodies."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append(tuple(eqn.outvars[0].aval.shape))
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (list, tuple)) else [p]:
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None:
-                    out += _dot_out_shapes(inner if hasattr(inner, "eqns") else sub)
-    return out
 
 
 def test_chunks_pad_less_than_one_position_each():
@@ -224,7 +213,8 @@ def test_chunks_pad_less_than_one_position_each():
     def loss(h, w):
         return L.masked_lm_loss(h, w, ids, mask, chunk_size=2097)[0]
 
-    shapes = _dot_out_shapes(jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(hidden, kernel).jaxpr)
+    train = jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(hidden, kernel).jaxpr
+    shapes = [e.outvars[0].aval.shape for e in _eqns(train) if e.primitive.name == "dot_general"]
     assert (B, T - 1, V) in shapes and not [x for x in shapes if 2097 in x], shapes
 
 

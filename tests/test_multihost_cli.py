@@ -30,7 +30,6 @@ from device_env import device_env
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 900
 _DIST_ENV = (
     "JAXLORA_DISTRIBUTED",
@@ -96,8 +95,6 @@ def model_dir(tmp_path_factory):
 def env(tmp_path_factory):
     e = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     e.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]),
         JAXLORA_CACHE=str(tmp_path_factory.mktemp("mh-cache")),
         TF_CPP_MIN_LOG_LEVEL="2",
     )

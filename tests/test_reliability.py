@@ -78,8 +78,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax-cache")
-    # One CPU device and the suite's XLA compile flags (-O0 ...: the runs compile ~3x faster;
-    # every process here compiles the same way, so their losses stay comparable bit for bit).
+    # One CPU device and the suite's XLA compile flags (tests/conftest.py), like every other test
+    # process; all runs here compile the same way, so their losses stay comparable bit for bit.
     e = device_env(1)
     e.update(
         JAX_COMPILATION_CACHE_DIR=str(cache),
