@@ -47,6 +47,7 @@ def _run(cfg, capsys) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_bench_prints_json_with_all_keys(tmp_path, capsys):
     r = _run(_config(tmp_path), capsys)
     for key in bench.JSON_KEYS:

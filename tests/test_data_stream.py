@@ -81,6 +81,7 @@ def test_stream_equals_cached_batches_and_resumes_exactly(
         assert any(pos.offset for _, pos in got)
 
 
+@pytest.mark.slow
 def test_two_workers_two_hosts_and_a_bad_row(tmp_path, chatml_tokenizer, monkeypatch):
     """2 tokenising workers give the 1-worker batches; two hosts' slices (process index 0 and 1
     of 2) put together are the 1-process batches; a bad row is named in the worker too."""

@@ -187,6 +187,7 @@ def _tiny_bench_cfg(tmp_path, **kw):
     return config_from_dict({**base, **kw})
 
 
+@pytest.mark.slow
 def test_lower_for_tpu_shows_splash_and_no_score_buffers(tmp_path):
     from jaxlora.bench.lower import lower_step
 

@@ -50,6 +50,7 @@ def test_kernels_per_device_match_dense_without_gathers():
     assert "'tensor'" not in replicated["out_sharding"] and "'fsdp'" in replicated["out_sharding"]
 
 
+@pytest.mark.slow
 def test_lower_for_tpu_on_mesh_runs_splash_on_the_device_block(tmp_path):
     """`bench --lower-for tpu` on fsdp=2 x tensor=2: a 4-partition module whose splash calls
     take one row of 2 of the 4 query heads (global batch 2): the per-device block."""

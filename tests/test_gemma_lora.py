@@ -44,6 +44,7 @@ def _peft_grad(pm, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gemma3"])
 def test_lora_matches_peft_and_merged_export(tmp_path, family):
     from jaxlora.io.export import export_adapter, export_merged

@@ -266,6 +266,7 @@ def test_chat_second_turn_is_the_history_decoded_greedily(model, monkeypatch):
     assert said[2] == f"Assistant: {expected}"
 
 
+@pytest.mark.slow
 def test_chat_many_is_one_batch_with_chat_once_answers(model):
     """The end-of-training samples: prompts in three length buckets, one decode compile, and the
     same greedy answers as asking one at a time."""

@@ -66,6 +66,7 @@ def _trl_loss(root, batch_examples, beta, wd, wu, names):
 
 # The perturbed model scores the mismatched rows lower than the original: as the policy its KL
 # estimate is negative (clamped to 0), as the reference positive (the unclamped path).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "beta,wd,wu,names",
     [(0.1, 1.0, 1.0, ("policy", "ref")), (0.5, 1.33, 0.8, ("ref", "policy"))],

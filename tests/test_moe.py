@@ -75,6 +75,7 @@ def _batch():
     return ids, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_moe_logits_and_aux_loss_match_transformers(tmp_path, case):
     torch_model = save_moe(tmp_path, case)
@@ -334,6 +335,7 @@ def test_flops_count_active_experts():
     assert matmul_params(cfg) == 2 * per_layer + 32 * 101
 
 
+@pytest.mark.slow
 def test_moe_bad_inputs_are_one_line_errors():
     """LoRA variants PEFT cannot load on experts, and a negative aux coefficient, are refused."""
     import flax.linen as nn

@@ -132,6 +132,7 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     return outs
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
     port = _free_port()
     two = [

@@ -66,6 +66,7 @@ def _targets(b):
     return int(b["loss_mask"][:, 1:].sum())
 
 
+@pytest.mark.slow
 def test_accumulation_equals_big_batch_and_base_frozen(tiny_model_dir):
     rng = np.random.default_rng(0)
     full = _batch(rng, 4, 16, 500)

@@ -32,6 +32,7 @@ def _adapter(model):
     return Adapter(params, lcfg)
 
 
+@pytest.mark.slow
 def test_packed_row_equals_separate_samples(model):
     rng = np.random.default_rng(0)
     a, b = rng.integers(1, 500, 11), rng.integers(1, 500, 7)
@@ -100,6 +101,7 @@ def test_block_attention_in_the_model_equals_dense(model, monkeypatch, remat):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
 def test_remat_and_unroll_do_not_change_gradients(model, remat):
     ad = _adapter(model)

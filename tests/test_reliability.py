@@ -253,13 +253,10 @@ def reference(model_dir, server, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------- kill -9
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("seed", "kills"),
-    [
-        (0, 2),
-        pytest.param(1, 1, marks=pytest.mark.slow),
-        pytest.param(2, 1, marks=pytest.mark.slow),
-    ],
+    [(0, 2), (1, 1), (2, 1)],
 )
 def test_sigkill_at_random_micro_steps_resumes_identically(
     seed, kills, model_dir, server, reference, tmp_path
@@ -278,6 +275,7 @@ def test_sigkill_at_random_micro_steps_resumes_identically(
     _assert_same_as_reference(out, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_before_first_checkpoint_then_rerun(model_dir, server, reference, tmp_path):
     """Killed after training started but before any checkpoint completed: the rerun must start
     over in the same output_dir (it holds only this run's own files), not refuse it."""
@@ -346,6 +344,7 @@ def test_sigkill_between_best_and_state_checkpoint(model_dir, server, reference,
 
 
 # ------------------------------------------------------------------------------- SIGTERM
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resumes_identically(
     model_dir, server, reference, tmp_path
 ):
@@ -462,6 +461,7 @@ def _checkpoint_meta(run: Path, step: int) -> dict:
         mngr.close()
 
 
+@pytest.mark.slow
 def test_nonfinite_micro_batch_is_skipped_and_reported(model_dir, tmp_path, monkeypatch):
     import jax
 

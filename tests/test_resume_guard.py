@@ -51,6 +51,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_changed_lora_rank_is_one_line_exit_2(tiny_model_dir, finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
     cfg = tmp_path / "c.yaml"

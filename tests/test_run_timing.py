@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from jaxlora.config import config_from_dict
 from jaxlora.data.batching import Batcher
@@ -19,6 +20,7 @@ from jaxlora.train.loop import train
 from jaxlora.train.timing import PHASES, RunClock
 
 
+@pytest.mark.slow
 def test_breakdown_and_compile_counts(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     logs: list[str] = []

@@ -94,6 +94,7 @@ def results(tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [f"{d}x{f}x{t}" for d, f, t in MESHES])
 def test_mesh_training_matches_single_device(results, mesh):
     r = results["meshes"][mesh]
@@ -106,6 +107,7 @@ def test_mesh_training_matches_single_device(results, mesh):
     assert r["grad_norm_rel_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [f"{d}x{f}x{t}" for d, f, t in MESHES])
 def test_param_and_state_specs_follow_rules(results, mesh):
     s = results["meshes"][mesh]["specs"]
@@ -140,6 +142,7 @@ def test_param_and_state_specs_follow_rules(results, mesh):
     assert checks["q_proj_kernel_shard_shape"] == [2, 64 // int(mesh.split("x")[1]), 64 // tensor]
 
 
+@pytest.mark.slow
 def test_batch_and_special_cases(results):
     x = results["extra"]
     assert x["batch_specs"]["input_ids"] == "P(('data', 'fsdp', 'expert'), None)"

@@ -50,6 +50,7 @@ def _run(model, out, **kw):
     return [r for r in recs if "train/loss" in r]
 
 
+@pytest.mark.slow
 def test_logged_grad_norm_is_the_applied_accumulated_gradient(micro_model, tmp_path):
     big = _run(micro_model, tmp_path / "k1", per_device_train_batch_size=4)
     acc = _run(
@@ -90,6 +91,7 @@ def test_nonfinite_update_is_skipped_without_accumulation():
     assert np.all(np.asarray(u["w"]) < 0)
 
 
+@pytest.mark.slow
 def test_loss_scale_with_plain_sgd(micro_model, tmp_path, monkeypatch):
     """The trainer's own batches (`loss_scale` = k / group targets) and step, with plain SGD in
     place of AdamW: after one optimiser step of k = 3 micro-batches the adapter moved by exactly
