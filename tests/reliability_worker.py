@@ -83,6 +83,7 @@ def _preload() -> None:
         "jaxlora.io.run_state",
         "jaxlora.cli",
         "jaxlora.train.outputs",
+        "jaxlora.evaluate.report",  # matplotlib: ~1 s the run report would import
         "jaxlora.train.setup",
         "jaxlora.train.loop",
     ):

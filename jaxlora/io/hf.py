@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -34,7 +35,20 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def abstract_params(cfg: ModelConfig, dtype: Any = jnp.float32) -> tuple[dict, dict]:
-    """(ShapeDtypeStruct tree, logical PartitionSpec tree) of the model's params."""
+    """(ShapeDtypeStruct tree, logical PartitionSpec tree) of the model's params.
+
+    Tracing the model's init costs ~0.3 s even for a tiny model and a run asks 2-3 times (load,
+    placement, export), so results are kept per (config, dtype); callers get fresh dicts over
+    the shared immutable leaves. A config with an unhashable field is traced every time."""
+    try:
+        hash(cfg)
+    except TypeError:
+        return _trace_abstract_params(cfg, jnp.dtype(dtype))
+    shapes, logical = _cached_abstract_params(cfg, jnp.dtype(dtype))
+    return _copy_dicts(shapes), _copy_dicts(logical)
+
+
+def _trace_abstract_params(cfg: ModelConfig, dtype: Any) -> tuple[dict, dict]:
     # Shapes only: dense attention, no kernel line for the 8-token dummy row.
     model = Decoder(
         cfg, dtype=dtype, param_dtype=dtype, attention=AttentionSpec(kernel="xla", quiet=True)
@@ -43,6 +57,13 @@ def abstract_params(cfg: ModelConfig, dtype: Any = jnp.float32) -> tuple[dict, d
     boxed = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
     logical = nn.get_partition_spec(boxed)
     return nn.unbox(boxed), logical
+
+
+_cached_abstract_params = functools.lru_cache(maxsize=16)(_trace_abstract_params)
+
+
+def _copy_dicts(tree: Any) -> Any:
+    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
 def is_expert_leaf(path: tuple[str, ...]) -> bool:
