@@ -165,9 +165,6 @@ def outside() -> None:
 
 
 if __name__ == "__main__":
-    from jaxlora.cli.app import hide_torch
-
-    hide_torch()  # a worker process, like the `jaxlora` command: no 3 s torch import
     for case in sys.argv[1:]:
         if case == "outside":
             outside()

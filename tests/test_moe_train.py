@@ -141,9 +141,6 @@ def _worker(out_path: str) -> None:  # pragma: no cover - runs in the subprocess
 
 
 if __name__ == "__main__":
-    from jaxlora.cli.app import hide_torch
-
-    hide_torch()  # a worker process, like the `jaxlora` command: no 3 s torch import
     _worker(sys.argv[1])
 
 

@@ -250,7 +250,4 @@ def _worker(
 
 
 if __name__ == "__main__":
-    from jaxlora.cli.app import hide_torch
-
-    hide_torch()  # a worker process, like the `jaxlora` command: no 3 s torch import
     _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

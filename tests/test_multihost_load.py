@@ -235,8 +235,5 @@ def _worker(
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from jaxlora.cli.app import hide_torch
-
-    hide_torch()  # a worker process, like the `jaxlora` command: no 3 s torch import
     a = sys.argv[1:]
     _worker(a[0], int(a[1]), json.loads(a[2]), a[3], int(a[4]), int(a[5]), int(a[6]))

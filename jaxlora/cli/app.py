@@ -281,23 +281,11 @@ def _show_attention_log() -> None:
         log.propagate = False
 
 
-def hide_torch() -> None:
-    """Make this process see PyTorch as not installed. jaxlora never runs torch, but transformers
-    imports it whenever it is installed (its config module, which AutoTokenizer loads to choose
-    a tokenizer class): ~3 s of every command's start on a 2-core box. A `None` entry in
-    `sys.modules` makes `importlib.util.find_spec("torch")` return None, which transformers and
-    datasets read as "not installed", and `import torch` raise ImportError. Only for a process
-    started as the command (`main()` without argv); an in-process `main([...])` call leaves its
-    caller's imports alone."""
-    if "torch" not in sys.modules:
-        sys.modules["torch"] = None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxlora.errors import UserError
 
-    if argv is None:
-        hide_torch()
+    if argv is None:  # this process is the command: transformers may skip torch (io/locate.py)
+        os.environ.setdefault("JAXLORA_HIDE_TORCH", "1")
     parser = build_parser()
     # `--debug` is accepted anywhere (`jaxlora train cfg.yaml --debug`), not only before the
     # subcommand where argparse would look for it.

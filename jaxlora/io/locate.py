@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from jaxlora.errors import UserError
+from jaxlora.io.no_torch import without_torch
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -19,7 +20,11 @@ def load_tokenizer(model_dir: str | Path):
     d = Path(model_dir)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
+    with without_torch():  # transformers decides once whether torch is there
+        from transformers import AutoTokenizer
+        from transformers.utils import import_utils
+
+        import_utils.is_torch_available()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

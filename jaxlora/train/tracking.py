@@ -84,7 +84,10 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
-        from tensorboardX import SummaryWriter
+        from jaxlora.io.no_torch import without_torch
+
+        with without_torch():  # tensorboardX would import torch only to accept its tensors
+            from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(Path(run_dir) / "tb"), flush_secs=10)
         self._file = self.path.open("a")
