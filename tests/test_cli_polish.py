@@ -112,7 +112,9 @@ def test_data_stats_imports_neither_jax_nor_torch(tmp_path):
         "from jaxlora.evaluate.metrics import rouge_bleu; "
         "print(rouge_bleu(['a b c'], ['a b c'])['rouge-l'])"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # A fresh cache: the built-in tiny model is made first (its tokenizer is built with
+    # transformers too), as on a user's first run.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXLORA_CACHE": str(tmp_path / "jc")}
     env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
     proc = subprocess.run(
         [sys.executable, "-c", code],

@@ -293,6 +293,10 @@ def build_tokenizer(meta: dict[str, Any]):
     """A transformers fast tokenizer from GGUF `tokenizer.*` metadata (byte-level BPE)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     from tokenizers import pre_tokenizers as pt
+
+    from jaxlora.io.no_torch import transformers_without_torch
+
+    transformers_without_torch()
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.get("tokenizer.ggml.model")

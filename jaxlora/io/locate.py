@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from jaxlora.errors import UserError
-from jaxlora.io.no_torch import without_torch
+from jaxlora.io.no_torch import transformers_without_torch
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -20,11 +20,8 @@ def load_tokenizer(model_dir: str | Path):
     d = Path(model_dir)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    with without_torch():  # transformers decides once whether torch is there
-        from transformers import AutoTokenizer
-        from transformers.utils import import_utils
-
-        import_utils.is_torch_available()
+    transformers_without_torch()
+    from transformers import AutoTokenizer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -112,6 +112,10 @@ def build_tokenizer(
     deterministic for a given corpus, so rebuilding gives the same ids.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from jaxlora.io.no_torch import transformers_without_torch
+
+    transformers_without_torch()
     from transformers import PreTrainedTokenizerFast
 
     if template not in _SPECIALS:
