@@ -110,3 +110,25 @@ def test_logits_traced_once_per_shape(tmp_path):
         model.logits(ids + i)  # numpy in
         model.logits(jaxlora.io.model.jnp.asarray(ids))  # jax in
     assert fn._cache_size() - before == 1
+
+
+def test_abstract_params_traced_once_per_config_and_dtype():
+    """A run asks for the param shapes 2-3 times: the init is traced once per (config, dtype),
+    and each caller gets its own dicts (a caller's edit never reaches the next one)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlora.io import hf
+
+    cfg = config_from_hf(RAW)
+    hf._cached_abstract_params.cache_clear()
+    shapes, logical = abstract_params(cfg)
+    shapes["extra"] = 1
+    logical["layers"].clear()
+    again, again_logical = abstract_params(cfg)
+    assert "extra" not in again and again_logical["layers"]
+    assert hf._cached_abstract_params.cache_info().hits == 1
+    bf16, _ = abstract_params(cfg, jnp.bfloat16)
+    assert hf._cached_abstract_params.cache_info().misses == 2
+    assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+    assert jax.tree.map(lambda x: x.shape, bf16) == jax.tree.map(lambda x: x.shape, again)
