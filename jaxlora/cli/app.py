@@ -284,7 +284,7 @@ def _show_attention_log() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxlora.errors import UserError
 
-    if argv is None:  # this process is the command: transformers may skip torch (io/locate.py)
+    if argv is None:  # this process is the command: keep torch out (io/no_torch.py)
         os.environ.setdefault("JAXLORA_HIDE_TORCH", "1")
     parser = build_parser()
     # `--debug` is accepted anywhere (`jaxlora train cfg.yaml --debug`), not only before the

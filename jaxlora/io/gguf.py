@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora.errors import UserError
+from jaxlora.io.no_torch import transformers_without_torch
 
 SOURCE_FILE = "gguf_source.json"
 CONVERT_VERSION = "1"  # bump when the conversion's output changes; part of the cache key
@@ -293,8 +294,6 @@ def build_tokenizer(meta: dict[str, Any]):
     """A transformers fast tokenizer from GGUF `tokenizer.*` metadata (byte-level BPE)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     from tokenizers import pre_tokenizers as pt
-
-    from jaxlora.io.no_torch import transformers_without_torch
 
     transformers_without_torch()
     from transformers import PreTrainedTokenizerFast

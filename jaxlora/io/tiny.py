@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxlora.data.templates import CHATML_TEMPLATE, LLAMA3_TEMPLATE
 from jaxlora.io.atomic import public_mode
+from jaxlora.io.no_torch import transformers_without_torch
 
 # Bump when the default model's recipe changes; the cache directory name includes it.
 TINY_VERSION = "1"
@@ -112,8 +113,6 @@ def build_tokenizer(
     deterministic for a given corpus, so rebuilding gives the same ids.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from jaxlora.io.no_torch import transformers_without_torch
 
     transformers_without_torch()
     from transformers import PreTrainedTokenizerFast

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxlora.io.atomic import atomic_write_text
+from jaxlora.io.no_torch import without_torch
 
 TIMING_KEY = "time/wall_s"  # marks the end-of-run time breakdown record (train.timing)
 PREF = "pref/"  # stage metric sums: `pref/<name>` plus the row counts `pref/count[/<group>]`
@@ -84,8 +85,6 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
-        from jaxlora.io.no_torch import without_torch
-
         with without_torch():  # tensorboardX would import torch only to accept its tensors
             from tensorboardX import SummaryWriter
 
