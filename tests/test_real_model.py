@@ -5,7 +5,9 @@ the reason when the package index is unreachable. Few and slow by design."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,33 @@ TEXTS = [
     "The year 2024 has 366 days.\n\n  ok",
     "def f(x):\n\treturn x**2",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _gguf_reads_once():
+    """transformers' GGUF loader (the reference here) repeats two pure, slow steps of the `gguf`
+    package: it parses the file once for the config and again for the weights (and once more
+    for a tokenizer; `GGUFReader` reads the 49k-token vocabulary field by field, ~7 s each on a
+    2-core box), and it rebuilds gguf's HF -> GGUF tensor-name table (every name formatted for
+    every block) once per module of the model: 397 times, 10.6 s per load. Both are memoised for
+    this module: same inputs, same objects out, so the reference's numbers are unchanged; a
+    file is re-read when its size or mtime changes."""
+    import gguf
+
+    reader_cls = gguf.GGUFReader
+
+    @functools.lru_cache(maxsize=8)
+    def _reader(path: str, size: int, mtime: int, mode: str):
+        return reader_cls(path, mode)
+
+    def reader(path, mode="r"):
+        st = os.stat(path)
+        return _reader(os.path.realpath(path), st.st_size, st.st_mtime_ns, mode)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader)
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        yield
 
 
 @pytest.fixture(scope="module")
