@@ -212,3 +212,24 @@ def test_find_gguf_ignores_hf_directories(tiny):
     base, _ = tiny["llama"]
     assert jgguf.find_gguf(base) is None
     assert resolve_model_path(str(base)) == Path(base)
+
+
+def test_open_gguf_reads_what_gguf_reads_through_plain_arrays(tiny, tmp_path):
+    """`open_gguf` (the fast header parse) gives gguf's own reader's metadata, tensor names,
+    types and bytes; its slices are plain ndarrays, which is where the speed comes from."""
+    import gguf
+
+    from jaxlora.io.export import export_gguf
+
+    base, adapter = tiny["llama"]
+    tok = jaxlora.load_model(base).tokenizer
+    path = export_gguf(base, tmp_path / "g", adapter=adapter, tokenizer=tok, gguf_type="q8_0")
+    path = path / "model.gguf"
+    ref, fast = gguf.GGUFReader(str(path)), jgguf.open_gguf(path)
+    assert type(fast.data) is np.ndarray and type(ref.data) is np.memmap
+    assert jgguf.read_metadata(fast) == jgguf.read_metadata(ref)
+    assert len(fast.tensors) == len(ref.tensors) > 0
+    for a, b in zip(ref.tensors, fast.tensors, strict=True):
+        assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
+        assert type(b.data) is np.ndarray
+        np.testing.assert_array_equal(a.data, b.data)

@@ -124,6 +124,35 @@ def hf_dir_for_gguf(path: str | Path, *, sha256: str | None = None) -> Path:
     return build_cached_dir(final, lambda tmp: convert_gguf(src, tmp, sha256=digest))
 
 
+@functools.cache
+def _reader_class():
+    import gguf
+
+    class ArrayViewReader(gguf.GGUFReader):
+        """gguf's reader over a plain-ndarray view of its memory map (see `open_gguf`)."""
+
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, value):
+            self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return ArrayViewReader
+
+
+def open_gguf(path: str | Path):
+    """A `gguf.GGUFReader` of `path` that parses the header ~2.6x faster, same bytes out.
+
+    The reader slices its `np.memmap` once per value it parses (a 49k-token vocabulary is ~250k
+    slices), and every slice of a memmap builds a memmap instance (`__array_finalize__`): most
+    of the parse time (SmolLM2-135M: 4.4 s). Over a plain ndarray view of the same mapping the
+    slices are plain views: 1.7 s. Nothing is copied; tensor data stays mapped from the file.
+    """
+    return _reader_class()(str(path))
+
+
 def read_metadata(reader) -> dict[str, Any]:
     """All key/value fields of a GGUFReader as Python values (strings, numbers, lists)."""
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
@@ -365,11 +394,9 @@ def build_tokenizer(meta: dict[str, Any]):
 
 def convert_gguf(src: str | Path, out: str | Path, *, sha256: str | None = None) -> Path:
     """Write an HF checkpoint directory (config, safetensors, tokenizer) for a GGUF file."""
-    import gguf
-
     src, out = Path(src), Path(out)
     try:
-        reader = gguf.GGUFReader(str(src))
+        reader = open_gguf(src)
     except (ValueError, OSError) as e:
         raise UserError(f"{src}: not a readable GGUF file ({e})") from None
     meta = read_metadata(reader)
