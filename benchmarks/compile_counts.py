@@ -6,10 +6,11 @@ compiled once per distinct batch length plus, before this change, once more for 
 memory check at `cutoff_len` when no batch had that length. The count is deterministic: this
 script tokenises a dataset (the built-in tiny byte-level tokenizer, or `--model DIR`'s), walks
 every batch of every epoch in the run's own order and prints the distinct lengths each scheme
-gives. No model is run.
+gives, and the same for `group_by_length: true` (HF's length-grouped order: batches of
+similar-length rows). No model is run.
 
     python3 benchmarks/compile_counts.py --dataset /work/shared/data/llamafactory/identity.json
-    python3 benchmarks/compile_counts.py --dataset demo:alpaca_en_demo --cutoff 1024
+    python3 benchmarks/compile_counts.py --dataset /work/shared/data/llamafactory/alpaca_en_demo.json --cutoff 1024
 """
 
 from __future__ import annotations
@@ -48,10 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         tok, dataset=resolve_demo_names(args.dataset), cutoff_len=args.cutoff
     )
     b = Batcher(train, batch_size=args.batch, pad_id=0, cutoff_len=args.cutoff, seed=0)
-    new, old = set(), set()
-    slots_new = slots_old = 0  # B x T token slots the steps compute (the padding trade-off)
+    g = Batcher(
+        train,
+        batch_size=args.batch,
+        pad_id=0,
+        cutoff_len=args.cutoff,
+        seed=0,
+        length_group=args.batch,
+    )
+    new, old, grouped = set(), set(), set()
+    slots_new = slots_old = slots_grouped = 0  # B x T token slots the steps compute
+    real = sum(len(s) for s in train) * args.epochs
     for epoch in range(args.epochs):
         for step in range(len(b)):
+            t_grouped = g.get(epoch, step)["input_ids"].shape[1]
+            grouped.add(t_grouped)
+            slots_grouped += args.batch * t_grouped
             idx = b.global_indices(epoch, step)
             longest = max(len(train[i]) for i in idx if i >= 0)
             t_new = b.get(epoch, step)["input_ids"].shape[1]
@@ -76,12 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         "train_step_compiles_now": new_compiles,
         "token_slots_before": slots_old,
         "token_slots_now": slots_new,
+        "lengths_group_by_length": sorted(grouped),
+        "train_step_compiles_group_by_length": len(grouped | {g.longest_length()}),
+        "token_slots_group_by_length": slots_grouped,
+        "real_tokens": real,
     }
     print(
         f"{args.dataset}: {len(train)} rows, longest {out['max_row_tokens']} tokens, cutoff "
         f"{args.cutoff}, batch {args.batch}: train_step compiles {old_compiles} -> {new_compiles}"
         f" (lengths {sorted(old)} + pre-flight {args.cutoff} -> {sorted(new)}); padded token "
-        f"slots x{slots_new / slots_old:.2f}"
+        f"slots x{slots_new / slots_old:.2f}; group_by_length: compiles "
+        f"{out['train_step_compiles_group_by_length']} (lengths {sorted(grouped)}), slots "
+        f"x{slots_grouped / slots_new:.2f} of now; real tokens / slots {real / slots_new:.2f} now, "
+        f"{real / slots_grouped:.2f} grouped"
     )
     print(json.dumps(out))
     return 0

@@ -199,6 +199,9 @@ class TrainArgs:
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int | None = None  # None = per_device_train_batch_size
     gradient_accumulation_steps: int = 1
+    # HF's `group_by_length`: batches of similar-length rows (less padding, faster steps; the
+    # order within a shuffled group of 50 optimiser batches goes longest first)
+    group_by_length: bool = False
     eval_steps: int | None = None  # None = logging_steps (HF's rule)
     eval_strategy: str | None = None  # None = "steps" when there is an eval set, else "no"
     save_steps: int = 500

@@ -278,3 +278,7 @@ def _validate_streaming(cfg, fail) -> None:
     elif d.mix_strategy != "concat":
         fail(["streaming", "mix_strategy"], "`streaming: true` reads datasets one after another; "
              "use `mix_strategy: concat` or turn streaming off")  # fmt: skip
+    elif t.group_by_length:
+        fail(["streaming", "group_by_length"], "`streaming: true` draws rows in file order; "
+             "`group_by_length` needs every row's length ahead: remove it or turn streaming "
+             "off")  # fmt: skip

@@ -20,8 +20,10 @@ sample of the GLOBAL batch rounded up to ``bucket_multiple`` times a power of tw
 ``cutoff_len``, see ``bucket_length``), so there are only a few distinct shapes and jit does not
 recompile per step, and every host computes the same T.
 
-Order: epoch e visits the samples in ``default_rng([seed, e]).permutation(n)``; step s of
-epoch e is a pure function of (seed, e, s), so resuming at (epoch, step) is exact. The last
+Order: epoch e visits the samples in ``default_rng([seed, e]).permutation(n)``, or with
+``length_group`` rows (HF's ``group_by_length``) that permutation regrouped by length
+(``length_grouped``); step s of epoch e is a pure function of (seed, e, s), so resuming at
+(epoch, step) is exact. The last
 partial batch of an epoch is filled with dummy rows (all padding, no targets) unless
 ``drop_last``. With ``process_count`` hosts, host i gets rows ``[i*B/P, (i+1)*B/P)`` of every
 global batch of B rows.
@@ -52,6 +54,40 @@ def bucket_length(n: int, cutoff_len: int | None, multiple: int = 64) -> int:
     while t < n:
         t *= 2
     return min(t, cutoff_len) if cutoff_len else t
+
+
+def length_grouped(perm: np.ndarray, lengths: np.ndarray, group: int) -> np.ndarray:
+    """HF's ``get_length_grouped_indices`` (``group_by_length``) over a given permutation.
+
+    The shuffled indices are cut into mega-batches of ``mult * group`` rows (mult = 50, or fewer
+    so that there are at least 4 mega-batches), each sorted by length, longest first (a stable
+    sort: ties keep the shuffled order); the mega-batch holding the longest row swaps its first
+    row with the first mega-batch's, so the longest batch comes first and an out-of-memory
+    shows at step 0. Consecutive batches then hold rows of similar length: less padding per
+    batch (and, with the doubling buckets, more batches in the short shapes).
+    """
+    n = len(perm)
+    mult = max(min(n // (group * 4), 50), 1)
+    size = mult * group
+    megas = [perm[i : i + size] for i in range(0, n, size)]
+    megas = [m[np.argsort(-lengths[m], kind="stable")] for m in megas]
+    longest = int(np.argmax([lengths[m[0]] for m in megas]))
+    megas[0][0], megas[longest][0] = megas[longest][0], megas[0][0]
+    return np.concatenate(megas)
+
+
+def sample_lengths(samples) -> np.ndarray:
+    """[N] the length ``len(sample)`` of every sample; from the cache's offsets (no sample read)
+    for memory-mapped views (``jaxlora.data.views.SampleView``)."""
+    if not hasattr(samples, "lengths"):
+        return np.array([len(s) for s in samples], np.int64)
+    first = samples[0]
+    if isinstance(first, PreferenceExample):
+        chosen, rejected = samples.lengths("chosen_ids"), samples.lengths("rejected_ids")
+        return samples.lengths("prompt_ids") + np.maximum(chosen, rejected)
+    if isinstance(first, FeedbackExample):
+        return samples.lengths("prompt_ids") + samples.lengths("completion_ids")
+    return samples.lengths("input_ids")
 
 
 def _fill(ex: Example | None, t: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -134,6 +170,7 @@ class Batcher:
         process_count: int = 1,
         bucket_multiple: int = 64,
         fixed_length: int | None = None,
+        length_group: int = 0,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -158,6 +195,10 @@ class Batcher:
         # Packed rows all have the same length: use it (no bucketing).
         packed = isinstance(samples[0], Example) and samples[0].segment_ids is not None
         self.fixed_length = fixed_length or (len(samples[0]) if packed else None)
+        # Rows per optimiser step to group by length (0 = plain shuffle); packed rows all have
+        # one length, so grouping them would only change the order.
+        self.length_group = 0 if self.fixed_length else length_group
+        self._lengths = sample_lengths(samples) if self.length_group and shuffle else None
         n = len(samples)
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
         if self.steps_per_epoch == 0:
@@ -185,7 +226,10 @@ class Batcher:
         n = len(self.samples)
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        if self._lengths is None:
+            return perm
+        return length_grouped(perm, self._lengths, self.length_group)
 
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
         """[B] sample indices of global batch (epoch, step); -1 marks a dummy row."""

@@ -271,6 +271,10 @@ def build_batches(cfg: Config, data: DataBundle, mesh: Any, stage: Any) -> Batch
         seed=tcfg.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        # HF groups the rows of one optimiser step: per-device batch x devices x accumulation
+        length_group=tcfg.per_device_train_batch_size * shards * tcfg.gradient_accumulation_steps
+        if tcfg.group_by_length
+        else 0,
     )
     steps_per_epoch = len(batcher)
     k = tcfg.gradient_accumulation_steps
