@@ -10,7 +10,8 @@ gives, and the same for `group_by_length: true` (HF's length-grouped order: batc
 similar-length rows). No model is run.
 
     python3 benchmarks/compile_counts.py --dataset /work/shared/data/llamafactory/identity.json
-    python3 benchmarks/compile_counts.py --dataset /work/shared/data/llamafactory/alpaca_en_demo.json --cutoff 1024
+    python3 benchmarks/compile_counts.py \
+        --dataset /work/shared/data/llamafactory/alpaca_en_demo.json --cutoff 1024
 """
 
 from __future__ import annotations

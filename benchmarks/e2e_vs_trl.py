@@ -124,6 +124,7 @@ def trl_worker(args: argparse.Namespace) -> None:
         report_to="none",
         dataloader_num_workers=0,
         packing=False,
+        group_by_length=args.group_by_length,
         seed=0,
     )
     lora = LoraConfig(
@@ -168,6 +169,7 @@ def jaxlora_config(args, model: Path, train: Path, evals: Path, out: Path) -> Pa
         "output_dir": str(out),
         "overwrite_output_dir": True,
         "seed": 0,
+        "group_by_length": args.group_by_length,
     }
     path = out.parent / "jaxlora.yaml"  # JSON is YAML
     path.write_text(json.dumps(cfg, indent=1))
@@ -213,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         help="TRL's compute: bf16 CPU autocast (the issue's setting) or fp32 (faster on CPUs "
         "without AVX-512 BF16, where torch's bf16 matmuls are slow)",
     )
+    ap.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="both sides batch rows of similar length (HF's group_by_length): less padding",
+    )
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("model", "train", "eval", "out"):
         ap.add_argument(f"--{name}", help=argparse.SUPPRESS)
@@ -240,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--epochs", str(args.epochs), "--batch", str(args.batch)]
             cmd += ["--cutoff", str(args.cutoff), "--eval-steps", str(args.eval_steps)]
             cmd += ["--threads", str(args.threads), "--trl-dtype", args.trl_dtype]
+            cmd += ["--group-by-length"] if args.group_by_length else []
             done = out / "adapter_model.safetensors"
         load = load_average()
         wall, cpu, log = timed(cmd, env, args.timeout)
@@ -262,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "layers": args.layers,
         "epochs": args.epochs,
         "trl_dtype": args.trl_dtype,
+        "group_by_length": args.group_by_length,
     }
     print(json.dumps({"results": results, "ratio_jaxlora_over_trl": ratio, **meta}))
     return 0

@@ -127,3 +127,12 @@ def test_config_wires_the_optimiser_step_rows_and_streaming_refuses(tiny_model_d
     with pytest.raises(UserError, match="group_by_length") as e:
         _cfg(tiny_model_dir, tmp_path, group_by_length=True, streaming=True, max_steps=4)
     assert "\n" not in str(e.value)
+    # transformers 5 names it train_sampling_strategy.
+    alias = _cfg(tiny_model_dir, tmp_path, train_sampling_strategy="group_by_length")
+    assert alias.train.group_by_length
+    assert not _cfg(
+        tiny_model_dir, tmp_path, train_sampling_strategy="random"
+    ).train.group_by_length
+    with pytest.raises(UserError, match="train_sampling_strategy: batch_rebalance") as e:
+        _cfg(tiny_model_dir, tmp_path, train_sampling_strategy="batch_rebalance")
+    assert "\n" not in str(e.value)

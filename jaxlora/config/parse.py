@@ -154,7 +154,21 @@ _ALIASES: dict[str, tuple[str, Any]] = {
         "template",
         lambda v, where: _UNSET if _to_bool("apply_chat_template", v, where) else "raw",
     ),
+    # transformers 5's name for group_by_length: train_sampling_strategy: random | group_by_length
+    "train_sampling_strategy": ("group_by_length", lambda v, where: _sampling(v, where)),
 }
+
+
+def _sampling(value: Any, where: str) -> bool:
+    choices = {"random": False, "group_by_length": True}
+    if value not in choices:
+        raise UserError(
+            f"{where}: `train_sampling_strategy: {_show(value)}` is not supported: jaxlora "
+            "shuffles (`random`) or groups by length (`group_by_length`)"
+        )
+    return choices[value]
+
+
 _COMMAND_LINE = "command line"
 
 
