@@ -124,7 +124,8 @@ def trl_worker(args: argparse.Namespace) -> None:
         report_to="none",
         dataloader_num_workers=0,
         packing=False,
-        group_by_length=args.group_by_length,
+        # transformers 5's name for HF's group_by_length
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         seed=0,
     )
     lora = LoraConfig(
