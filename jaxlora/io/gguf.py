@@ -126,9 +126,11 @@ def hf_dir_for_gguf(path: str | Path, *, sha256: str | None = None) -> Path:
 
 @functools.cache
 def _reader_class():
-    import gguf
+    # The class from its module, not `gguf.GGUFReader`: that name may be rebound (a test
+    # memoises transformers' use of it), and a subclass needs the class itself.
+    from gguf.gguf_reader import GGUFReader
 
-    class ArrayViewReader(gguf.GGUFReader):
+    class ArrayViewReader(GGUFReader):
         """gguf's reader over a plain-ndarray view of its memory map (see `open_gguf`)."""
 
         @property
