@@ -127,6 +127,11 @@ def test_config_wires_the_optimiser_step_rows_and_streaming_refuses(tiny_model_d
     with pytest.raises(UserError, match="group_by_length") as e:
         _cfg(tiny_model_dir, tmp_path, group_by_length=True, streaming=True, max_steps=4)
     assert "\n" not in str(e.value)
+    from jaxlora.train.preflight import config_warnings
+
+    assert not config_warnings(on)
+    packed = _cfg(tiny_model_dir, tmp_path, group_by_length=True, packing=True)
+    assert any("`group_by_length` has no effect with packing" in w for w in config_warnings(packed))
     # transformers 5 names it train_sampling_strategy.
     alias = _cfg(tiny_model_dir, tmp_path, train_sampling_strategy="group_by_length")
     assert alias.train.group_by_length

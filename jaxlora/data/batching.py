@@ -23,10 +23,9 @@ recompile per step, and every host computes the same T.
 Order: epoch e visits the samples in ``default_rng([seed, e]).permutation(n)``, or with
 ``length_group`` rows (HF's ``group_by_length``) that permutation regrouped by length
 (``length_grouped``); step s of epoch e is a pure function of (seed, e, s), so resuming at
-(epoch, step) is exact. The last
-partial batch of an epoch is filled with dummy rows (all padding, no targets) unless
-``drop_last``. With ``process_count`` hosts, host i gets rows ``[i*B/P, (i+1)*B/P)`` of every
-global batch of B rows.
+(epoch, step) is exact. The last partial batch of an epoch is filled with dummy rows (all
+padding, no targets) unless ``drop_last``. With ``process_count`` hosts, host i gets rows
+``[i*B/P, (i+1)*B/P)`` of every global batch of B rows.
 """
 
 from __future__ import annotations

@@ -83,13 +83,18 @@ def estimate(step_fn: Any, *args: Any) -> MemoryEstimate:
 
 
 def config_warnings(cfg: Any) -> list[str]:
-    """Settings that work but waste memory in a way the user would not guess."""
+    """Settings that work but waste memory (or do nothing) in a way the user would not guess."""
     out = []
     if cfg.model.quantization_bit and cfg.model.remat == "none":
         out.append(
             "warning: QLoRA with `remat: none` keeps every layer's dequantised weights as "
             "residuals for the backward pass (a full compute-dtype copy of the base, what "
             "quantising was meant to avoid); set `remat: full`"
+        )
+    if cfg.train.group_by_length and cfg.packing_enabled:
+        out.append(
+            "warning: `group_by_length` has no effect with packing (every packed row is "
+            "`cutoff_len` tokens long); the rows are shuffled as usual"
         )
     return out
 
