@@ -141,6 +141,17 @@ def _flag(name: str, value_if_true: Any) -> Any:
 # Old or alternative names read as a jaxlora key: name -> (key, value translation or None).
 # PAI Model Gallery (Alibaba Cloud) names the same knobs differently; `apply_chat_template:
 # false` means the data already holds the special tokens (`template: raw`, see data.templates).
+def _sampling(value: Any, where: str) -> bool:
+    """`train_sampling_strategy` (transformers 5) as `group_by_length`."""
+    choices = {"random": False, "group_by_length": True}
+    if value not in choices:
+        raise UserError(
+            f"{where}: `train_sampling_strategy: {_show(value)}` is not supported: jaxlora "
+            "shuffles (`random`) or groups by length (`group_by_length`)"
+        )
+    return choices[value]
+
+
 _ALIASES: dict[str, tuple[str, Any]] = {
     "evaluation_strategy": ("eval_strategy", None),  # HF's pre-4.46 name
     "pure_bf16": ("full_precision_master", lambda v, where: not _to_bool("pure_bf16", v, where)),
@@ -155,18 +166,8 @@ _ALIASES: dict[str, tuple[str, Any]] = {
         lambda v, where: _UNSET if _to_bool("apply_chat_template", v, where) else "raw",
     ),
     # transformers 5's name for group_by_length: train_sampling_strategy: random | group_by_length
-    "train_sampling_strategy": ("group_by_length", lambda v, where: _sampling(v, where)),
+    "train_sampling_strategy": ("group_by_length", _sampling),
 }
-
-
-def _sampling(value: Any, where: str) -> bool:
-    choices = {"random": False, "group_by_length": True}
-    if value not in choices:
-        raise UserError(
-            f"{where}: `train_sampling_strategy: {_show(value)}` is not supported: jaxlora "
-            "shuffles (`random`) or groups by length (`group_by_length`)"
-        )
-    return choices[value]
 
 
 _COMMAND_LINE = "command line"
