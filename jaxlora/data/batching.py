@@ -18,7 +18,10 @@ see ``feedback.with_kl_completions``), and ``kto_label`` [B] int32 (1 desirable,
 T: packed rows are always ``cutoff_len`` long; unpacked batches are padded to the longest
 sample of the GLOBAL batch rounded up to ``bucket_multiple`` times a power of two (capped at
 ``cutoff_len``, see ``bucket_length``), so there are only a few distinct shapes and jit does not
-recompile per step, and every host computes the same T.
+recompile per step, and every host computes the same T. A run may add lengths between those
+buckets where one pays for its compile (``plan_buckets``: a multiple of 64 that saves more padded
+token slots over the whole run than a compile costs); the plan is a pure function of the data,
+seed and run length, so it too is the same on every host and after a resume.
 
 Order: epoch e visits the samples in ``default_rng([seed, e]).permutation(n)``, or with
 ``length_group`` rows (HF's ``group_by_length``) that permutation regrouped by length
@@ -53,6 +56,43 @@ def bucket_length(n: int, cutoff_len: int | None, multiple: int = 64) -> int:
     while t < n:
         t *= 2
     return min(t, cutoff_len) if cutoff_len else t
+
+
+def plan_buckets(
+    longest: np.ndarray,
+    rows: int,
+    cutoff_len: int | None,
+    shape_cost: float,
+    multiple: int = 64,
+) -> tuple[int, ...]:
+    """The padded lengths of a run whose steps' longest rows are ``longest`` ([S], every step of
+    the run in order) at ``rows`` rows per step: the doubling buckets those steps use, plus
+    multiples of ``multiple`` in between wherever one saves at least ``shape_cost`` padded token
+    slots over the run (``shape_cost`` = what one more compiled shape costs, in token slots).
+
+    Doubling buckets pad the longest row of a step by up to 2x (identity data, tiny tokenizer,
+    cutoff 512, batch 8: 42% of the slots are real tokens, 62% when padding to the longest row
+    as HF's collator does); each extra length is one more train-step compile. Greedy: add the
+    length that saves the most slots, while that saving is at least ``shape_cost``.
+    """
+    longest = np.asarray(longest, np.int64)
+    plan = sorted({bucket_length(int(n), cutoff_len, multiple) for n in longest})
+    uniq, counts = np.unique(longest, return_counts=True)
+    cands = [c for c in range(multiple, plan[-1], multiple) if c not in plan and c >= uniq[0]]
+
+    def assigned(lengths: list[int]) -> np.ndarray:  # each distinct row length -> its bucket
+        p = np.asarray(lengths)
+        return p[np.minimum(np.searchsorted(p, uniq), len(p) - 1)]
+
+    cur = assigned(plan)
+    while cands:
+        savings = [rows * int(((cur - c) * counts)[(uniq <= c) & (cur > c)].sum()) for c in cands]
+        best = int(np.argmax(savings))
+        if savings[best] <= 0 or savings[best] < shape_cost:
+            break
+        plan = sorted([*plan, cands.pop(best)])
+        cur = assigned(plan)
+    return tuple(plan)
 
 
 def length_grouped(perm: np.ndarray, lengths: np.ndarray, group: int) -> np.ndarray:
@@ -170,6 +210,7 @@ class Batcher:
         bucket_multiple: int = 64,
         fixed_length: int | None = None,
         length_group: int = 0,
+        buckets: tuple[int, ...] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -191,6 +232,7 @@ class Batcher:
         self.process_index = process_index
         self.process_count = process_count
         self.bucket_multiple = bucket_multiple
+        self.buckets = buckets  # the run's planned lengths (`plan_buckets`); None: doubling
         # Packed rows all have the same length: use it (no bucketing).
         packed = isinstance(samples[0], Example) and samples[0].segment_ids is not None
         self.fixed_length = fixed_length or (len(samples[0]) if packed else None)
@@ -213,8 +255,30 @@ class Batcher:
             return self.fixed_length
         if isinstance(self.samples[0], FeedbackExample):
             return None
-        longest = max(len(s) for s in self.samples)
+        return self.length_for(max(len(s) for s in self.samples))
+
+    def length_for(self, longest: int) -> int:
+        """T of a batch whose longest row has ``longest`` tokens: the smallest planned bucket that
+        holds it, else the doubling bucket (never below ``longest``: a sample may exceed
+        cutoff_len only if the caller allowed it)."""
+        if self.buckets:
+            i = int(np.searchsorted(self.buckets, longest))
+            if i < len(self.buckets):
+                return int(self.buckets[i])
         return max(bucket_length(longest, self.cutoff_len, self.bucket_multiple), longest)
+
+    def step_longest(self, num_steps: int) -> np.ndarray:
+        """[num_steps] the longest row of global batches 0.. of the run in order (epoch after
+        epoch), from the samples' lengths (the cache's offsets: no sample is read)."""
+        lengths = sample_lengths(self.samples)
+        out, epoch = [], 0
+        while sum(len(x) for x in out) < num_steps:
+            order = self.order(epoch)[: self.steps_per_epoch * self.batch_size]
+            padded = np.zeros(self.steps_per_epoch * self.batch_size, np.int64)
+            padded[: len(order)] = lengths[order]
+            out.append(padded.reshape(self.steps_per_epoch, self.batch_size).max(axis=1))
+            epoch += 1
+        return np.concatenate(out)[:num_steps]
 
     @property
     def local_batch_size(self) -> int:
@@ -246,9 +310,7 @@ class Batcher:
         if self.fixed_length:
             t = self.fixed_length
         else:
-            longest = max(len(s) for s in chosen if s is not None)
-            t = bucket_length(longest, self.cutoff_len, self.bucket_multiple)
-            t = max(t, longest)  # a sample may exceed cutoff_len only if the caller allowed it
+            t = self.length_for(max(len(s) for s in chosen if s is not None))
         lo = self.process_index * self.local_batch_size
         return collate(chosen[lo : lo + self.local_batch_size], pad_id=self.pad_id, length=t)
 

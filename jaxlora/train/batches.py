@@ -20,8 +20,9 @@ import numpy as np
 
 from jaxlora import data as data_lib
 from jaxlora.config import Config
-from jaxlora.data.batching import Batcher
+from jaxlora.data.batching import Batcher, plan_buckets
 from jaxlora.data.cache import data_cache_dir
+from jaxlora.data.feedback import FeedbackExample
 from jaxlora.data.loading import resolve_demo_names
 from jaxlora.errors import UserError
 from jaxlora.parallel import sharding
@@ -259,8 +260,30 @@ class Batches(DeviceBatches):
         return host
 
 
-def build_batches(cfg: Config, data: DataBundle, mesh: Any, stage: Any) -> Batches:
-    """The shuffled train order, run length and eval batcher for `cfg` on `mesh`."""
+# What one more compiled train-step shape costs, in FLOPs the platform could have run instead: a
+# compile of a scanned decoder's step takes seconds on a CPU that reaches ~0.1-0.2 TFLOP/s (the
+# SmolLM2-135M step: ~7 s) and tens of seconds on a GPU/TPU that reaches hundreds of TFLOP/s.
+# Orders of magnitude only: they decide whether a length between two doubling buckets is worth
+# compiling (`data.batching.plan_buckets`), and a wrong guess costs a compile or some padding.
+COMPILE_FLOPS = {"cpu": 1e12}
+COMPILE_FLOPS_ACCELERATOR = 1e16
+
+
+def shape_cost_tokens(params: Any, platform: str) -> float:
+    """One more compiled shape's cost in token slots: COMPILE_FLOPS / (6 N) with N the base's
+    parameter count (array elements; a quantised base counts its packed bytes: same order)."""
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    flops = COMPILE_FLOPS.get(platform, COMPILE_FLOPS_ACCELERATOR)
+    return flops / (6.0 * max(n, 1))
+
+
+def build_batches(
+    cfg: Config, data: DataBundle, mesh: Any, stage: Any, shape_cost: float | None = None
+) -> Batches:
+    """The shuffled train order, run length and eval batcher for `cfg` on `mesh`.
+
+    shape_cost (token slots, `shape_cost_tokens`): when given, the run pads to the lengths
+    `plan_buckets` chooses for its steps instead of the doubling buckets alone."""
     tcfg = cfg.train
     shards = sharding.batch_shards(mesh)  # data x fsdp; tensor replicas share rows
     batcher = Batcher(
@@ -283,6 +306,10 @@ def build_batches(cfg: Config, data: DataBundle, mesh: Any, stage: Any) -> Batch
     else:
         per_epoch = max(steps_per_epoch // k, 1)
         total = max(int(math.ceil(tcfg.num_train_epochs * per_epoch)), 1)
+    planned = not (batcher.fixed_length or isinstance(data.train[0], FeedbackExample))
+    if shape_cost is not None and planned:  # KTO rows' lengths depend on the batch: doubling
+        longest = batcher.step_longest(total * k)
+        batcher.buckets = plan_buckets(longest, batcher.batch_size, data.cutoff_len, shape_cost)
     eval_every, eval_batcher = 0, None
     if cfg.eval_enabled and data.eval:
         eval_every = tcfg.resolved_eval_steps

@@ -21,9 +21,10 @@ import jax
 import numpy as np
 
 from jaxlora.config import Config
+from jaxlora.data.batching import bucket_length
 from jaxlora.errors import UserError
 from jaxlora.io.run_state import RunCheckpoints
-from jaxlora.train.batches import Batches, DataBundle, build_batches, load_data
+from jaxlora.train.batches import Batches, DataBundle, build_batches, load_data, shape_cost_tokens
 from jaxlora.train.model_parts import ModelParts, build_model_parts
 from jaxlora.train.run_dir import check_resume, claim_run_dir, write_header
 from jaxlora.train.stage import make_stage
@@ -175,8 +176,18 @@ def _assemble(cfg: Config, data: DataBundle, tokenizer: Any, log: Callable[[str]
     model_path = resolve_model_path(cfg.model.model_name_or_path)
     parts = build_model_parts(cfg, model_path, tokenizer, log)
     stage = make_stage(cfg, parts, data, log)  # DPO: may add a reference copy to parts.frozen
-    build = build_stream_batches if data.stream is not None else build_batches
-    batches = build(cfg, data, parts.mesh, stage)
+    if data.stream is not None:  # rows arrive in file order: lengths unknown ahead
+        batches = build_stream_batches(cfg, data, parts.mesh, stage)
+    else:
+        cost = shape_cost_tokens(parts.model.params, jax.default_backend())
+        batches = build_batches(cfg, data, parts.mesh, stage, shape_cost=cost)
+        planned = batches.batcher.buckets or ()
+        extra = [t for t in planned if bucket_length(t, data.cutoff_len) != t]
+        if extra:
+            log(
+                f"batch lengths: {', '.join(map(str, planned))} ({', '.join(map(str, extra))} "
+                "between the doubling buckets: each saves more padding than its compile costs)"
+            )
     steps = build_steps(  # unpacked rows are right padded (data/batching.py)
         cfg,
         parts,
