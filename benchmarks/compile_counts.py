@@ -7,7 +7,8 @@ memory check at `cutoff_len` when no batch had that length. The count is determi
 script tokenises a dataset (the built-in tiny byte-level tokenizer, or `--model DIR`'s), walks
 every batch of every epoch in the run's own order and prints the distinct lengths each scheme
 gives, and the same for `group_by_length: true` (HF's length-grouped order: batches of
-similar-length rows). No model is run.
+similar-length rows), and the planned lengths a run on a `--params`-sized base would add
+(`plan_buckets`, with the train command's compile-cost estimate for `--platform`). No model is run.
 
     python3 benchmarks/compile_counts.py --dataset /work/shared/data/llamafactory/identity.json
     python3 benchmarks/compile_counts.py \
@@ -21,7 +22,7 @@ import json
 import sys
 
 from jaxlora.data import load_sft_dataset
-from jaxlora.data.batching import Batcher
+from jaxlora.data.batching import Batcher, plan_buckets
 from jaxlora.data.loading import resolve_demo_names
 
 
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cutoff", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--params", type=float, default=135e6, help="base size for the planned lengths")
+    ap.add_argument("--platform", default="cpu", help="cpu | gpu | tpu (the compile-cost estimate)")
     args = ap.parse_args(argv)
     if args.model:
         from transformers import AutoTokenizer
@@ -74,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             old.add(t_old)
             slots_new += args.batch * t_new
             slots_old += args.batch * t_old
+    from jaxlora.train.batches import COMPILE_FLOPS, COMPILE_FLOPS_ACCELERATOR
+
+    cost = COMPILE_FLOPS.get(args.platform, COMPILE_FLOPS_ACCELERATOR) / (6 * args.params)
+    longest = b.step_longest(args.epochs * len(b))
+    b.buckets = plan_buckets(longest, args.batch, args.cutoff, cost)
+    slots_planned = args.batch * sum(b.length_for(int(n)) for n in longest)
     # Before: the pre-flight check compiled at cutoff_len whether or not a batch reached it.
     old_compiles = len(old | {args.cutoff})
     new_compiles = len(new | {b.longest_length()})  # now: at the longest bucket, one of `new`
@@ -93,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "lengths_group_by_length": sorted(grouped),
         "train_step_compiles_group_by_length": len(grouped | {g.longest_length()}),
         "token_slots_group_by_length": slots_grouped,
+        "lengths_planned": list(b.buckets),
+        "token_slots_planned": slots_planned,
         "real_tokens": real,
     }
     print(
@@ -102,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         f"slots x{slots_new / slots_old:.2f}; group_by_length: compiles "
         f"{out['train_step_compiles_group_by_length']} (lengths {sorted(grouped)}), slots "
         f"x{slots_grouped / slots_new:.2f} of now; real tokens / slots {real / slots_new:.2f} now, "
-        f"{real / slots_grouped:.2f} grouped"
+        f"{real / slots_grouped:.2f} grouped; planned for {args.params:.3g} parameters on "
+        f"{args.platform}: lengths {list(b.buckets)}, slots x{slots_planned / slots_new:.2f} of now"
     )
     print(json.dumps(out))
     return 0
