@@ -40,6 +40,21 @@ def test_a_length_is_added_exactly_when_it_pays_for_its_compile():
     assert plan_buckets(np.array([300, 300, 100]), 1, 300, shape_cost=1e18) == (128, 300)
 
 
+def _greedy_by_padding(longest, rows, cutoff, cost) -> tuple[int, ...]:
+    """The plan by brute force: pad every step under each candidate plan and count."""
+    plan = sorted({bucket_length(int(n), cutoff) for n in longest})
+    while True:
+        cands = [c for c in range(64, plan[-1], 64) if c not in plan and c >= min(longest)]
+        if not cands:
+            return tuple(plan)
+        now = _slots(longest, rows, plan)
+        saved = [now - _slots(longest, rows, sorted([*plan, c])) for c in cands]
+        best = int(np.argmax(saved))
+        if saved[best] <= 0 or saved[best] < cost:
+            return tuple(plan)
+        plan = sorted([*plan, cands[best]])
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_plan_covers_the_doubling_buckets_and_never_pads_more(seed):
     rng = np.random.default_rng(seed)
@@ -49,6 +64,7 @@ def test_plan_covers_the_doubling_buckets_and_never_pads_more(seed):
         plan = plan_buckets(longest, 8, 1024, shape_cost=cost)
         assert set(doubling) <= set(plan) and list(plan) == sorted(set(plan))
         assert all(t % 64 == 0 or t == 1024 for t in plan)
+        assert plan == _greedy_by_padding(longest, 8, 1024, cost)
         extra = len(plan) - len(doubling)
         saved = _slots(longest, 8, doubling) - _slots(longest, 8, plan)
         assert saved >= extra * cost  # each added length saved at least its cost

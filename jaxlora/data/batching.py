@@ -77,21 +77,26 @@ def plan_buckets(
     """
     longest = np.asarray(longest, np.int64)
     plan = sorted({bucket_length(int(n), cutoff_len, multiple) for n in longest})
-    uniq, counts = np.unique(longest, return_counts=True)
-    cands = [c for c in range(multiple, plan[-1], multiple) if c not in plan and c >= uniq[0]]
+    ends = np.sort(longest)
 
-    def assigned(lengths: list[int]) -> np.ndarray:  # each distinct row length -> its bucket
-        p = np.asarray(lengths)
-        return p[np.minimum(np.searchsorted(p, uniq), len(p) - 1)]
+    def steps_upto(x: np.ndarray) -> np.ndarray:  # steps whose longest row is <= x
+        return np.searchsorted(ends, x, side="right")
 
-    cur = assigned(plan)
-    while cands:
-        savings = [rows * int(((cur - c) * counts)[(uniq <= c) & (cur > c)].sum()) for c in cands]
+    cands = np.array([c for c in range(multiple, plan[-1], multiple) if c >= ends[0]], np.int64)
+    while True:
+        cands = cands[~np.isin(cands, plan)]
+        if not len(cands):
+            break
+        # A candidate c inside planned (lo, hi] takes the steps of longest in (lo, c] from hi
+        # down to c: it saves rows x (hi - c) slots for each of them.
+        p = np.asarray(plan)
+        i = np.searchsorted(p, cands)
+        lo = np.where(i > 0, p[np.maximum(i - 1, 0)], 0)
+        savings = rows * (p[i] - cands) * (steps_upto(cands) - steps_upto(lo))
         best = int(np.argmax(savings))
         if savings[best] <= 0 or savings[best] < shape_cost:
             break
-        plan = sorted([*plan, cands.pop(best)])
-        cur = assigned(plan)
+        plan = sorted([*plan, int(cands[best])])
     return tuple(plan)
 
 
