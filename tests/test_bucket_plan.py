@@ -108,6 +108,7 @@ def _cfg(model_dir, tmp_path, **kw):
             "per_device_train_batch_size": 4,
             "cutoff_len": 256,
             "max_steps": 6,
+            "logging_steps": 1,
             **kw,
         }
     )
@@ -140,31 +141,33 @@ def test_build_batches_plans_from_the_model_size_and_platform(tiny_model_dir, tm
 
 
 @pytest.mark.slow
-def test_planned_lengths_change_no_loss_and_are_logged(tiny_model_dir, tmp_path, monkeypatch):
+def test_planned_lengths_change_no_loss_resume_exactly_and_are_logged(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     """The same run with the doubling buckets and with every length that saves padding: the
-    same losses and adapter (padding is masked), more compiled shapes, one log line."""
+    same losses and adapter (padding is masked), more compiled shapes, one log line; the planned
+    run stopped after step 3 and rerun equals it straight through, bit for bit."""
     from safetensors.numpy import load_file
 
     from jaxlora.train import batches as batches_mod
+    from jaxlora.train import preemption
     from jaxlora.train.loop import train
 
-    def run(name: str, compile_flops: float):
+    def run(name: str, compile_flops: float, stop_after: int | None = None):
         monkeypatch.setitem(batches_mod.COMPILE_FLOPS, "cpu", compile_flops)
         lines: list[str] = []
         out = tmp_path / name
-        train(
-            _cfg(tiny_model_dir, tmp_path, output_dir=str(out), bf16=False, val_size=0),
-            progress=False,
-            log=lines.append,
-        )
+        cfg = _cfg(tiny_model_dir, tmp_path, output_dir=str(out), bf16=False, val_size=0)
+        if stop_after:  # the preemption guard fires after that optimiser step (checkpoint)
+            calls = iter(range(1, 100))
+            with monkeypatch.context() as m:
+                m.setattr(preemption.PreemptionGuard, "should_stop", lambda _: next(calls) == 3)
+                assert train(cfg, progress=False, log=lines.append).preempted
+        train(cfg, progress=False, log=lines.append)
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["train/loss"] for r in recs if "train/loss" in r]
-        return (
-            lines,
-            losses,
-            recs[-1],
-            load_file(str(out / "adapter" / "adapter_model.safetensors")),
-        )
+        steps = [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in recs[:-1]]
+        adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        return lines, steps, recs[-1], adapter
 
     plain_log, plain, plain_time, plain_adapter = run("plain", 1e30)
     log, planned, planned_time, adapter = run("planned", 0.0)
@@ -172,6 +175,13 @@ def test_planned_lengths_change_no_loss_and_are_logged(tiny_model_dir, tmp_path,
     [line] = [x for x in log if x.startswith("batch lengths:")]
     assert "between the doubling buckets" in line
     assert planned_time["compile/train_step"] > plain_time["compile/train_step"]
-    np.testing.assert_allclose(planned, plain, rtol=1e-5)
+    losses = [[r["train/loss"] for r in recs if "train/loss" in r] for recs in (planned, plain)]
+    assert len(losses[0]) == 6
+    np.testing.assert_allclose(*losses, rtol=1e-5)
     for k in plain_adapter:
         np.testing.assert_allclose(adapter[k], plain_adapter[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    resumed_log, resumed, _, resumed_adapter = run("resumed", 0.0, stop_after=3)
+    assert any(x.startswith("resuming from checkpoint at step 3") for x in resumed_log)
+    assert resumed == planned
+    for k in adapter:
+        np.testing.assert_array_equal(resumed_adapter[k], adapter[k], err_msg=k)
