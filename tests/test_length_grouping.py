@@ -121,7 +121,7 @@ def test_config_wires_the_optimiser_step_rows_and_streaming_refuses(tiny_model_d
     b = build_batches(on, data, mesh, stage).batcher
     assert b.length_group == 8  # per-device batch x devices x accumulation, as HF groups
     order = b.order(0)
-    assert b._lengths[order[0]] == b._lengths.max()
+    assert b.lengths[order[0]] == b.lengths.max()
     off = build_batches(_cfg(tiny_model_dir, tmp_path), data, mesh, stage).batcher
     assert off.length_group == 0 and off.order(0).tolist() != order.tolist()
     with pytest.raises(UserError, match="group_by_length") as e:
