@@ -84,3 +84,39 @@ def test_dispatch_uses_blocks_only_for_long_uncached_cpu_sequences(monkeypatch):
     A.attention(q, k, v, scale=0.3, mask=attention_mask(seg))  # decode over a KV cache: dense
     A.attention(q[:, :15], k[:, :15], v[:, :15], scale=0.3, segment_ids=seg[:, :15])
     assert len(calls) <= 1
+
+
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_decode_attention_equals_dense_over_the_written_cache(softcap):
+    """A decode step that reads the old cache and adds its own key/value separately equals dense
+    attention over the cache with the token written at its slot (GQA, left padding, a slot
+    that holds stale values, a sliding window), in fp32 and bf16."""
+    from jaxlora.evaluate.generate import cache_mask
+
+    s, slot = 24, 17
+    ks = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(ks[0], (B, 1, N, DH))
+    ck = jax.random.normal(ks[1], (B, s, K, DH))  # slot 17 and later: stale values, never seen
+    cv = jax.random.normal(ks[2], (B, s, K, DH))
+    k1 = jax.random.normal(ks[3], (B, 1, K, DH))
+    v1 = jax.random.normal(ks[4], (B, 1, K, DH))
+    valid = (jnp.arange(s) <= slot)[None] & (jnp.arange(s)[None] >= jnp.asarray([[3], [0]]))
+    pos = jnp.cumsum(valid, axis=1) - 1  # row 0: 3 slots of left padding
+    q_pos = pos[:, slot][:, None]
+    scale = DH**-0.5
+    for window in (None, 6):
+        mask = cache_mask(valid, pos, jnp.asarray([slot]), q_pos, window)  # [B, 1, 1, S]
+        old = mask & (jnp.arange(s) != slot)
+        for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+            args = [x.astype(dtype) for x in (q, ck, cv, k1, v1)]
+            got = A.decode_attention(*args, old, scale, softcap)
+            full_k = jax.lax.dynamic_update_slice(args[1], args[3], (0, slot, 0, 0))
+            full_v = jax.lax.dynamic_update_slice(args[2], args[4], (0, slot, 0, 0))
+            if softcap is None:
+                want = _dense(args[0], full_k, full_v, mask, scale)
+            else:
+                want = A._softcapped(args[0], full_k, full_v, mask, scale, softcap)
+            assert got.dtype == dtype
+            np.testing.assert_allclose(
+                np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
+            )

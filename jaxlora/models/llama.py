@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxlora.models import gemma
 from jaxlora.models import prompt as vt
-from jaxlora.models.attention import AttentionSpec, attention, causal_mask
+from jaxlora.models.attention import AttentionSpec, attention, causal_mask, decode_attention
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import BOTTLENECK_ACTS, AdapterSpec, Linear
 from jaxlora.models.moe import MOE_BLOCK, SparseMoe, aux_loss
@@ -95,6 +95,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
     """Boolean [B, 1, T, T]: causal, same segment, key not padding (segment 0), within window."""
     return causal_mask(segment_ids, sliding_window)
+
+
+def is_decode_step(t: int, segment_ids: jax.Array | None, prefix: object) -> bool:
+    """A cached call is a decode step (one new token per row, attended over the cache with the
+    caller's mask; no virtual tokens): the layers then return only the new keys/values."""
+    return t == 1 and segment_ids is None and prefix is None
 
 
 def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
@@ -170,10 +176,20 @@ class Attention(nn.Module):
         new_cache = None
         scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
         kw = dict(scale=scale, softcap=cfg.attn_logit_softcap, spec=self.attention)
+        if cache is not None and is_decode_step(t, segment_ids, prefix):
+            # Decode: read the cache, return only this step's [B, 1, K, Dh] key/value; the
+            # decoder writes them at cache_index after the layers (attention.decode_attention).
+            ck, cv = cache
+            k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+            old = gemma.pick(slide, mask) & (jnp.arange(ck.shape[1]) != cache_index)
+            out = decode_attention(q, ck, cv, k, v, old, scale, cfg.attn_logit_softcap)
+            out = out.reshape(b, t, nh * hd)
+            out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
+            return out, (k, v)
         if cache is not None:
             # Write this step's keys/values at cache_index. Prefill (segment ids given, the
             # cache empty before it) attends within the fresh block with the selected kernel;
-            # decode attends over the whole cache with the cache mask (dense).
+            # with virtual tokens (prefix) the whole cache is attended with the cache mask.
             ck, cv = cache
             new_cache = (
                 jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0)),
@@ -383,6 +399,13 @@ class Decoder(nn.Module):
         x, (new_cache, stats) = self.layers(
             x, cos, sin, attn_mask, segment_ids, kv_cache, cache_index, prefix, slide
         )
+        if kv_cache is not None and is_decode_step(t, segment_ids, prefix):
+            # The layers returned this step's [L, B, 1, K, Dh] keys/values: write them into the
+            # cache in place (inside a decode loop the cache buffer is the loop's own carry).
+            new_cache = tuple(
+                jax.lax.dynamic_update_slice(c, n, (0, 0, cache_index, 0, 0))
+                for c, n in zip(kv_cache, new_cache, strict=True)
+            )
         x = self.norm(x)  # [B, T, D]
         if return_hidden:
             out = x
