@@ -92,6 +92,7 @@ def test_decode_attention_equals_dense_over_the_written_cache(softcap):
     attention over the cache with the token written at its slot (GQA, left padding, a slot
     that holds stale values, a sliding window), in fp32 and bf16."""
     from jaxlora.evaluate.generate import cache_mask
+    from jaxlora.models.decode import decode_attention
 
     s, slot = 24, 17
     ks = jax.random.split(jax.random.key(1), 5)
@@ -109,7 +110,7 @@ def test_decode_attention_equals_dense_over_the_written_cache(softcap):
         old = mask & (jnp.arange(s) != slot)
         for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
             args = [x.astype(dtype) for x in (q, ck, cv, k1, v1)]
-            got = A.decode_attention(*args, old, scale, softcap)
+            got = decode_attention(*args, old, scale, softcap)
             full_k = jax.lax.dynamic_update_slice(args[1], args[3], (0, slot, 0, 0))
             full_v = jax.lax.dynamic_update_slice(args[2], args[4], (0, slot, 0, 0))
             if softcap is None:

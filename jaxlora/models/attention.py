@@ -338,40 +338,6 @@ def _softcapped(q, k, v, mask, scale, softcap):
     return out.reshape(b, t, n, dh).astype(q.dtype)
 
 
-def decode_attention(q, ck, cv, k_new, v_new, mask, scale, softcap=None):
-    """One decode step over a KV cache that does not hold this step's token yet.
-
-    q [B, 1, N, Dh]; ck/cv [B, S, K, Dh] the cache before this step (read only); k_new/v_new
-    [B, 1, K, Dh] this step's key/value; mask [B, 1, 1, S] the cached slots the query sees (its
-    own slot is not read from the cache: the token always sees itself through k_new/v_new).
-
-    Why not write the token into the cache and attend over it: inside the scanned layers that
-    makes every step copy the whole [L, B, S, K, Dh] cache (the scan slices each layer's cache
-    out and stacks the written ones back), which grew a 135M model's step from ~90 ms to ~300
-    ms at S = 1k on a CPU. Here the cache is only read; the caller writes the L new entries
-    into it after the layers (one small in-place update). The softmax over the S + 1 scores is
-    the dense one (fp32, probabilities cast to v's dtype for the PV product), split in two parts.
-    """
-    b, t, n, dh = q.shape
-    kh = ck.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, dh)  # [B, 1, K, G, Dh]
-    s_old = jnp.einsum("btkgd,bskd->bkgts", qg, ck, preferred_element_type=jnp.float32) * scale
-    s_new = jnp.einsum("btkgd,btkd->bkgt", qg, k_new, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        s_old = softcap * jnp.tanh(s_old / softcap)
-        s_new = softcap * jnp.tanh(s_new / softcap)
-    s_old = jnp.where(mask[:, :, None], s_old, _NEG)  # [B, K, G, 1, S]
-    m = jnp.maximum(s_old.max(axis=-1), s_new)  # [B, K, G, 1]
-    p_old = jnp.exp(s_old - m[..., None])
-    p_new = jnp.exp(s_new - m)
-    denom = p_old.sum(axis=-1) + p_new
-    p_old = (p_old / denom[..., None]).astype(cv.dtype)
-    p_new = (p_new / denom).astype(v_new.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", p_old, cv, preferred_element_type=jnp.float32)
-    out = out + jnp.einsum("bkgt,btkd->btkgd", p_new, v_new, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, dh).astype(q.dtype)
-
-
 def _blocks(t: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, t)) for start in range(0, t, block)]
 

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 
 from jaxlora.models import gemma
 from jaxlora.models import prompt as vt
-from jaxlora.models.attention import AttentionSpec, attention, causal_mask, decode_attention
+from jaxlora.models.attention import AttentionSpec, attention, causal_mask
 from jaxlora.models.config import ModelConfig
+from jaxlora.models.decode import decode_attention, is_decode_step
 from jaxlora.models.linear import BOTTLENECK_ACTS, AdapterSpec, Linear
 from jaxlora.models.moe import MOE_BLOCK, SparseMoe, aux_loss
 
@@ -95,12 +96,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
     """Boolean [B, 1, T, T]: causal, same segment, key not padding (segment 0), within window."""
     return causal_mask(segment_ids, sliding_window)
-
-
-def is_decode_step(t: int, segment_ids: jax.Array | None, prefix: object) -> bool:
-    """A cached call is a decode step (one new token per row, attended over the cache with the
-    caller's mask; no virtual tokens): the layers then return only the new keys/values."""
-    return t == 1 and segment_ids is None and prefix is None
 
 
 def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
@@ -178,7 +173,7 @@ class Attention(nn.Module):
         kw = dict(scale=scale, softcap=cfg.attn_logit_softcap, spec=self.attention)
         if cache is not None and is_decode_step(t, segment_ids, prefix):
             # Decode: read the cache, return only this step's [B, 1, K, Dh] key/value; the
-            # decoder writes them at cache_index after the layers (attention.decode_attention).
+            # decoder writes them at cache_index after the layers (models/decode.py).
             ck, cv = cache
             k, v = k.astype(ck.dtype), v.astype(cv.dtype)
             old = gemma.pick(slide, mask) & (jnp.arange(ck.shape[1]) != cache_index)
