@@ -178,38 +178,37 @@ class Attention(nn.Module):
             k, v = k.astype(ck.dtype), v.astype(cv.dtype)
             old = gemma.pick(slide, mask) & (jnp.arange(ck.shape[1]) != cache_index)
             out = decode_attention(q, ck, cv, k, v, old, scale, cfg.attn_logit_softcap)
-            out = out.reshape(b, t, nh * hd)
-            out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
-            return out, (k, v)
-        if cache is not None:
-            # Write this step's keys/values at cache_index. Prefill (segment ids given, the
-            # cache empty before it) attends within the fresh block with the selected kernel;
-            # with virtual tokens (prefix) the whole cache is attended with the cache mask.
-            ck, cv = cache
-            new_cache = (
-                jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0)),
-                jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0)),
-            )
-            if segment_ids is None or prefix is not None:
-                k, v = (c.astype(self.dtype) for c in new_cache)  # over the cache, its mask
-            else:
-                mask = None
-        if prefix is not None:
-            # Virtual tokens: n keys/values in front, visible to every query (also padding
-            # queries, whose outputs nobody reads; this keeps their softmax finite). No flash
-            # kernel takes extra always-visible keys: this runs dense.
-            if mask is None:
-                mask = gemma.layer_mask(cfg, segment_ids, slide)
-            mask = gemma.pick(slide, mask)
-            pk, pv = (jnp.broadcast_to(p, (b, *p.shape[1:])).astype(k.dtype) for p in prefix)
-            n = pk.shape[1]
-            k = jnp.concatenate([pk, k], axis=1)  # [B, n+S, K, Dh]
-            v = jnp.concatenate([pv, v], axis=1)
-            mask = jnp.concatenate([jnp.ones((*mask.shape[:3], n), bool), mask], axis=-1)
-        if mask is not None:
-            out = attention(q, k, v, mask=gemma.pick(slide, mask), **kw)  # [B, T, N, Dh]
-        else:  # this layer's window (Gemma: per layer)
-            out = gemma.layer_attention(q, k, v, segment_ids, slide, cfg, **kw)
+            new_cache = (k, v)
+        else:
+            if cache is not None:
+                # Write this step's keys/values at cache_index. Prefill (segment ids given, the
+                # cache empty before it) attends within the fresh block with the selected kernel;
+                # with virtual tokens (prefix) the whole cache is attended with the cache mask.
+                ck, cv = cache
+                new_cache = (
+                    jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0)),
+                    jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0)),
+                )
+                if segment_ids is None or prefix is not None:
+                    k, v = (c.astype(self.dtype) for c in new_cache)  # over the cache, its mask
+                else:
+                    mask = None
+            if prefix is not None:
+                # Virtual tokens: n keys/values in front, visible to every query (also padding
+                # queries, whose outputs nobody reads; this keeps their softmax finite). No flash
+                # kernel takes extra always-visible keys: this runs dense.
+                if mask is None:
+                    mask = gemma.layer_mask(cfg, segment_ids, slide)
+                mask = gemma.pick(slide, mask)
+                pk, pv = (jnp.broadcast_to(p, (b, *p.shape[1:])).astype(k.dtype) for p in prefix)
+                n = pk.shape[1]
+                k = jnp.concatenate([pk, k], axis=1)  # [B, n+S, K, Dh]
+                v = jnp.concatenate([pv, v], axis=1)
+                mask = jnp.concatenate([jnp.ones((*mask.shape[:3], n), bool), mask], axis=-1)
+            if mask is not None:
+                out = attention(q, k, v, mask=gemma.pick(slide, mask), **kw)  # [B, T, N, Dh]
+            else:  # this layer's window (Gemma: per layer)
+                out = gemma.layer_attention(q, k, v, segment_ids, slide, cfg, **kw)
         out = out.reshape(b, t, nh * hd)
         out = self._linear(cfg.hidden_size, cfg.o_bias, ("q_heads", "embed"), "o_proj")(out)
         return out, new_cache
