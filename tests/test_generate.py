@@ -83,7 +83,7 @@ def test_repetition_penalty_follows_hf_formula(model):
 
 def test_compile_count_bounded_by_buckets(model):
     fn = decode_fn(model)
-    lengths = (2, 6, 11, 15, 21)  # prompt buckets 16, 16, 16, 16, 32
+    lengths = (2, 6, 11, 15, 21)  # prompt buckets 16, 16, 16, 16, 24
     before = fn._cache_size()
     for p in _prompts(lengths, seed=1):
         assert len(generate(model, [p], max_new_tokens=3, stop_token_ids=())[0]) == 3
@@ -91,7 +91,7 @@ def test_compile_count_bounded_by_buckets(model):
     assert fn._cache_size() - before <= touched == 2
     after = fn._cache_size()
     # New lengths and budgets inside the buckets already touched: no new compilation.
-    for n, new in ((10, 5), (25, 9), (32, 16)):
+    for n, new in ((10, 5), (22, 9), (24, 16)):
         generate(model, _prompts((n,), seed=2), max_new_tokens=new, stop_token_ids=())
     assert fn._cache_size() == after
 
@@ -107,7 +107,7 @@ def test_stop_tokens(model):
     )
     assert kept[0] == full[: j + 1]
     # In a batch, a row that stops does not cut the others short.
-    others = _prompts((5, 12, 7), seed=5)  # batches of 3 and 4 share one compiled bucket
+    others = _prompts((5, 12, 7), seed=5)  # a batch of 3 rows, then one of 4
     others_full = generate(model, others, max_new_tokens=8, stop_token_ids=())
     batch = generate(model, [prompt, *others], max_new_tokens=8, stop_token_ids=[stop])
     assert batch[0] == full[:j]
@@ -211,10 +211,21 @@ def test_bfloat16_model_generates(tiny_model_dir):
 
 
 def test_buckets_and_validation(model):
-    assert [bucket_length(n) for n in (1, 16, 17, 100, 1024, 1025, 3000)] == [
-        16, 16, 32, 128, 1024, 2048, 3072,
+    # The 2^k / 1.5 * 2^k ladder (padding <= 1/3 of a bucket), multiples of 512 past 1024.
+    assert [bucket_length(n) for n in (1, 16, 17, 25, 33, 100, 719, 769, 1024, 1025, 3000)] == [
+        16, 16, 24, 32, 48, 128, 768, 1024, 1024, 1536, 3072,
     ]  # fmt: skip
-    assert [batch_bucket(n) for n in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 16)] == [
+        1,
+        2,
+        3,
+        4,
+        6,
+        8,
+        12,
+        16,
+        16,
+    ]
     with pytest.raises(UserError, match="temperature"):
         generate(model, [[5]], temperature=-1.0)
     with pytest.raises(UserError, match="prompt 2 is empty"):

@@ -16,10 +16,13 @@ The attention mask is built from the cache state: a query sees cached keys that 
 pad query is well defined (its output is never used).
 
 Bucketing keeps the number of compilations small and bounded: the batch is padded (with dummy
-rows) to a power of two, the prompt length P and the new-token budget N are rounded up by
-`bucket_length` (powers of two from 16 to 1024, then multiples of 1024), and the stop-token list is
-padded to a multiple of 8. Sampling settings are traced values, except the static switch between
-greedy (`temperature == 0`) and sampling. Compilations = distinct (batch, P, N) buckets x
+rows) to the next step of the ladder 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5x powers
+of two), the prompt length P and the new-token budget N are rounded up by `bucket_length` (the same
+ladder from 16 to 1024: 16, 24, 32, 48, ..., 768, 1024; then multiples of 512), and the stop-token
+list is padded to a multiple of 8. The 1.5x steps bound the padding at 1/3 of a bucket instead of
+1/2 (a 719-token prompt prefills 768 slots, not 1024; three prompts run as 3 rows, not 4) for at
+most twice the distinct shapes. Sampling settings are traced values, except the static switch
+between greedy (`temperature == 0`) and sampling. Compilations = distinct (batch, P, N) buckets x
 {greedy, sampling}, per (architecture, dtype, adapter settings).
 
 Sampling follows Hugging Face `generate` semantics and order: repetition penalty on the raw
@@ -54,25 +57,33 @@ from jaxlora.models.linear import AdapterSpec
 from jaxlora.models.llama import Decoder, head_kernel
 
 MIN_BUCKET = 16  # smallest prompt / new-token bucket
-POW2_LIMIT = 1024  # powers of two up to here, multiples of it beyond
+LADDER_LIMIT = 1024  # the 2^k / 1.5 * 2^k ladder up to here, multiples of LONG_STEP beyond
+LONG_STEP = 512
 STOP_IDS_MULTIPLE = 8  # the stop-id array is padded (with -1) to a multiple of this
 
 
 # ----------------------------------------------------------------------------- buckets
 
 
+def _ladder(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 1.5 * 2^k) that is >= n >= 1."""
+    p = 1 << (n - 1).bit_length()  # next power of two
+    return 3 * p // 4 if p >= 4 and n <= 3 * p // 4 else p
+
+
 def bucket_length(n: int) -> int:
-    """Padded length for n tokens: the next power of two >= max(n, 16) up to 1024, then the next
-    multiple of 1024 (so a 1025-token prompt costs 2048 slots, a 3000-token one 3072)."""
+    """Padded length for n tokens: the next step of the ladder 16, 24, 32, 48, ..., 768, 1024
+    (at most 1/3 of it padding), then the next multiple of 512 (a 1025-token prompt costs 1536
+    slots, a 3000-token one 3072)."""
     n = max(int(n), MIN_BUCKET)
-    if n <= POW2_LIMIT:
-        return 1 << (n - 1).bit_length()
-    return -(-n // POW2_LIMIT) * POW2_LIMIT
+    if n <= LADDER_LIMIT:
+        return _ladder(n)
+    return -(-n // LONG_STEP) * LONG_STEP
 
 
 def batch_bucket(n: int) -> int:
-    """Rows per compiled batch: the next power of two >= n."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
+    """Rows per compiled batch: the next step of the ladder 1, 2, 3, 4, 6, 8, 12, 16, ..."""
+    return _ladder(max(int(n), 1))
 
 
 # ----------------------------------------------------------------------------- logits processing
