@@ -102,7 +102,11 @@ def test_cli_trains_continues_and_refuses_merge(tmp_path, capsys):
     saved = jaxlora.load_adapter(out / "adapter")
     assert saved.config == BottleneckConfig(16, "gelu", "pfeiffer")
 
-    capsys.readouterr()
+    said = capsys.readouterr().out.split("\nanswers of the trained adapter to ")
+    assert len(said) == 2 and "time: " in said[0], said  # after the run's own time line
+    head, *answers = said[1].split("\n\n> ")
+    assert head.startswith("3 training prompts (greedy, <= 48 new tokens; "), head
+    assert len(answers) == 3, said[1]
     assert main(["export", str(out), "--out", str(tmp_path / "merged"), "--merged"]) == 2
     err = capsys.readouterr().err
     assert "bottleneck adapter cannot be merged" in err and len(err.strip().splitlines()) == 1

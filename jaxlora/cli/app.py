@@ -38,12 +38,23 @@ def cmd_train(args) -> int:
 
 
 def _print_samples(cfg, run_dir: Path) -> None:
-    """A few answers from the trained adapter, so the user sees what was learned."""
-    from jaxlora.cli.inference import sample_answers
+    """A few answers from the trained adapter, so the user sees what was learned. They come after
+    the run's `time:` line (training is over), so their own time is printed with them."""
+    import time
+
+    from jaxlora.cli.inference import SAMPLE_NEW_TOKENS, sample_answers
 
     if cfg.finetune.stage in ("pt", "dpo", "kto") or not (run_dir / "adapter").is_dir():
         return
-    for prompt, answer in sample_answers(cfg, run_dir, n=3):
+    t = time.perf_counter()
+    samples = sample_answers(cfg, run_dir, n=3)
+    if not samples:
+        return
+    print(
+        f"\nanswers of the trained adapter to {len(samples)} training prompts (greedy, <= "
+        f"{SAMPLE_NEW_TOKENS} new tokens; {time.perf_counter() - t:.1f}s with loading the model):"
+    )
+    for prompt, answer in samples:
         print(f"\n> {prompt}\n{answer}")
 
 

@@ -127,6 +127,9 @@ def run_eval(args) -> int:
     return 0
 
 
+SAMPLE_NEW_TOKENS = 48  # per answer printed after `jaxlora train`
+
+
 def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
     """Greedy answers of the trained adapter to the first `n` training prompts, generated as one
     batch (one decode compile, not one per prompt-length bucket)."""
@@ -150,5 +153,7 @@ def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
     if not turns:
         return []
     tmpl = prompt_template(tok, system=cfg.data.system, adapter_dir=adir)
-    answers = chat_many(model, adapter, tok, turns, gen_kwargs={"max_new_tokens": 48}, tmpl=tmpl)
+    answers = chat_many(
+        model, adapter, tok, turns, gen_kwargs={"max_new_tokens": SAMPLE_NEW_TOKENS}, tmpl=tmpl
+    )
     return [(q, a) for (q, _), a in zip(turns, answers, strict=True)]
