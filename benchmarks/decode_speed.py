@@ -54,6 +54,26 @@ def run_jaxlora(model_name: str, dtype: str, prompts: list[int], batch: int, new
     return rows, str(model.path)
 
 
+def run_mixed(model_name: str, dtype: str, lengths: list[int], new: int, reps: int) -> dict:
+    """One batch of prompts of different lengths, as the answers after `jaxlora train` are
+    generated: the whole `generate` call, first (compile + run) and best warm."""
+    from jaxlora.evaluate.generate import batch_bucket, bucket_length, generate
+    from jaxlora.io.model import load_model
+
+    model = load_model(model_name, dtype=dtype)
+    ids = [[100 + (7 * i + j) % 1000 for i in range(n)] for j, n in enumerate(lengths)]
+
+    def gen():
+        return generate(model, ids, max_new_tokens=new, stop_token_ids=(), batch_size=len(ids))
+
+    t = time.perf_counter()
+    gen()
+    first = time.perf_counter() - t
+    shape = [batch_bucket(len(ids)), bucket_length(max(lengths)) + bucket_length(new)]
+    return {"lengths": lengths, "new": new, "slots": shape, "first_s": first,
+            "warm_s": _timed(gen, reps) if reps else None}  # fmt: skip
+
+
 def run_hf(path: str, prompts: list[int], batch: int, new: int, reps: int):
     import torch
     from transformers import AutoModelForCausalLM
@@ -87,8 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=64, help="new tokens of the long run")
     ap.add_argument("--reps", type=int, default=2, help="timed runs per point (best is kept)")
     ap.add_argument("--peer-python", default=None, help="run transformers' generate with this")
+    ap.add_argument(
+        "--mixed",
+        default=None,
+        help="instead: prompt lengths of ONE batch (e.g. 719,600,439), jaxlora only; times the "
+        "whole generate call of --new tokens (first call and best warm)",
+    )
     ap.add_argument("--hf-path", default=None, help=argparse.SUPPRESS)  # the peer subprocess
     args = ap.parse_args(argv)
+    if args.mixed:
+        lengths = [int(x) for x in args.mixed.split(",")]
+        r = run_mixed(args.model, args.dtype, lengths, args.new, args.reps)
+        print(f"jaxlora {lengths} -> rows x slots {r['slots']}: first call {r['first_s']:.2f} s, "
+              f"warm {r['warm_s']:.2f} s")  # fmt: skip
+        print(json.dumps({"model": args.model, "dtype": args.dtype, **r}))
+        return 0
     prompts = [int(x) for x in args.prompts.split(",")]
     if args.hf_path:
         print(json.dumps(run_hf(args.hf_path, prompts, args.batch, args.new, args.reps)))
