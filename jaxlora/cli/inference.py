@@ -14,6 +14,8 @@ from typing import Any
 from jaxlora.data.loading import resolve_demo_names
 from jaxlora.errors import UserError
 
+SAMPLE_NEW_TOKENS = 48  # per answer printed after `jaxlora train`
+
 
 def _adapter_dir(path: str | None) -> Path | None:
     if path is None:
@@ -125,9 +127,6 @@ def run_eval(args) -> int:
         )
         print(format_comparison_table(res, title=title))
     return 0
-
-
-SAMPLE_NEW_TOKENS = 48  # per answer printed after `jaxlora train`
 
 
 def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
