@@ -25,8 +25,14 @@ import sys
 import time
 
 
-def _timed(fn, reps: int) -> float:
-    fn()  # compile / warm up
+def _prompt_ids(p: int, batch: int) -> list[list[int]]:
+    """The same [batch, p] token ids for both sides."""
+    return [[100 + (i + j) % 1000 for i in range(p)] for j in range(batch)]
+
+
+def _timed(fn, reps: int, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()  # compile / warm up
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
@@ -42,7 +48,7 @@ def run_jaxlora(model_name: str, dtype: str, prompts: list[int], batch: int, new
     model = load_model(model_name, dtype=dtype)
     rows = []
     for p in prompts:
-        ids = [[100 + (i + j) % 1000 for i in range(p)] for j in range(batch)]
+        ids = _prompt_ids(p, batch)
 
         def gen(n, ids=ids):
             return generate(model, ids, max_new_tokens=n, stop_token_ids=(), batch_size=batch)
@@ -70,8 +76,8 @@ def run_mixed(model_name: str, dtype: str, lengths: list[int], new: int, reps: i
     gen()
     first = time.perf_counter() - t
     shape = [batch_bucket(len(ids)), bucket_length(max(lengths)) + bucket_length(new)]
-    return {"lengths": lengths, "new": new, "slots": shape, "first_s": first,
-            "warm_s": _timed(gen, reps) if reps else None}  # fmt: skip
+    warm = _timed(gen, reps, warm_up=False)  # the first call above compiled it
+    return {"lengths": lengths, "new": new, "slots": shape, "first_s": first, "warm_s": warm}
 
 
 def run_hf(path: str, prompts: list[int], batch: int, new: int, reps: int):
@@ -82,7 +88,7 @@ def run_hf(path: str, prompts: list[int], batch: int, new: int, reps: int):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     rows = []
     for p in prompts:
-        ids = torch.tensor([[100 + (i + j) % 1000 for i in range(p)] for j in range(batch)])
+        ids = torch.tensor(_prompt_ids(p, batch))
 
         def gen(n, ids=ids):
             with torch.no_grad():
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default="16,128,1024", help="prompt lengths, comma separated")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--new", type=int, default=64, help="new tokens of the long run")
-    ap.add_argument("--reps", type=int, default=2, help="timed runs per point (best is kept)")
+    ap.add_argument("--reps", type=int, default=2, help="timed runs per point, >= 1 (best kept)")
     ap.add_argument("--peer-python", default=None, help="run transformers' generate with this")
     ap.add_argument(
         "--mixed",
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--hf-path", default=None, help=argparse.SUPPRESS)  # the peer subprocess
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
     if args.mixed:
         lengths = [int(x) for x in args.mixed.split(",")]
         r = run_mixed(args.model, args.dtype, lengths, args.new, args.reps)
