@@ -169,8 +169,10 @@ def patch_plain_ce() -> None:
     from jaxlora.train import steps
 
     def masked_lm_loss(hidden, kernel, ids, loss_mask, segment_ids=None, *, chunk_size=None,
-                       logit_softcap=None):  # fmt: skip
-        logps = losses.token_logprobs(hidden, kernel, ids, chunk_size=chunk_size)
+                       logit_softcap=None, vocab_major=False):  # fmt: skip
+        logps = losses.token_logprobs(
+            hidden, kernel, ids, chunk_size=chunk_size, vocab_major=vocab_major
+        )
         w = losses.target_weights(loss_mask, segment_ids)
         return -jnp.sum(jnp.where(w > 0, logps * w, 0.0)), jnp.sum(w)
 

@@ -22,7 +22,7 @@ from jaxlora.config import config_from_dict, load_config
 from jaxlora.data.batching import Batcher, collate, concat_preference_batch
 from jaxlora.data.packing import pack_lengths, pack_preferences, preference_units
 from jaxlora.losses import logprobs_from_logits, sequence_logps
-from jaxlora.models.llama import head_kernel
+from jaxlora.models.llama import head_weight
 from jaxlora.peft.lora import Adapter, LoraConfig, init_lora
 from jaxlora.train.dpo import PairLogps
 from jaxlora.train.setup import Run, build_run
@@ -112,7 +112,8 @@ def test_reference_adapters_off_equals_separate_base_exactly(lora_run, base_mode
     @jax.jit
     def base_logps(params, ids, mask, seg, pos):
         h = module.apply({"params": params}, ids, pos, seg, return_hidden=True)
-        return sequence_logps(h, head_kernel(params, base_model.config), ids, mask, seg)[0]
+        head, vocab_major = head_weight(params, base_model.config)
+        return sequence_logps(h, head, ids, mask, seg, vocab_major=vocab_major)[0]
 
     want = _np(
         base_logps(

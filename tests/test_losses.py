@@ -15,9 +15,11 @@ from jaxlora.errors import UserError
 B, T, D, V = 2, 13, 8, 50
 
 # Jitted entry points: eager op-by-op dispatch is what makes CPU tests slow.
-_lm_loss = jax.jit(L.masked_lm_loss, static_argnames=("chunk_size", "logit_softcap"))
+_lm_loss = jax.jit(L.masked_lm_loss, static_argnames=("chunk_size", "logit_softcap", "vocab_major"))
 _seq_logps = jax.jit(L.sequence_logps, static_argnames=("num_segments", "chunk_size"))
-_tok_logps = jax.jit(L.token_logprobs, static_argnames=("chunk_size", "logit_softcap"))
+_tok_logps = jax.jit(
+    L.token_logprobs, static_argnames=("chunk_size", "logit_softcap", "vocab_major")
+)
 
 
 def _inputs(seed: int = 0, b: int = B, t: int = T, dtype=jnp.float32):
@@ -98,6 +100,36 @@ def test_chunked_loss_value_and_grad_equal_unchunked(chunk_size, softcap):
     np.testing.assert_allclose(gh1, gh0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw1, gw0, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(gw0).sum()) > 0  # the comparison is not between two zero gradients
+
+
+@pytest.mark.parametrize("chunk_size,softcap", [(None, None), (4, None), (5, 7.5)])
+def test_vocab_major_head_equals_the_transposed_kernel(chunk_size, softcap):
+    """A tied embedding is passed as stored ([V, D], `vocab_major`), not transposed: loss,
+    log-probs, d/dh and d/dW (full fine-tuning trains the tied embedding) equal the [D, V]
+    path's, d/dW transposed."""
+    hidden, kernel, ids = _inputs(5)
+    emb = kernel.T  # [V, D]
+    mask = jnp.asarray(np.random.default_rng(1).integers(0, 2, (B, T)), jnp.int32)
+    kw = dict(chunk_size=chunk_size, logit_softcap=softcap)
+
+    def loss(h, w, vm):
+        s, n = _lm_loss(h, w, ids, mask, vocab_major=vm, **kw)
+        return s / n
+
+    vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    v0, (gh0, gw0) = vg(hidden, kernel, False)
+    v1, (gh1, gw1) = vg(hidden, emb, True)
+    assert gw1.shape == (V, D)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_allclose(gh1, gh0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw1, gw0.T, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(gw0).sum()) > 0
+    want = _tok_logps(hidden, kernel, ids, **kw)
+    got = _tok_logps(hidden, emb, ids, vocab_major=True, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    g_tok = jax.grad(lambda w: _tok_logps(hidden, w, ids, vocab_major=True, **kw).sum())(emb)
+    g_ref = jax.grad(lambda w: _tok_logps(hidden, w, ids, **kw).sum())(kernel)
+    np.testing.assert_allclose(g_tok, g_ref.T, rtol=1e-5, atol=1e-6)
 
 
 def test_softcap_applies_tanh_before_softmax():

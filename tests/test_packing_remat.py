@@ -13,7 +13,7 @@ import pytest
 
 import jaxlora
 from jaxlora.losses import masked_lm_loss, token_logprobs
-from jaxlora.models.llama import head_kernel
+from jaxlora.models.llama import head_weight
 from jaxlora.peft.lora import Adapter, LoraConfig, init_lora
 
 
@@ -49,9 +49,9 @@ def test_packed_row_equals_separate_samples(model):
         h = module.apply(
             {"params": model.params, "lora": lora_params}, ids, pos, seg, return_hidden=True
         )
-        kernel = head_kernel(model.params, model.config)
-        s, _ = masked_lm_loss(h, kernel, ids, mask, seg)
-        return s, token_logprobs(h, kernel, ids)
+        head, vm = head_weight(model.params, model.config)
+        s, _ = masked_lm_loss(h, head, ids, mask, seg, vocab_major=vm)
+        return s, token_logprobs(h, head, ids, vocab_major=vm)
 
     grad = jax.jit(jax.grad(loss, has_aux=True))
     mask = (seg > 0).astype(np.int32)
@@ -88,7 +88,8 @@ def test_block_attention_in_the_model_equals_dense(model, monkeypatch, remat):
         h = module.apply(
             {"params": model.params, "lora": lora_params}, ids, pos, seg, return_hidden=True
         )
-        return masked_lm_loss(h, head_kernel(model.params, model.config), ids, mask, seg)[0]
+        head, vm = head_weight(model.params, model.config)
+        return masked_lm_loss(h, head, ids, mask, seg, vocab_major=vm)[0]
 
     results = []
     for block in (1 << 30, 5):  # dense, then blocks of 5 query rows
@@ -115,7 +116,8 @@ def test_remat_and_unroll_do_not_change_gradients(model, remat):
         h = module.apply(
             {"params": model.params, "lora": lora_params}, ids, pos, seg, return_hidden=True
         )
-        return masked_lm_loss(h, head_kernel(model.params, model.config), ids, seg, seg)[0]
+        head, vm = head_weight(model.params, model.config)
+        return masked_lm_loss(h, head, ids, seg, seg, vocab_major=vm)[0]
 
     ref_v, ref_g = jax.value_and_grad(loss)(ad.params)
     for kw in ({"remat": remat}, {"remat": remat, "scan_unroll": 2}):

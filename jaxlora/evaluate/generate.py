@@ -50,11 +50,12 @@ import numpy as np
 
 from jaxlora.errors import UserError
 from jaxlora.io.model import adapter_variables
+from jaxlora.losses.fused_ce import head_subscript
 from jaxlora.models import gemma
 from jaxlora.models.attention import AttentionSpec
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.linear import AdapterSpec
-from jaxlora.models.llama import Decoder, head_kernel
+from jaxlora.models.llama import Decoder, head_weight
 
 MIN_BUCKET = 16  # smallest prompt / new-token bucket
 LADDER_LIMIT = 1024  # the 2^k / 1.5 * 2^k ladder up to here, multiples of LONG_STEP beyond
@@ -168,8 +169,9 @@ def cache_mask(
 def _head_logits(params: dict, cfg: ModelConfig, dtype: Any, h: jax.Array) -> jax.Array:
     """fp32 logits [B, V] from final hidden states [B, D], as the decoder's LM head computes them
     (only the last position is projected: prefill never builds [B, P, V] logits)."""
-    kernel = head_kernel(params, cfg)  # [D, V]
-    logits = (h.astype(dtype) @ kernel.astype(dtype)).astype(jnp.float32)
+    head, vocab_major = head_weight(params, cfg)  # [V, D] tied embedding or [D, V] kernel
+    spec = f"bd,{head_subscript(vocab_major)}->bv"
+    logits = jnp.einsum(spec, h.astype(dtype), head.astype(dtype)).astype(jnp.float32)
     if cfg.final_logit_softcap is not None:  # Gemma 2
         logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return logits

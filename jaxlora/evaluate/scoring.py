@@ -37,7 +37,7 @@ from jaxlora.evaluate.inference import (
 from jaxlora.evaluate.metrics import perplexity, rouge_bleu
 from jaxlora.io.model import adapter_variables
 from jaxlora.losses import masked_lm_loss
-from jaxlora.models.llama import Decoder, head_kernel
+from jaxlora.models.llama import Decoder, head_weight
 
 METRIC_KEYS = ("loss", "perplexity", "rouge-1", "rouge-2", "rouge-l", "bleu-4")
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -57,13 +57,15 @@ def _loss_fn(cfg, dtype, spec, attention):
             batch["segment_ids"],
             return_hidden=True,
         )  # [B, T, D]
+        head, vocab_major = head_weight(params, cfg)
         return masked_lm_loss(
             hidden,
-            head_kernel(params, cfg),
+            head,
             batch["input_ids"],
             batch["loss_mask"],
             batch["segment_ids"],
             logit_softcap=cfg.final_logit_softcap,
+            vocab_major=vocab_major,
         )
 
     return jax.jit(f)

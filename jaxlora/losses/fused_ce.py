@@ -7,6 +7,10 @@ d(loss)/d(hidden); the backward pass only scales that saved gradient. Per step t
 [tokens, V] pass and all logits memory (1.09x on the CPU benchmark, benchmarks/RESULTS.md).
 Value and gradient equal the plain computation (tests/test_losses.py).
 
+The head comes as stored (`vocab_major`: a tied [V, D] embedding, else a [D, V] kernel) and
+every product contracts over D in that orientation: transposing the embedding inside the step
+made XLA:CPU copy the whole [V, D] matrix twice per step.
+
 A final-logit soft-cap (Gemma 2: l = c * tanh(z / c) of the raw logits z) is elementwise, so it
 fuses too: per chunk d(loss)/dz = d(loss)/dl * (1 - (l / c)^2), and memory stays flat.
 """
@@ -22,6 +26,13 @@ import numpy as np
 from jaxlora.errors import UserError
 
 Array = jax.Array
+
+
+def head_subscript(vocab_major: bool) -> str:
+    """einsum letters of the LM head as stored: "vd" for a tied [V, D] embedding, "dv" for a
+    [D, V] kernel (see `models.llama.head_weight`)."""
+    return "vd" if vocab_major else "dv"
+
 
 # fp32 logits per chunk: 64 MiB on CPU (512 tokens at V = 32000: big enough for full-speed head
 # dots, small enough to stay out of the way; benchmarks/RESULTS.md) and ~512 MiB on accelerators.
@@ -40,11 +51,20 @@ def chunk_layout(n: int, positions: int) -> tuple[int, int]:
 
 
 def _fused_ce_chunks(
-    h, w, targets, weights, positions: int, need_dh: bool, need_dw: bool, softcap=None
+    h,
+    w,
+    targets,
+    weights,
+    positions: int,
+    need_dh: bool,
+    need_dw: bool,
+    softcap=None,
+    vocab_major: bool = False,
 ):
     """Loss sum and d(loss)/dh (+ d(loss)/dW) computed chunk by chunk in ONE forward pass.
 
-    h [B, N, D] (position t predicts targets[:, t]), w [D, V], targets/weights [B, N]; chunks of
+    h [B, N, D] (position t predicts targets[:, t]), w [D, V] or, `vocab_major`, [V, D];
+    targets/weights [B, N]; chunks of
     `positions` along the sequence keep a sharded batch axis sharded. Per chunk the [B, pos, V]
     fp32 logits give the loss and, right away, dlogits = w_t * (softmax - onehot), whose product
     with W^T is d(loss)/dh: logits are never stored for a backward pass nor recomputed.
@@ -52,6 +72,7 @@ def _fused_ce_chunks(
     is then None.
     """
     b, n, d = h.shape
+    hw = head_subscript(vocab_major)  # "dv" or "vd": w as stored, never transposed
     n_chunks, positions = chunk_layout(n, positions)
     pad = n_chunks * positions - n
 
@@ -61,7 +82,7 @@ def _fused_ce_chunks(
 
     def body(dw_acc, xs):
         h_c, t_c, w_c = xs  # [B, pos, D], [B, pos], [B, pos]
-        logits = jnp.einsum("bpd,dv->bpv", h_c, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(f"bpd,{hw}->bpv", h_c, w, preferred_element_type=jnp.float32)
         if softcap is not None:  # [B, pos, V] capped logits
             logits = softcap * jnp.tanh(logits / softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)  # [B, pos]
@@ -76,10 +97,10 @@ def _fused_ce_chunks(
         if softcap is not None:  # chain rule through c * tanh(z / c): 1 - tanh^2
             dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
         dlogits = dlogits.astype(w.dtype)  # [B, pos, V]
-        dh = jnp.einsum("bpv,dv->bpd", dlogits, w, preferred_element_type=jnp.float32)
+        dh = jnp.einsum(f"bpv,{hw}->bpd", dlogits, w, preferred_element_type=jnp.float32)
         if need_dw:  # only when the head is trained (full fine-tuning)
             dw_acc = dw_acc + jnp.einsum(
-                "bpd,bpv->dv", h_c, dlogits, preferred_element_type=jnp.float32
+                f"bpd,bpv->{hw}", h_c, dlogits, preferred_element_type=jnp.float32
             )
         return dw_acc, (loss, dh.astype(h.dtype))
 
@@ -90,7 +111,7 @@ def _fused_ce_chunks(
     return jnp.sum(losses), dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def fused_ce_sum(
     h: Array,
     w: Array,
@@ -98,25 +119,37 @@ def fused_ce_sum(
     weights: Array,
     positions: int,
     softcap: float | None = None,
+    vocab_major: bool = False,
 ) -> Array:
     """sum_t weights_t * NLL(targets_t | softcap(h_t @ w)); the gradient is computed in the
-    forward. `softcap` (static): logits c * tanh(z / c) first (Gemma 2), None for none.
+    forward. `softcap` (static): logits c * tanh(z / c) first (Gemma 2), None for none;
+    `vocab_major` (static): w is [V, D] (a tied embedding as stored), else [D, V].
 
     Called outside autodiff (eval, DPO reference log-probs) this body runs, which computes the
     loss alone; under `jax.grad` the forward rule below also computes d(loss)/dh."""
-    return _fused_ce_chunks(h, w, targets, weights, positions, False, False, softcap)[0]
+    return _fused_ce_chunks(h, w, targets, weights, positions, False, False, softcap, vocab_major)[
+        0
+    ]
 
 
-def _fused_ce_fwd(h, w, targets, weights, positions, softcap):
+def _fused_ce_fwd(h, w, targets, weights, positions, softcap, vocab_major):
     # symbolic_zeros: `w.perturbed` says whether the head needs a gradient (full FT) or not.
     need_dw = bool(w.perturbed)
     loss, dh, dw = _fused_ce_chunks(
-        h.value, w.value, targets.value, weights.value, positions, True, need_dw, softcap
+        h.value,
+        w.value,
+        targets.value,
+        weights.value,
+        positions,
+        True,
+        need_dw,
+        softcap,
+        vocab_major,
     )
     return loss, (dh, dw if need_dw else None, targets.value, weights.value, w.value)
 
 
-def _fused_ce_bwd(positions, softcap, res, g):
+def _fused_ce_bwd(positions, softcap, vocab_major, res, g):
     dh, dw, targets, weights, w = res
     g = jnp.asarray(g, jnp.float32)
     dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)

@@ -22,21 +22,31 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.errors import UserError
-from jaxlora.losses.fused_ce import chunk_layout, fused_ce_positions, fused_ce_sum
+from jaxlora.losses.fused_ce import (
+    chunk_layout,
+    fused_ce_positions,
+    fused_ce_sum,
+    head_subscript,
+)
 
 Array = jax.Array
 
 
 def _chunk_logprobs(
-    hidden: Array, kernel: Array, targets: Array, logit_softcap: float | None
+    hidden: Array,
+    kernel: Array,
+    targets: Array,
+    logit_softcap: float | None,
+    vocab_major: bool = False,
 ) -> Array:
-    """log p(targets) for one block of tokens. hidden [..., D], targets [...] -> [...] fp32."""
+    """log p(targets) for one block of tokens. hidden [..., D], targets [...] -> [...] fp32;
+    kernel [D, V] or, `vocab_major`, [V, D] (contracted as stored, never transposed)."""
     # Mixed dtypes promote (bf16 hidden x fp32 kernel multiplies in fp32); callers wanting the
     # fast bf16 path cast the kernel to the compute dtype first.
     dtype = jnp.promote_types(hidden.dtype, kernel.dtype)
     # bf16 x bf16 products accumulate in fp32 and the logits stay fp32 from here on.
     logits = jnp.einsum(
-        "...d,dv->...v",
+        f"...d,{head_subscript(vocab_major)}->...v",
         hidden.astype(dtype),
         kernel.astype(dtype),
         preferred_element_type=jnp.float32,
@@ -71,11 +81,13 @@ def token_logprobs(
     *,
     chunk_size: int | None = None,
     logit_softcap: float | None = None,
+    vocab_major: bool = False,
 ) -> Array:
     """Per-token log p(input_ids[:, t+1] | tokens <= t) from final hidden states.
 
-    hidden: [B, T, D] (bf16 or fp32), lm_head_kernel: [D, V] (use `embedding.T` when tied),
-    input_ids: [B, T] int. Returns [B, T-1] fp32.
+    hidden: [B, T, D] (bf16 or fp32), lm_head_kernel: [D, V], or [V, D] with `vocab_major` (a
+    tied embedding as stored: `models.llama.head_weight`), input_ids: [B, T] int. Returns
+    [B, T-1] fp32.
 
     `chunk_size` (positions along the sequence axis) computes the head + log-softmax in chunks of
     `[B, chunk_size, V]` logits under `lax.scan`, each chunk under `jax.checkpoint` so the backward
@@ -83,13 +95,14 @@ def token_logprobs(
     not `[B, T-1, V]`. Chunks run along time (not over flattened B*T tokens) so a batch axis sharded
     over devices stays sharded inside every chunk. Value and gradient equal the unchunked path.
     `logit_softcap` applies Gemma-2 style `c * tanh(logits / c)` before the softmax.
-    `chunk_size` and `logit_softcap` are static Python values (mark them static under `jit`).
+    `chunk_size`, `logit_softcap` and `vocab_major` are static Python values (mark them static
+    under `jit`).
     """
     h = hidden[:, :-1]  # [B, T-1, D]: position t predicts token t+1
     targets = input_ids[:, 1:].astype(jnp.int32)  # [B, T-1]
     n = h.shape[1]
     if chunk_size is None or chunk_size >= n:
-        return _chunk_logprobs(h, lm_head_kernel, targets, logit_softcap)
+        return _chunk_logprobs(h, lm_head_kernel, targets, logit_softcap, vocab_major)
     if chunk_size < 1:
         raise UserError(f"loss chunk_size must be a positive integer, got {chunk_size}")
 
@@ -104,7 +117,7 @@ def token_logprobs(
 
     @jax.checkpoint  # backward recomputes this chunk's [B, chunk, V] logits
     def one_chunk(kernel: Array, h_c: Array, t_c: Array) -> Array:
-        return _chunk_logprobs(h_c, kernel, t_c, logit_softcap)
+        return _chunk_logprobs(h_c, kernel, t_c, logit_softcap, vocab_major)
 
     def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
         h_c, t_c = xs
@@ -136,23 +149,27 @@ def masked_lm_loss(
     *,
     chunk_size: int | None = None,
     logit_softcap: float | None = None,
+    vocab_major: bool = False,
 ) -> tuple[Array, Array]:
     """Token-weighted causal-LM loss: (sum of target-token NLL, target-token count), fp32 scalars.
 
     Divide the sums over all micro-batches (and devices) by the total count for the mean loss.
     This is the fused head + cross-entropy (`fused_ce_sum`, the soft-cap included): value and
     gradient equal the plain computation, no [tokens, V] logits are kept for the backward pass.
+    lm_head_kernel: [D, V], or [V, D] with `vocab_major` (`models.llama.head_weight`).
     """
     w = target_weights(loss_mask, segment_ids)  # [B, T-1]
     dtype = jnp.promote_types(hidden.dtype, lm_head_kernel.dtype)
-    positions = fused_ce_positions(hidden.shape[0], lm_head_kernel.shape[-1], chunk_size)
+    vocab = lm_head_kernel.shape[0 if vocab_major else 1]
+    positions = fused_ce_positions(hidden.shape[0], vocab, chunk_size)
     loss_sum = fused_ce_sum(
         hidden[:, :-1].astype(dtype),  # [B, T-1, D]
-        lm_head_kernel.astype(dtype),  # [D, V]
+        lm_head_kernel.astype(dtype),  # [D, V] or [V, D]
         input_ids[:, 1:].astype(jnp.int32),  # [B, T-1]
         w,
         positions,
         logit_softcap,
+        vocab_major,
     )
     return loss_sum, jnp.sum(w)
 
@@ -192,9 +209,15 @@ def sequence_logps(
     num_segments: int | None = None,
     chunk_size: int | None = None,
     logit_softcap: float | None = None,
+    vocab_major: bool = False,
 ) -> tuple[Array, Array]:
     """Summed completion log-probs and token counts per row [B] or per packed segment [B, S]."""
     logps = token_logprobs(
-        hidden, lm_head_kernel, input_ids, chunk_size=chunk_size, logit_softcap=logit_softcap
+        hidden,
+        lm_head_kernel,
+        input_ids,
+        chunk_size=chunk_size,
+        logit_softcap=logit_softcap,
+        vocab_major=vocab_major,
     )
     return reduce_logps(logps, loss_mask, segment_ids, num_segments=num_segments)

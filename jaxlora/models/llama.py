@@ -98,11 +98,18 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) ->
     return causal_mask(segment_ids, sliding_window)
 
 
-def head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
-    """The [D, V] output projection (the embedding transposed when tied)."""
+def head_weight(params: dict, cfg: ModelConfig) -> tuple[jax.Array, bool]:
+    """The LM head as stored and whether it is vocab-major: ([V, D] embedding, True) when tied,
+    else ([D, V] kernel, False).
+
+    Consumers contract over D in the stored orientation (`losses.head_subscript`) instead of
+    transposing the tied embedding: inside a jitted train step XLA:CPU materialises
+    `embedding.T` (a transpose plus a relayout copy of the whole [V, D] matrix, ~0.3 s per step
+    for SmolLM2's 49k x 576: 7-10% of a quickstart step, benchmarks/RESULTS.md), while a dot over
+    the embedding's own last axis reads it in place."""
     if cfg.tie_word_embeddings:
-        return params["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return params["embed_tokens"]["embedding"], True
+    return params["lm_head"]["kernel"], False
 
 
 # ----------------------------------------------------------------------------- modules

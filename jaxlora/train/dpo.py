@@ -43,7 +43,7 @@ from jaxlora.losses import (
     simpo_loss,
     token_logprobs,
 )
-from jaxlora.models.llama import head_kernel
+from jaxlora.models.llama import head_weight
 from jaxlora.train import ref_cache as dpo_cache
 from jaxlora.train.steps import variables_for
 
@@ -227,9 +227,11 @@ class DPOSetup:
         return out
 
     # ------------------------------------------------------------------------- forward passes
-    def _pair_logps(self, hidden, kernel, ids, mask, seg, chunk_size) -> PairLogps:
+    def _pair_logps(self, hidden, head, vocab_major, ids, mask, seg, chunk_size) -> PairLogps:
         cap = self.model_config.final_logit_softcap
-        tok = token_logprobs(hidden, kernel, ids, chunk_size=chunk_size, logit_softcap=cap)
+        tok = token_logprobs(
+            hidden, head, ids, chunk_size=chunk_size, logit_softcap=cap, vocab_major=vocab_major
+        )
         if self.packed:
             s = 2 * self.pairs_per_row
             sums, counts = reduce_logps(tok, mask, seg, num_segments=s)  # [B, S]
@@ -250,8 +252,8 @@ class DPOSetup:
         hidden = module.apply(
             variables, ids, pos, seg, return_hidden=True, rngs=rngs or {}
         )  # [R, T, D]
-        kernel = head_kernel(variables["params"], self.model_config)  # [D, V]
-        return self._pair_logps(hidden, kernel, ids, mask, seg, chunk_size)
+        head, vocab_major = head_weight(variables["params"], self.model_config)
+        return self._pair_logps(hidden, head, vocab_major, ids, mask, seg, chunk_size)
 
     def reference_fn(self, module, chunk_size: int | None) -> Callable:
         """ref(frozen, batch) -> (ref_chosen_logps, ref_rejected_logps) [B, P], no gradient.

@@ -34,7 +34,7 @@ import numpy as np
 from jaxlora.data.batching import KEYS
 from jaxlora.data.feedback import KL_PREFIX
 from jaxlora.losses import kto_kl, kto_loss, reduce_logps, token_logprobs
-from jaxlora.models.llama import head_kernel
+from jaxlora.models.llama import head_weight
 from jaxlora.train.dpo import place_like_policy, reference_copy, reference_needs_copy
 from jaxlora.train.steps import variables_for
 
@@ -48,9 +48,11 @@ def sequence_logps(module, variables, batch, model_config, chunk_size=None, rngs
     """Summed completion log-probs (matched [B], mismatched [B]) and the real-row mask [B]."""
     ids, mask, seg, pos = _rows(batch)
     hidden = module.apply(variables, ids, pos, seg, return_hidden=True, rngs=rngs or {})
-    kernel = head_kernel(variables["params"], model_config)  # [D, V]
+    head, vocab_major = head_weight(variables["params"], model_config)  # [V, D] or [D, V]
     cap = model_config.final_logit_softcap
-    tok = token_logprobs(hidden, kernel, ids, chunk_size=chunk_size, logit_softcap=cap)
+    tok = token_logprobs(
+        hidden, head, ids, chunk_size=chunk_size, logit_softcap=cap, vocab_major=vocab_major
+    )
     sums, _ = reduce_logps(tok, mask, seg)  # [2B]
     b = ids.shape[0] // 2
     present = jnp.any(seg[:b] > 0, axis=-1)  # [B]: dummy rows are all padding

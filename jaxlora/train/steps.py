@@ -22,7 +22,7 @@ import optax
 
 from jaxlora.losses import masked_lm_loss
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.llama import Decoder, head_kernel
+from jaxlora.models.llama import Decoder, head_weight
 from jaxlora.train.optim import accumulated_grad_norm
 
 
@@ -66,15 +66,16 @@ def lm_loss_fn(
             rngs={"dropout": rng},
         )
         hidden, aux = out if moe else (out, None)  # [B, T, D], [] fp32
-        kernel = head_kernel(variables["params"], cfg)  # [D, V]
+        head, vocab_major = head_weight(variables["params"], cfg)  # [V, D] or [D, V]
         loss_sum, n = masked_lm_loss(
             hidden,
-            kernel,
+            head,
             batch["input_ids"],
             batch["loss_mask"],
             batch["segment_ids"],
             chunk_size=chunk_size,
             logit_softcap=cfg.final_logit_softcap,
+            vocab_major=vocab_major,
         )
         scaled = loss_sum * batch.get("loss_scale", 1.0)
         if not moe:
