@@ -87,6 +87,7 @@ class _StepRun:
     `jaxlora.bench.measure.BenchRun`); DPO gets a `DPOSetup` over synthetic full-length pairs."""
 
     def __init__(self, cfg: Config, seq: int, prompt_len: int, cached: bool = False):
+        self.cfg = cfg
         self.parts = parts = load_bench_parts(cfg)
         # Global rows (SFT sequences / DPO pairs) per step, as training: per device x batch shards.
         self.rows = rows = cfg.train.per_device_train_batch_size * sharding.batch_shards(parts.mesh)
