@@ -100,13 +100,9 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) ->
 
 def head_weight(params: dict, cfg: ModelConfig) -> tuple[jax.Array, bool]:
     """The LM head as stored and whether it is vocab-major: ([V, D] embedding, True) when tied,
-    else ([D, V] kernel, False).
-
-    Consumers contract over D in the stored orientation (`losses.head_subscript`) instead of
-    transposing the tied embedding: inside a jitted train step XLA:CPU materialises
-    `embedding.T` (a transpose plus a relayout copy of the whole [V, D] matrix, ~0.3 s per step
-    for SmolLM2's 49k x 576: 7-10% of a quickstart step, benchmarks/RESULTS.md), while a dot over
-    the embedding's own last axis reads it in place."""
+    else ([D, V] kernel, False). Consumers contract over D as stored (`losses.head_subscript`):
+    inside a train step XLA:CPU materialised `embedding.T` (a transpose plus a relayout copy of
+    the whole matrix, ~0.3 s per SmolLM2 step, benchmarks/RESULTS.md)."""
     if cfg.tie_word_embeddings:
         return params["embed_tokens"]["embedding"], True
     return params["lm_head"]["kernel"], False
