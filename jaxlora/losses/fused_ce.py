@@ -64,8 +64,8 @@ def _fused_ce_chunks(
     """Loss sum and d(loss)/dh (+ d(loss)/dW) computed chunk by chunk in ONE forward pass.
 
     h [B, N, D] (position t predicts targets[:, t]), w [D, V] or, `vocab_major`, [V, D];
-    targets/weights [B, N]; chunks of
-    `positions` along the sequence keep a sharded batch axis sharded. Per chunk the [B, pos, V]
+    targets/weights [B, N]; chunks of `positions` along the sequence keep a sharded batch axis
+    sharded. Per chunk the [B, pos, V]
     fp32 logits give the loss and, right away, dlogits = w_t * (softmax - onehot), whose product
     with W^T is d(loss)/dh: logits are never stored for a backward pass nor recomputed.
     need_dh=False (no gradient wanted: eval, reference log-probs) computes the loss alone; dh
