@@ -65,9 +65,9 @@ def _fused_ce_chunks(
 
     h [B, N, D] (position t predicts targets[:, t]), w [D, V] or, `vocab_major`, [V, D];
     targets/weights [B, N]; chunks of `positions` along the sequence keep a sharded batch axis
-    sharded. Per chunk the [B, pos, V]
-    fp32 logits give the loss and, right away, dlogits = w_t * (softmax - onehot), whose product
-    with W^T is d(loss)/dh: logits are never stored for a backward pass nor recomputed.
+    sharded. Per chunk the [B, pos, V] fp32 logits give the loss and, right away, dlogits =
+    w_t * (softmax - onehot), whose product with the head is d(loss)/dh: logits are never
+    stored for a backward pass nor recomputed.
     need_dh=False (no gradient wanted: eval, reference log-probs) computes the loss alone; dh
     is then None.
     """
