@@ -32,6 +32,12 @@
 #        pip install --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #          PYTHONPATH=/tmp/site bash benchmarks/device_check.sh       # there
 #      Skipped (one JSON line says so) when tensorboardX is missing.
+#   6. the peer on the same GPU, same run (`peft_side_by_side.py --device cuda`): HF PEFT
+#      (frozen bf16 base, fp32 LoRA, bf16 autocast, sdpa) vs `jaxlora bench`, LoRA r16 on all
+#      linears: Llama-3-8B shape 1 x 4096 (peer_8b.json) and the SmolLM2-135M shape 8 x 256
+#      (peer_smollm2.json); the python3 there holds torch, peft and JAX together.
+#   7. `jaxlora bench` of step 3's shape with `packing=false`: one sample per row, so cuDNN
+#      takes the padding as sequence lengths instead of a [B, 1, T, T] mask bias (bench_unpacked.json)
 # The bench runs use `attention: auto` on packed rows, i.e. cuDNN with a mask bias on
 # JAX >= 0.11.1 (the Pallas kernel before); the log line "attention: <kernel> kernel for q ..."
 # in each bench log names what ran.
@@ -53,7 +59,7 @@ PY="${PYTHON:-python3}"
 START=$(date +%s)
 left() { echo $((480 - ($(date +%s) - START))); }
 
-STEPS="${STEPS:-1 2 3 4 5}"
+STEPS="${STEPS:-1 2 3 4 5 6 7}"
 KERNEL_ARGS="${KERNEL_ARGS:---t 2048 --batch 3}"
 step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
@@ -130,6 +136,33 @@ if step 5; then
     echo '{"step": "train_check", "skipped": "tensorboardX missing: carry its wheel (header)"}' \
       | tee -a "$OUT/train_check.jsonl"
   fi
+fi
+peer() {  # name, timeout, peft_side_by_side arguments...
+  local name=$1 limit=$2
+  shift 2
+  echo "== peer $name ($*)"
+  timeout "$limit" "$PY" "$REPO/benchmarks/peft_side_by_side.py" --device cuda \
+    --peft-python "$PY" --jax-python "$PY" --steps 8 --warmup 2 "$@" >"$SCRATCH/peer_$name.log" 2>&1
+  local rc=$?
+  tail -n 12 "$SCRATCH/peer_$name.log" | cut -c1-400
+  if [ $rc -eq 0 ]; then
+    tail -n 1 "$SCRATCH/peer_$name.log" >"$OUT/peer_$name.json"
+  else
+    echo "{\"peer\": \"$name\", \"error\": \"exit $rc\", \"log_tail\": $("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-1500:]))' <"$SCRATCH/peer_$name.log")}" >"$OUT/peer_$name.json"
+  fi
+}
+
+if step 6; then
+  echo "== 6. HF PEFT vs jaxlora on this GPU (left: $(left)s)"
+  peer 8b 240 --shape llama3-8b --batch 1 --seq 4096 \
+    --config "$REPO/configs/bench-llama3-8b-shape.yaml" --modes peft_bf16base,jaxlora
+  peer smollm2 150 --shape smollm2-135m --batch 8 --seq 256 \
+    --config "$REPO/configs/bench-smollm2-cpu.yaml" --modes peft_bf16base,jaxlora
+fi
+
+if step 7; then
+  echo "== 7. LoRA r16, Llama-3-8B shape, one sample per row (left: $(left)s)"
+  bench unpacked 150 "$REPO/configs/bench-llama3-8b-shape.yaml" packing=false
 fi
 echo "== done in $(( $(date +%s) - START ))s; results in $OUT"
 ls -l "$OUT"

@@ -31,6 +31,16 @@ setting: `--shape smollm2-135m --batch 8 --seq 256 --modes peft_bf16,jaxlora`.
 memory allocator (benchmarks/RESULTS.md: large per-step buffers are page-faulted afresh every
 step under glibc malloc, which both PyTorch and XLA:CPU pay for).
 
+On a GPU box (one interpreter with both torch and JAX), `--device cuda` runs the PEFT half on
+the GPU (bf16 autocast on CUDA, sdpa picks its flash kernel), e.g. the accelerator shape:
+
+    python3 benchmarks/peft_side_by_side.py --device cuda --peft-python python3 \
+      --jax-python python3 --shape llama3-8b --batch 1 --seq 4096 \
+      --config configs/bench-llama3-8b-shape.yaml --modes peft_bf16base,jaxlora
+
+Mode `peft_bf16base` is the usual GPU recipe (frozen base in bf16, fp32 LoRA weights, bf16
+autocast), the one that matches jaxlora's bf16 run; `peft_bf16` keeps fp32 base weights.
+
 Prints one table and, last, a JSON line with every run and the ratios.
 """
 
@@ -47,34 +57,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
-# The real-model shape of issue 16 (HuggingFaceTB/SmolLM2-135M's config.json; the same numbers
-# as `random:smollm2-135m` in jaxlora/bench/shapes.py): `--shape smollm2-135m`.
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
-SHAPES = {"tiny-llama": TINY, "smollm2-135m": SMOLLM2_135M}
+sys.path.insert(0, str(REPO))
+# One table of shapes for both halves: jaxlora's `random:<name>` shapes (HF config.json fields,
+# jaxlora/bench/shapes.py). "tiny-llama" is the CPU peer-baseline shape, "smollm2-135m" the
+# real-model shape of issue 16, "llama3-8b" the accelerator shape.
+from jaxlora.bench.shapes import SHAPES  # noqa: E402
+
+# bf16: fp32 weights + bf16 autocast; bf16base: bf16 frozen base + fp32 LoRA + autocast; fp32.
+PEFT_MODES = ("bf16", "bf16base", "fp32")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -91,9 +81,15 @@ def peft_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    shape = SHAPES[args.shape]
+    dev = torch.device(args.device)
+    shape = {k: v for k, v in SHAPES[args.shape].items() if k != "model_type"}
     config = LlamaConfig(**shape, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).float()
+    with dev:  # random init where the model runs: an 8B shape is not built on the host
+        model = LlamaForCausalLM(config).float()
+    if args.mode == "bf16base":
+        # The usual GPU recipe (LLaMA-Factory, TRL with torch_dtype=bfloat16): the frozen base in
+        # bf16, LoRA weights kept fp32 by PEFT (autocast_adapter_dtype), bf16 autocast compute.
+        model = model.to(torch.bfloat16)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
     model = get_peft_model(model, lora)
     model.train()
@@ -103,15 +99,16 @@ def peft_worker(args: argparse.Namespace) -> None:
     n = args.warmup + args.steps
     vocab = shape["vocab_size"]
     batches = [torch.randint(8, vocab, (args.batch, args.seq), generator=gen) for _ in range(n)]
-    use_bf16 = args.mode == "bf16"
+    batches = [x.to(dev) for x in batches]
+    use_bf16 = args.mode in ("bf16", "bf16base")
 
     def step(x: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()  # waits for the device: the step's time includes all its kernels
 
     times, loss = [], float("nan")
     for i, x in enumerate(batches):
@@ -132,7 +129,10 @@ def peft_worker(args: argparse.Namespace) -> None:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
     }
+    if dev.type == "cuda":
+        out["peak_device_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(out), flush=True)
 
 
@@ -200,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         help="VAR=value set for BOTH halves (e.g. an allocator: LD_PRELOAD=..., MALLOC_CONF=...)",
     )
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--peft-worker", choices=["bf16", "fp32"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the PEFT half runs (jaxlora runs on JAX's default backend)",
+    )
+    ap.add_argument("--peft-worker", choices=PEFT_MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peft_worker:
         args.mode = args.peft_worker
@@ -215,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     shape_kw = [f"model_name_or_path=random:{args.shape}"] if args.shape != "tiny-llama" else []
     commands = {}
-    for mode in ("bf16", "fp32"):
+    for mode in PEFT_MODES:
         worker = [*peft_cmd, str(Path(__file__).resolve()), "--peft-worker", mode, *common]
         worker += ["--threads", str(args.threads), "--batch", str(args.batch)]
+        worker += ["--device", args.device]
         worker += ["--shape", args.shape]
         commands[f"peft_{mode}"] = (worker + ["--seq", str(args.seq)], peft_env)
     bench = [*jax_cmd, "-m", "jaxlora.cli", "bench", args.config, *common]
@@ -262,10 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:12s} {s['tokens_per_s']:9.0f} {s['step_s']:8.3f}  {s['load_avg_1m']}")
     if "jaxlora" in runs:
         j = runs["jaxlora"][-1]
-        print(
-            f"jaxlora MFU {100 * (j['mfu'] or 0):.1f}% of the measured JAX bf16 matmul peak "
-            f"({j['matmul_peak_flops'] / 1e12:.3f} TFLOP/s), last round"
-        )
+        if j.get("matmul_peak_flops"):
+            peak = (
+                f"the measured JAX bf16 matmul peak ({j['matmul_peak_flops'] / 1e12:.3f} TFLOP/s)"
+            )
+        else:  # accelerators: the table peak of the device (jaxlora/bench/flops.py)
+            peak = f"the {j['peak_source']} peak ({(j.get('peak_flops') or 0) / 1e12:.0f} TFLOP/s)"
+        print(f"jaxlora MFU {100 * (j['mfu'] or 0):.1f}% of {peak}, last round")
     for k, v in ratios.items():
         print(f"ratio {k}: {v:.2f}x")
     out = {"summary": summary, "ratios": ratios, "env": args.env, "runs": runs}
