@@ -35,7 +35,7 @@ def _install_hooks() -> None:
     from jaxlora.io.run_state import RunCheckpoints
     from jaxlora.train.batches import Batches
 
-    cli._print_samples = lambda cfg, run_dir: None
+    cli._print_samples = lambda *args: None
 
     if os.environ.get("RELIABILITY_REPORT") == "1":
         train_host = Batches.train_host  # what the loop fetches each micro-step

@@ -29,17 +29,18 @@ def cmd_train(args) -> int:
     from jaxlora.train.loop import EXIT_PREEMPTED, summarise, train
 
     cfg = _load_cfg(args)
-    result = train(cfg, progress=not args.no_progress)
+    result = train(cfg, progress=not args.no_progress, keep_base=True)
     print(summarise(result, cfg.finetune.stage))
     if result.preempted:
         return EXIT_PREEMPTED
-    _print_samples(cfg, result.run_dir)
+    _print_samples(cfg, result.run_dir, result.base_model)
     return 0
 
 
-def _print_samples(cfg, run_dir: Path) -> None:
+def _print_samples(cfg, run_dir: Path, base=None) -> None:
     """A few answers from the trained adapter, so the user sees what was learned. They come after
-    the run's `time:` line (training is over), so their own time is printed with them."""
+    the run's `time:` line (training is over), so their own time is printed with them. `base`:
+    the base model training used, when inference can reuse it (else it is loaded again)."""
     import time
 
     from jaxlora.cli.inference import SAMPLE_NEW_TOKENS, sample_answers
@@ -47,12 +48,13 @@ def _print_samples(cfg, run_dir: Path) -> None:
     if cfg.finetune.stage in ("pt", "dpo", "kto") or not (run_dir / "adapter").is_dir():
         return
     t = time.perf_counter()
-    samples = sample_answers(cfg, run_dir, n=3)
+    samples = sample_answers(cfg, run_dir, n=3, base=base)
     if not samples:
         return
+    took = f"{time.perf_counter() - t:.1f}s" + (" with loading the model" if base is None else "")
     print(
         f"\nanswers of the trained adapter to {len(samples)} training prompts (greedy, <= "
-        f"{SAMPLE_NEW_TOKENS} new tokens; {time.perf_counter() - t:.1f}s with loading the model):"
+        f"{SAMPLE_NEW_TOKENS} new tokens; {took}):"
     )
     for prompt, answer in samples:
         print(f"\n> {prompt}\n{answer}")

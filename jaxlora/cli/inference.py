@@ -28,11 +28,14 @@ def _adapter_dir(path: str | None) -> Path | None:
     raise UserError(f"{p}: neither an adapter directory nor a run directory with adapter/")
 
 
-def load_for_inference(model_path: str | None, adapter_path: str | None, dtype: str = "bfloat16"):
+def load_for_inference(
+    model_path: str | None, adapter_path: str | None, dtype: str = "bfloat16", base=None
+):
     """(model, adapter or None, tokenizer, adapter_dir) ready for generation.
 
     Without a model, an adapter's own `base_model_name_or_path` (PEFT's convention) names the
-    base; with neither, the built-in tiny model.
+    base; with neither, the built-in tiny model. `base`: that model already in memory (the one
+    training used, `jaxlora.train.model_parts.inference_base`), so it is not read again.
     """
     from jaxlora.io.model import load_model, load_tokenizer
     from jaxlora.io.peft import check_adapter_fits, load_peft_adapter
@@ -46,7 +49,7 @@ def load_for_inference(model_path: str | None, adapter_path: str | None, dtype: 
             raise UserError(
                 f"{adir}/adapter_config.json has no base_model_name_or_path; pass --model"
             )
-    model = load_model(model_path or "tiny", dtype=dtype)
+    model = base if base is not None else load_model(model_path or "tiny", dtype=dtype)
     adapter = None
     tokenizer = model.tokenizer
     if adir is not None:
@@ -129,9 +132,10 @@ def run_eval(args) -> int:
     return 0
 
 
-def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
-    """Greedy answers of the trained adapter to the first `n` training prompts, generated as one
-    batch (one decode compile, not one per prompt-length bucket)."""
+def sample_answers(cfg, run_dir: Path, n: int = 3, base=None) -> list[tuple[str, str]]:
+    """Greedy answers of the trained adapter (read back from `run_dir`) to the first `n`
+    training prompts, generated as one batch (one decode compile, not one per prompt-length
+    bucket). `base`: the base model training kept in memory, else it is loaded."""
     from jaxlora.evaluate.inference import (
         chat_many,
         load_conversations,
@@ -140,7 +144,10 @@ def sample_answers(cfg, run_dir: Path, n: int = 3) -> list[tuple[str, str]]:
     )
 
     model, adapter, tok, adir = load_for_inference(
-        cfg.model.model_name_or_path, str(run_dir), "float32" if not cfg.train.bf16 else "bfloat16"
+        cfg.model.model_name_or_path,
+        str(run_dir),
+        "float32" if not cfg.train.bf16 else "bfloat16",
+        base=base,
     )
     convs = load_conversations(
         resolve_demo_names(cfg.data.dataset), dataset_dir=cfg.data.dataset_dir, max_samples=n

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -29,6 +30,7 @@ from jaxlora.config import Config, config_to_dict
 from jaxlora.errors import UserError
 from jaxlora.parallel import distributed
 from jaxlora.train import compile_cache, preflight
+from jaxlora.train.model_parts import inference_base
 from jaxlora.train.preemption import PreemptionGuard
 from jaxlora.train.setup import Run, build_run
 from jaxlora.train.timing import RunClock
@@ -45,6 +47,9 @@ class TrainResult:
     stopped_early: bool
     preempted: bool = False
     clock: RunClock | None = None  # where the time went; compile counts per program
+    # train(keep_base=True): the base model for answering with the saved adapter, when the one
+    # in memory is what inference would load (model_parts.inference_base), else None
+    base_model: Any = None
 
 
 class _Window:
@@ -65,15 +70,25 @@ def _fetch(pending: list[dict]) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in d.items()} for d in jax.device_get(pending)]
 
 
-def train(cfg: Config, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) training as configured; returns where the outputs are."""
+def train(
+    cfg: Config,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    keep_base: bool = False,
+) -> TrainResult:
+    """Run (or resume) training as configured; returns where the outputs are. `keep_base`: also
+    return the base model when inference can reuse it (it then stays in memory with the result)."""
     distributed.maybe_initialize()
     compile_cache.enable(cfg.train.compile_cache)
     clock = RunClock().start()
     try:
         run = build_run(cfg, log=log, clock=clock)
         try:
-            return _loop(run, clock, progress=progress, log=log)
+            result = _loop(run, clock, progress=progress, log=log)
+            if keep_base and not result.preempted:
+                result.base_model = inference_base(run.parts)
+            return result
         finally:
             run.close()
     finally:

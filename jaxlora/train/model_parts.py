@@ -19,6 +19,7 @@ from jaxlora.config import Config
 from jaxlora.config.schema import FROZEN_BASE_METHODS
 from jaxlora.io.hf import abstract_params
 from jaxlora.io.model import Model
+from jaxlora.models.attention import AttentionSpec
 from jaxlora.models.config import load_hf_config
 from jaxlora.parallel import sharding
 from jaxlora.train.methods import (
@@ -98,6 +99,24 @@ def split_model(cfg: Config, mesh: Any, model: Model, logical: Any, compute: Any
     if split.mode == "lora":
         model.params = split.frozen  # PiSSA: the residual; frees the original base
     return ModelParts(cfg, mesh, model, logical, split, split.trainable, split.frozen)
+
+
+def inference_base(parts: ModelParts) -> Model | None:
+    """The trained run's base model when it is exactly what `jaxlora chat` would load for the
+    saved adapter, else None: the answers printed after `jaxlora train` then skip reading the
+    checkpoint again (an 8B base: 16 GB). Not when the params in memory differ from the
+    checkpoint's as inference loads it: a quantised base, a PiSSA residual, full/freeze
+    training, MoE with the aux loss wired in; nor on a mesh of several devices (generation runs
+    on one). The kernel choice goes back to inference's default (training may have marked rows
+    right-padded, which left-padded prompts are not)."""
+    model = parts.model
+    if parts.mode not in ("lora", "prompt", "adapter") or parts.mesh.size != 1:
+        return None
+    if parts.cfg.model.quantization_bit or model.config.output_router_logits:
+        return None
+    if parts.mode == "lora" and parts.lora_config.init == "pissa":
+        return None
+    return dataclasses.replace(model, attention=AttentionSpec())
 
 
 def build_model_parts(
