@@ -181,3 +181,14 @@ def test_qlora_without_remat_warns():
     assert len(warned) == 1 and "remat: full" in warned[0]
     assert config_warnings(config_from_dict({**base, "remat": "full"})) == []
     assert config_warnings(config_from_dict({**base, "quantization_bit": None})) == []
+
+
+def test_out_of_memory_advice_names_the_next_remat_step():
+    from jaxlora.train.preflight import advice
+
+    def tips(remat):
+        return advice(config_from_dict(dict(model_name_or_path="tiny", remat=remat)))
+
+    assert "remat: dots_no_batch" in tips("none") and "or full" in tips("none")
+    assert "remat: full" in tips("dots_no_batch") and "dots_no_batch" not in tips("dots_no_batch")
+    assert "remat:" not in tips("full")

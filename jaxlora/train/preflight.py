@@ -111,6 +111,13 @@ def advice(cfg: Any) -> str:
             "(same effective batch)"
         )
     if m.remat == "none":
+        # Measured at the Llama-3-8B shape on an H200 (benchmarks/RESULTS.md, GPU run 2):
+        # dots_no_batch ran at the speed of none with 22-27% less memory; full saves the most.
+        tips.append(
+            "remat: dots_no_batch (keep the matmul outputs, recompute the rest) or full "
+            "(recompute activations in the backward pass)"
+        )
+    elif m.remat in ("dots", "dots_no_batch"):
         tips.append("remat: full (recompute activations in the backward pass)")
     if f.finetuning_type == "lora" and m.quantization_bit is None:
         tips.append("quantization_bit: 4 (QLoRA: NF4 frozen base, ~4x smaller)")
