@@ -41,7 +41,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peft_side_by_side import SMOLLM2_135M, _command, load_average  # noqa: E402
+from peft_side_by_side import SHAPES, _command, load_average  # noqa: E402
+
+SMOLLM2_135M = SHAPES["smollm2-135m"]
 
 REPO = Path(__file__).resolve().parent.parent
 LF_IDENTITY = Path("/work/shared/data/llamafactory/identity.json")
