@@ -34,10 +34,16 @@
 #      Skipped (one JSON line says so) when tensorboardX is missing.
 #   6. the peer on the same GPU, same run (`peft_side_by_side.py --device cuda`): HF PEFT
 #      (frozen bf16 base, fp32 LoRA, bf16 autocast, sdpa) vs `jaxlora bench`, LoRA r16 on all
-#      linears: Llama-3-8B shape 1 x 4096 (peer_8b.json) and the SmolLM2-135M shape 8 x 256
-#      (peer_smollm2.json); the python3 there holds torch, peft and JAX together.
+#      linears: Llama-3-8B shape 1 x 4096 and the SmolLM2-135M shape 8 x 256, one JSON line each
+#      in peers.jsonl; the python3 there holds torch, peft and JAX together.
 #   7. `jaxlora bench` of step 3's shape with `packing=false`: one sample per row, so cuDNN
 #      takes the padding as sequence lengths instead of a [B, 1, T, T] mask bias (bench_unpacked.json)
+#   8. the quickstart end to end on the GPU: `jaxlora train configs/quickstart.yaml` on a random
+#      SmolLM2-135M-shaped checkpoint (written first; no download), its time breakdown and the
+#      answers after it, then `jaxlora chat --prompt` on the saved adapter (needs tensorboardX,
+#      as step 5) (e2e_quickstart.log). E2E_LAYERS=N shrinks the depth (a CPU dry run).
+# With every step the script leaves 8 files under $OUT, the most a lent box sends back: keep a
+# console log elsewhere (or run fewer steps).
 # The bench runs use `attention: auto` on packed rows, i.e. cuDNN with a mask bias on
 # JAX >= 0.11.1 (the Pallas kernel before); the log line "attention: <kernel> kernel for q ..."
 # in each bench log names what ran.
@@ -59,7 +65,7 @@ PY="${PYTHON:-python3}"
 START=$(date +%s)
 left() { echo $((480 - ($(date +%s) - START))); }
 
-STEPS="${STEPS:-1 2 3 4 5 6 7}"
+STEPS="${STEPS:-1 2 3 4 5 6 7 8}"
 KERNEL_ARGS="${KERNEL_ARGS:---t 2048 --batch 3}"
 step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
@@ -146,9 +152,9 @@ peer() {  # name, timeout, peft_side_by_side arguments...
   local rc=$?
   tail -n 12 "$SCRATCH/peer_$name.log" | cut -c1-400
   if [ $rc -eq 0 ]; then
-    tail -n 1 "$SCRATCH/peer_$name.log" >"$OUT/peer_$name.json"
+    echo "{\"peer\": \"$name\", \"result\": $(tail -n 1 "$SCRATCH/peer_$name.log")}" >>"$OUT/peers.jsonl"
   else
-    echo "{\"peer\": \"$name\", \"error\": \"exit $rc\", \"log_tail\": $("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-1500:]))' <"$SCRATCH/peer_$name.log")}" >"$OUT/peer_$name.json"
+    echo "{\"peer\": \"$name\", \"error\": \"exit $rc\", \"log_tail\": $("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-1500:]))' <"$SCRATCH/peer_$name.log")}" >>"$OUT/peers.jsonl"
   fi
 }
 
@@ -163,6 +169,24 @@ fi
 if step 7; then
   echo "== 7. LoRA r16, Llama-3-8B shape, one sample per row (left: $(left)s)"
   bench unpacked 150 "$REPO/configs/bench-llama3-8b-shape.yaml" packing=false
+fi
+if step 8; then
+  echo "== 8. the quickstart end to end, random SmolLM2-135M-shaped checkpoint (left: $(left)s)"
+  if "$PY" -c "import tensorboardX" 2>/dev/null; then
+    {
+      CKPT=$("$PY" -c "import sys; sys.path.insert(0, '$REPO/benchmarks')
+from pathlib import Path
+from e2e_vs_trl import make_model
+print(make_model(Path('$SCRATCH'), ${E2E_LAYERS:-30}))") &&
+        timeout 240 "$PY" -m jaxlora.cli train "$REPO/configs/quickstart.yaml" \
+          "model_name_or_path=$CKPT" "output_dir=$SCRATCH/quickstart" --no-progress &&
+        timeout 60 "$PY" -m jaxlora.cli chat --adapter "$SCRATCH/quickstart" \
+          --prompt "Who are you?" --max-new-tokens 16
+      echo "exit $?"
+    } 2>&1 | tee "$OUT/e2e_quickstart.log" | tail -n 16
+  else
+    echo "skipped: tensorboardX missing (header)" | tee "$OUT/e2e_quickstart.log"
+  fi
 fi
 echo "== done in $(( $(date +%s) - START ))s; results in $OUT"
 ls -l "$OUT"
