@@ -20,6 +20,7 @@ from jaxlora.train.model_parts import build_model_parts, inference_base
 HEAD = "\nanswers of the trained adapter to "
 
 
+@pytest.mark.slow  # a CLI training run + two generations: ~8 s on 2 cores
 def test_answers_after_train_reuse_the_base_and_match_a_fresh_load(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     yaml = tmp_path / "run.yaml"
