@@ -89,6 +89,10 @@ if step 2; then
     || echo '{"step": "kernels", "error": "failed or timed out"}' >>"$OUT/kernels.jsonl"
 fi
 
+failed() {  # kind, name, exit code, log: one JSON line with the log's tail
+  echo "{\"$1\": \"$2\", \"error\": \"exit $3\", \"log_tail\": $("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-1500:]))' <"$4")}"
+}
+
 bench() {  # name, timeout, config, overrides...
   local name=$1 limit=$2 cfg=$3
   shift 3
@@ -99,7 +103,7 @@ bench() {  # name, timeout, config, overrides...
   if [ $rc -eq 0 ]; then
     tail -n 1 "$SCRATCH/$name.log" >"$OUT/bench_$name.json"
   else
-    echo "{\"bench\": \"$name\", \"error\": \"exit $rc\", \"log_tail\": $("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-1500:]))' <"$SCRATCH/$name.log")}" >"$OUT/bench_$name.json"
+    failed bench "$name" "$rc" "$SCRATCH/$name.log" >"$OUT/bench_$name.json"
   fi
 }
 
@@ -154,7 +158,7 @@ peer() {  # name, timeout, peft_side_by_side arguments...
   if [ $rc -eq 0 ]; then
     echo "{\"peer\": \"$name\", \"result\": $(tail -n 1 "$SCRATCH/peer_$name.log")}" >>"$OUT/peers.jsonl"
   else
-    echo "{\"peer\": \"$name\", \"error\": \"exit $rc\", \"log_tail\": $("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-1500:]))' <"$SCRATCH/peer_$name.log")}" >>"$OUT/peers.jsonl"
+    failed peer "$name" "$rc" "$SCRATCH/peer_$name.log" >>"$OUT/peers.jsonl"
   fi
 }
 

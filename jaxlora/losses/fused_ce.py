@@ -127,9 +127,10 @@ def fused_ce_sum(
 
     Called outside autodiff (eval, DPO reference log-probs) this body runs, which computes the
     loss alone; under `jax.grad` the forward rule below also computes d(loss)/dh."""
-    return _fused_ce_chunks(h, w, targets, weights, positions, False, False, softcap, vocab_major)[
-        0
-    ]
+    loss, _, _ = _fused_ce_chunks(
+        h, w, targets, weights, positions, False, False, softcap, vocab_major
+    )
+    return loss
 
 
 def _fused_ce_fwd(h, w, targets, weights, positions, softcap, vocab_major):
